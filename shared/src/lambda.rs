@@ -1,0 +1,162 @@
+//! Adapts Lambda function-URL events to plain `http` handlers, without `lambda_http`'s panics.
+//!
+//! `lambda_http` decodes a body flagged `isBase64Encoded` with `expect`, so an invalid one panics
+//! before any handler runs and the caller sees a bare 502. This adapter checks the encoding first
+//! and answers 400 itself, then hands the request to `lambda_http`'s own conversion (so every
+//! `RequestExt` accessor keeps working) and turns the handler's response into the function-URL
+//! response shape.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use base64::Engine;
+use http::{Response, StatusCode};
+use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
+use lambda_http::request::LambdaRequest;
+use lambda_http::{Body, Context, LambdaEvent, Request, RequestExt};
+
+use crate::error::ApiError;
+
+/// Runs the Lambda runtime loop with `handler` answering every function-URL request.
+pub async fn run<H, F>(handler: H) -> Result<(), lambda_http::lambda_runtime::Error>
+where
+    H: Fn(Request) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    let handler = &handler;
+    lambda_http::lambda_runtime::run(lambda_http::lambda_runtime::service_fn(
+        move |event: LambdaEvent<LambdaRequest>| async move {
+            Ok::<_, Infallible>(into_function_url_response(
+                dispatch(handler, event.payload, event.context).await,
+            ))
+        },
+    ))
+    .await
+}
+
+/// Converts one event into a request and runs `handler`, answering 400 for an invalid body.
+pub async fn dispatch<H, F>(handler: &H, event: LambdaRequest, context: Context) -> Response<Body>
+where
+    H: Fn(Request) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    match into_request(event, context.clone()) {
+        Ok(request) => handler(request).await,
+        Err(error) => error.into_response(&context.request_id),
+    }
+}
+
+/// The request `lambda_http` would build, or 400 when the body claims base64 but is not.
+pub fn into_request(event: LambdaRequest, context: Context) -> Result<Request, ApiError> {
+    #[allow(irrefutable_let_patterns)]
+    if let LambdaRequest::ApiGatewayV2(ref v2) = event {
+        if v2.is_base64_encoded {
+            if let Some(body) = &v2.body {
+                if base64::engine::general_purpose::STANDARD
+                    .decode(body)
+                    .is_err()
+                {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body_encoding",
+                        "the request body is flagged base64 but is not valid base64",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Request::from(event).with_lambda_context(context))
+}
+
+/// The function-URL (API Gateway v2) response for `response`.
+pub fn into_function_url_response(response: Response<Body>) -> ApiGatewayV2httpResponse {
+    let (parts, body) = response.into_parts();
+    let mut out = ApiGatewayV2httpResponse::default();
+    out.status_code = i64::from(parts.status.as_u16());
+    out.is_base64_encoded = matches!(body, Body::Binary(_));
+    out.body = match body {
+        Body::Empty => None,
+        Body::Text(text) => Some(Body::Text(text)),
+        Body::Binary(bytes) => Some(Body::Text(
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+        )),
+        _ => None,
+    };
+    out.cookies = parts
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let mut headers = parts.headers;
+    headers.remove(http::header::SET_COOKIE);
+    out.headers = headers;
+    out
+}
+
+/// The invocation's request id: the Lambda context's, else an `x-request-id` header, else a new
+/// random id (local runs and tests).
+pub fn request_id(request: &Request) -> String {
+    if let Some(id) = request
+        .lambda_context_ref()
+        .map(|c| c.request_id.as_str())
+        .filter(|id| !id.is_empty())
+    {
+        return id.to_owned();
+    }
+    request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(body: &str, base64: bool) -> LambdaRequest {
+        let json = serde_json::json!({
+            "version": "2.0",
+            "routeKey": "$default",
+            "rawPath": "/",
+            "rawQueryString": "",
+            "headers": {"content-type": "application/json", "host": "abc.lambda-url.us-east-1.on.aws"},
+            "requestContext": {
+                "accountId": "123456789012", "apiId": "abc", "domainName": "abc.lambda-url.us-east-1.on.aws",
+                "domainPrefix": "abc",
+                "http": {"method": "POST", "path": "/", "protocol": "HTTP/1.1", "sourceIp": "1.2.3.4", "userAgent": "Stripe/1.0"},
+                "requestId": "r", "routeKey": "$default", "stage": "$default", "time": "01/Jan/2026:00:00:00 +0000", "timeEpoch": 0
+            },
+            "body": body,
+            "isBase64Encoded": base64
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn invalid_base64_body_is_a_400_not_a_panic() {
+        let err = into_request(event("%%% not base64", true), Context::default()).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.code, "invalid_body_encoding");
+    }
+
+    #[test]
+    fn base64_body_is_decoded_to_exact_bytes() {
+        let raw = "{\"name\":\"Zoë 张\"}";
+        let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
+        let request = into_request(event(&encoded, true), Context::default()).unwrap();
+        assert_eq!(request.body().as_ref(), raw.as_bytes());
+        assert_eq!(request.method(), http::Method::POST);
+    }
+
+    #[test]
+    fn binary_response_is_base64_encoded() {
+        let response = Response::new(Body::Binary(vec![0, 159, 146]));
+        let out = into_function_url_response(response);
+        assert!(out.is_base64_encoded);
+        assert_eq!(out.body, Some(Body::Text("AJ+S".into())));
+    }
+}

@@ -1,0 +1,10 @@
+//! Shared by the `chat`, `checkout` and `webhook` functions: configuration, errors, telemetry,
+//! the Lambda adapter, the data store and the Stripe integration.
+
+pub mod config;
+pub mod error;
+pub mod http_client;
+pub mod lambda;
+pub mod store;
+pub mod stripe;
+pub mod telemetry;

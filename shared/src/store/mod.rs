@@ -1,0 +1,196 @@
+//! The data store: the app's SQL functions, called through one of two backends.
+//!
+//! Both backends call the same SQL functions from `supabase/migrations/` with the same named
+//! arguments, one call per operation, each one transaction and one round trip:
+//! - [`postgres`]: a direct PostgreSQL connection (`DATABASE_URL`), pooler-safe (no named
+//!   prepared statements, so it works behind Supabase's transaction pooler);
+//! - [`postgrest`]: Supabase's PostgREST RPC endpoint (`SUPABASE_URL` + service role key).
+//!
+//! The typed operations live here once, over [`Store::call`].
+
+pub mod postgres;
+pub mod postgrest;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::config::StoreConfig;
+use crate::stripe::events::{Effect, ParsedEvent};
+
+/// A named argument of a SQL function call.
+#[derive(Debug)]
+pub enum Arg<'a> {
+    /// A `jsonb` argument given as JSON text, sent verbatim.
+    Json(&'a RawValue),
+    /// A `jsonb` argument built from a value.
+    Value(Value),
+    /// A `text` argument.
+    Text(&'a str),
+}
+
+/// One SQL function call: `public.<function>(name => value, ...)` returning `jsonb`.
+#[derive(Debug)]
+pub struct Call<'a> {
+    pub function: &'static str,
+    pub args: Vec<(&'static str, Arg<'a>)>,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is not answering in time: try again later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A unique constraint refused the write (SQLSTATE 23505).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database refused the call (bad argument, missing function, permission).
+    #[error("database error {code}: {message}")]
+    Database { code: String, message: String },
+    /// The answer was not what the function returns.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+/// The store used by every function. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+    round_trips: Arc<AtomicU64>,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Postgres(postgres::PgBackend),
+    PostgRest(postgrest::RestBackend),
+}
+
+impl Store {
+    /// Builds the backend `config` names. Connections open lazily, on first use.
+    pub fn from_config(config: &StoreConfig) -> Result<Self, StoreError> {
+        let backend = match config {
+            StoreConfig::Postgres { url, ca_pem } => Backend::Postgres(postgres::PgBackend::new(
+                url.expose(),
+                ca_pem.as_deref(),
+                postgres::DEFAULT_POOL_SIZE,
+            )?),
+            StoreConfig::PostgRest { url, service_key } => {
+                Backend::PostgRest(postgrest::RestBackend::new(url, service_key.clone())?)
+            }
+        };
+        Ok(Self::with_backend(backend))
+    }
+
+    /// A direct PostgreSQL store with `pool_size` connections (tests use several).
+    pub fn postgres(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Ok(Self::with_backend(Backend::Postgres(
+            postgres::PgBackend::new(url, None, pool_size)?,
+        )))
+    }
+
+    /// A PostgREST store.
+    pub fn postgrest(url: &str, service_key: crate::config::Secret) -> Result<Self, StoreError> {
+        Ok(Self::with_backend(Backend::PostgRest(
+            postgrest::RestBackend::new(url, service_key)?,
+        )))
+    }
+
+    fn with_backend(backend: Backend) -> Self {
+        Self {
+            backend,
+            round_trips: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Database round trips made so far (one per call, retries included).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Calls a SQL function and returns its `jsonb` result.
+    pub async fn call(&self, call: Call<'_>) -> Result<Value, StoreError> {
+        let counter = &self.round_trips;
+        match &self.backend {
+            Backend::Postgres(pg) => pg.call(&call, counter).await,
+            Backend::PostgRest(rest) => rest.call(&call, counter).await,
+        }
+    }
+
+    /// Records a verified Stripe event and applies its effect, exactly once.
+    pub async fn apply_stripe_event(
+        &self,
+        event: &ParsedEvent<'_>,
+        effect: &Effect,
+        received_at_ms: i64,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let meta = serde_json::json!({
+            "id": event.id,
+            "type": event.type_,
+            "created": event.created,
+            "livemode": event.livemode,
+            "api_version": event.api_version,
+            "received_at_ms": received_at_ms,
+        });
+        let effect = serde_json::to_value(effect).map_err(|e| StoreError::Decode(e.to_string()))?;
+        let result = self
+            .call(Call {
+                function: "apply_stripe_event",
+                args: vec![
+                    ("p_event", Arg::Value(meta)),
+                    ("p_payload", Arg::Json(event.raw)),
+                    ("p_effect", Arg::Value(effect)),
+                ],
+            })
+            .await?;
+        serde_json::from_value(result).map_err(|e| StoreError::Decode(e.to_string()))
+    }
+}
+
+/// What applying an event did.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The effect was applied now.
+    Applied,
+    /// The event id was already recorded: nothing changed.
+    Duplicate,
+    /// A type the app does not act on; recorded only.
+    Ignored,
+    /// Older than the state already applied; recorded only.
+    Stale,
+    /// No order or user could be matched; recorded for follow-up.
+    Unmatched,
+}
+
+impl Outcome {
+    /// The snake_case name, as logged and stored.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Ignored => "ignored",
+            Outcome::Stale => "stale",
+            Outcome::Unmatched => "unmatched",
+        }
+    }
+}
+
+/// The result of `apply_stripe_event`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ApplyOutcome {
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub detail: Option<String>,
+    #[serde(default)]
+    pub order_id: Option<String>,
+    /// Checkout session created → order paid, when this event paid an order.
+    #[serde(default)]
+    pub sync_delay_ms: Option<i64>,
+    /// True when this payment made a second paid order for the same user and product.
+    #[serde(default)]
+    pub duplicate_payment: bool,
+}

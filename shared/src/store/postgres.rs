@@ -1,0 +1,244 @@
+//! Direct PostgreSQL backend.
+//!
+//! Pooler-safe: every call is one `query_typed` (Parse/Bind/Execute/Sync with the unnamed
+//! statement, parameter types given up front), so nothing depends on a named prepared statement
+//! surviving between transactions, which Supabase's transaction pooler (port 6543) does not keep.
+//! It is also one round trip per call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde_json::Value;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::types::{Json, ToSql, Type};
+
+use super::{Arg, Call, StoreError};
+
+/// Connections per function instance: Lambda sends one request at a time.
+pub const DEFAULT_POOL_SIZE: usize = 2;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pool of direct connections.
+#[derive(Clone)]
+pub struct PgBackend {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBackend").finish_non_exhaustive()
+    }
+}
+
+impl PgBackend {
+    /// A lazily connecting pool. Loopback hosts without an explicit `sslmode=require` connect
+    /// in plain text; every other host uses TLS verified against the web PKI roots plus
+    /// `ca_pem` (Supabase's database CA).
+    pub fn new(url: &str, ca_pem: Option<&str>, pool_size: usize) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|_| StoreError::Database {
+                code: "config".into(),
+                message: "DATABASE_URL is not a valid connection string".into(),
+            })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("saas-functions");
+        }
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let plain = config.get_ssl_mode() == SslMode::Disable
+            || (config.get_ssl_mode() == SslMode::Prefer && is_loopback(&config));
+        let manager = if plain {
+            Manager::from_config(config, tokio_postgres::NoTls, manager_config)
+        } else {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca_pem)?);
+            Manager::from_config(config, tls, manager_config)
+        };
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(QUERY_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    /// Runs one call. A connection found closed (the server restarted) is replaced and the call
+    /// tried once more: every SQL function here is safe to repeat.
+    pub async fn call(&self, call: &Call<'_>, round_trips: &AtomicU64) -> Result<Value, StoreError> {
+        match self.call_once(call, round_trips).await {
+            Err(Retry::Reconnect(_)) => match self.call_once(call, round_trips).await {
+                Ok(v) => Ok(v),
+                Err(Retry::Reconnect(e) | Retry::Final(e)) => Err(e),
+            },
+            Err(Retry::Final(e)) => Err(e),
+            Ok(v) => Ok(v),
+        }
+    }
+
+    async fn call_once(&self, call: &Call<'_>, round_trips: &AtomicU64) -> Result<Value, Retry> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Retry::Final(StoreError::Unavailable(format!("connect: {e}"))))?;
+        let sql = sql_for(call);
+        // `&RawValue` and `Value` go through the `Json` wrapper to be sent as jsonb.
+        let values: Vec<(Box<dyn ToSql + Sync + Send + '_>, Type)> = call
+            .args
+            .iter()
+            .map(|(_, arg)| -> (Box<dyn ToSql + Sync + Send + '_>, Type) {
+                match arg {
+                    Arg::Json(raw) => (Box::new(Json(*raw)), Type::JSONB),
+                    Arg::Value(v) => (Box::new(Json(v)), Type::JSONB),
+                    Arg::Text(t) => (Box::new(*t), Type::TEXT),
+                }
+            })
+            .collect();
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> = values
+            .iter()
+            .map(|(value, ty)| (value.as_ref() as &(dyn ToSql + Sync), ty.clone()))
+            .collect();
+        round_trips.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(QUERY_TIMEOUT, client.query_typed(&sql, &typed)).await;
+        let rows = match result {
+            Err(_) => {
+                return Err(Retry::Final(StoreError::Unavailable(format!(
+                    "{} timed out after {:?}",
+                    call.function, QUERY_TIMEOUT
+                ))))
+            }
+            Ok(Err(e)) if client.is_closed() => {
+                return Err(Retry::Reconnect(StoreError::Unavailable(e.to_string())))
+            }
+            Ok(Err(e)) => return Err(Retry::Final(map_error(e))),
+            Ok(Ok(rows)) => rows,
+        };
+        let row = rows
+            .first()
+            .ok_or_else(|| Retry::Final(StoreError::Decode("no row returned".into())))?;
+        let Json(value): Json<Value> = row
+            .try_get(0)
+            .map_err(|e| Retry::Final(StoreError::Decode(e.to_string())))?;
+        Ok(value)
+    }
+}
+
+enum Retry {
+    Reconnect(StoreError),
+    Final(StoreError),
+}
+
+/// `select public.f(a => $1::jsonb, b => $2::text)`: explicit casts keep overload resolution
+/// independent of the parameter types the driver sends.
+fn sql_for(call: &Call<'_>) -> String {
+    let mut sql = format!("select public.{}(", call.function);
+    for (i, (name, arg)) in call.args.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let cast = match arg {
+            Arg::Json(_) | Arg::Value(_) => "jsonb",
+            Arg::Text(_) => "text",
+        };
+        sql.push_str(&format!("{name} => ${}::{cast}", i + 1));
+    }
+    sql.push_str(")::jsonb");
+    sql
+}
+
+fn map_error(error: tokio_postgres::Error) -> StoreError {
+    let Some(db) = error.as_db_error() else {
+        return StoreError::Unavailable(error.to_string());
+    };
+    let code = db.code().code();
+    match code {
+        "23505" => StoreError::Conflict(db.message().to_owned()),
+        // serialization failure, deadlock, query canceled, admin shutdown, cannot connect now,
+        // too many connections: transient.
+        "40001" | "40P01" | "57014" | "57P01" | "57P02" | "57P03" | "53300" | "08000" | "08003"
+        | "08006" => StoreError::Unavailable(format!("{code}: {}", db.message())),
+        _ => StoreError::Database {
+            code: code.to_owned(),
+            message: db.message().to_owned(),
+        },
+    }
+}
+
+fn is_loopback(config: &tokio_postgres::Config) -> bool {
+    config.get_hosts().iter().all(|host| match host {
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Host::Unix(_) => true,
+    })
+}
+
+fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, StoreError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|_| StoreError::Database {
+                code: "config".into(),
+                message: "DATABASE_CA_CERT holds no valid PEM certificate".into(),
+            })?;
+            roots.add(cert).map_err(|_| StoreError::Database {
+                code: "config".into(),
+                message: "DATABASE_CA_CERT holds an unusable certificate".into(),
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_sql_names_and_casts_every_argument() {
+        let raw = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+        let call = Call {
+            function: "apply_stripe_event",
+            args: vec![
+                ("p_event", Arg::Value(serde_json::json!({}))),
+                ("p_payload", Arg::Json(&raw)),
+                ("p_note", Arg::Text("x")),
+            ],
+        };
+        assert_eq!(
+            sql_for(&call),
+            "select public.apply_stripe_event(p_event => $1::jsonb, p_payload => $2::jsonb, p_note => $3::text)::jsonb"
+        );
+    }
+
+    #[test]
+    fn loopback_hosts_are_detected() {
+        let local: tokio_postgres::Config = "postgres://u@127.0.0.1/db".parse().unwrap();
+        let remote: tokio_postgres::Config = "postgres://u@db.x.supabase.co/db".parse().unwrap();
+        assert!(is_loopback(&local));
+        assert!(!is_loopback(&remote));
+    }
+}

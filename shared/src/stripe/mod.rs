@@ -1,0 +1,7 @@
+//! Stripe: webhook signatures and typed events.
+
+pub mod events;
+pub mod signature;
+
+/// The Stripe API version this code reads and, for API calls, pins (`Stripe-Version`).
+pub const API_VERSION: &str = "2026-07-29.dahlia";
