@@ -85,7 +85,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration ({} problem(s)):", self.problems.len())?;
+        write!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
         for p in &self.problems {
             write!(f, "\n  - {}: {}", p.variable, p.what)?;
         }
@@ -93,10 +97,12 @@ impl fmt::Display for ConfigError {
     }
 }
 
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
 /// Reads variables through a lookup function (the process environment, or a map in tests) and
 /// collects problems instead of stopping at the first.
 pub struct EnvReader<'a> {
-    lookup: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    lookup: Lookup<'a>,
     problems: Vec<Problem>,
 }
 
@@ -166,11 +172,7 @@ impl<'a> EnvReader<'a> {
         default: u64,
         range: std::ops::RangeInclusive<u64>,
     ) -> u64 {
-        let expected = format!(
-            "a whole number from {} to {}",
-            range.start(),
-            range.end()
-        );
+        let expected = format!("a whole number from {} to {}", range.start(), range.end());
         self.parsed(variable, default, &expected, |raw| {
             raw.parse::<u64>().ok().filter(|v| range.contains(v))
         })

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429, 503).
     pub retry_after: Option<u64>,
+    /// Methods for an `Allow` header (405).
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -35,12 +38,14 @@ impl ApiError {
     }
 
     /// 405 naming the allowed methods.
-    pub fn method_not_allowed(allowed: &str) -> Self {
-        Self::new(
+    pub fn method_not_allowed(allowed: &'static str) -> Self {
+        let mut error = Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("this endpoint accepts {allowed}"),
-        )
+        );
+        error.allow = Some(allowed);
+        error
     }
 
     /// 413 with the limit in bytes.
@@ -87,6 +92,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(allow) = self.allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }

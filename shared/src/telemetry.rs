@@ -160,7 +160,12 @@ impl MetricSet {
 
     /// Records a duration in milliseconds.
     pub fn millis(&mut self, name: &'static str, duration: Duration) {
-        self.add(None, name, Unit::Milliseconds, duration.as_secs_f64() * 1000.0);
+        self.add(
+            None,
+            name,
+            Unit::Milliseconds,
+            duration.as_secs_f64() * 1000.0,
+        );
     }
 
     /// Adds `n` to a count metric under an extra dimension (e.g. `EventType`).
@@ -178,9 +183,19 @@ impl MetricSet {
         self.properties.insert(key.to_owned(), value.into());
     }
 
-    fn add(&mut self, dimension: Option<(&'static str, String)>, name: &'static str, unit: Unit, v: f64) {
+    fn add(
+        &mut self,
+        dimension: Option<(&'static str, String)>,
+        name: &'static str,
+        unit: Unit,
+        v: f64,
+    ) {
         let group = self.group(dimension);
-        match group.values.iter_mut().find(|(n, u, _)| *n == name && *u == unit) {
+        match group
+            .values
+            .iter_mut()
+            .find(|(n, u, _)| *n == name && *u == unit)
+        {
             Some(existing) if unit == Unit::Count => existing.2 += v,
             Some(existing) => existing.2 = v,
             None => group.values.push((name, unit, v)),
@@ -259,8 +274,14 @@ mod tests {
         let directives = doc["_aws"]["CloudWatchMetrics"].as_array().unwrap();
         assert_eq!(directives.len(), 2);
         assert_eq!(directives[0]["Dimensions"], json!([["Function"]]));
-        assert_eq!(directives[0]["Metrics"][1], json!({"Name": "ProcessingTime", "Unit": "Milliseconds"}));
-        assert_eq!(directives[1]["Dimensions"], json!([["Function", "EventType"]]));
+        assert_eq!(
+            directives[0]["Metrics"][1],
+            json!({"Name": "ProcessingTime", "Unit": "Milliseconds"})
+        );
+        assert_eq!(
+            directives[1]["Dimensions"],
+            json!([["Function", "EventType"]])
+        );
         assert_eq!(doc["_aws"]["Timestamp"], 1000);
     }
 

@@ -1,0 +1,302 @@
+//! The Stripe webhook (`/api/stripe/webhook`): verifies `Stripe-Signature` over the exact bytes
+//! received, parses the event, and applies it exactly once through the store.
+//!
+//! Answers: 200 once the event is recorded (applied, duplicate, ignored, stale or unmatched);
+//! 4xx for requests that are not genuine, current events for this mode (nothing is stored);
+//! 503/500 when the database cannot take the event, so Stripe delivers it again.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::{header, Method, Response, StatusCode};
+use lambda_http::{Body, Request};
+use serde::Serialize;
+use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig, StripeMode};
+use shared::error::{json_response, ApiError};
+use shared::store::{ApplyOutcome, Outcome, Store, StoreError};
+use shared::stripe::events::{self, Event};
+use shared::stripe::signature::{self, SignatureError};
+use shared::telemetry::{self, MetricSet, Metrics};
+
+/// The route name in logs.
+pub const ROUTE: &str = "webhook";
+
+/// The webhook's configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub secrets: Vec<Secret>,
+    pub tolerance: Duration,
+    pub stripe_mode: StripeMode,
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::read(EnvReader::from_env())
+    }
+
+    /// Reads through `env`; needs only the store variables and `STRIPE_WEBHOOK_SECRET`.
+    pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
+        let app_env = env.app_env();
+        let store = StoreConfig::read(&mut env, app_env);
+        let secrets = config::read_webhook_secrets(&mut env, app_env);
+        let tolerance = env.seconds("STRIPE_WEBHOOK_TOLERANCE_S", 300, 1..=86_400);
+        let stripe_mode = config::expected_stripe_mode(&mut env, app_env);
+        let max_body_bytes =
+            env.integer("WEBHOOK_MAX_BODY_BYTES", 1 << 20, 1024..=6 << 20) as usize;
+        let config = store.map(|store| Config {
+            store,
+            secrets,
+            tolerance,
+            stripe_mode,
+            max_body_bytes,
+        });
+        match env.finish(config)? {
+            Some(config) => Ok(config),
+            // `StoreConfig::read` records a problem whenever it returns None.
+            None => unreachable!("a missing store configuration is always reported"),
+        }
+    }
+}
+
+/// Everything a request needs, built once per cold start.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub config: Config,
+    pub store: Store,
+    pub metrics: Metrics,
+}
+
+/// Why a delivery was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("unsupported content type")]
+    UnsupportedMediaType,
+    #[error("body too large")]
+    BodyTooLarge(usize),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    #[error("event livemode does not match this endpoint")]
+    LivemodeMismatch { livemode: bool },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl WebhookError {
+    /// The one mapping from errors to answers.
+    pub fn to_api_error(&self) -> ApiError {
+        match self {
+            WebhookError::MethodNotAllowed => ApiError::method_not_allowed("POST"),
+            WebhookError::UnsupportedMediaType => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Stripe events are sent as application/json",
+            ),
+            WebhookError::BodyTooLarge(limit) => ApiError::body_too_large(*limit),
+            WebhookError::Signature(e) => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+            }
+            WebhookError::InvalidEvent(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_event",
+                "the body is not a Stripe event this endpoint can read",
+            ),
+            WebhookError::LivemodeMismatch { livemode } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "livemode_mismatch",
+                if *livemode {
+                    "a live-mode event was sent to a test-mode endpoint"
+                } else {
+                    "a test-mode event was sent to a live-mode endpoint"
+                },
+            ),
+            WebhookError::Store(StoreError::Unavailable(_)) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the event could not be stored now; Stripe will deliver it again",
+            )
+            .retry_after(60),
+            WebhookError::Store(_) => ApiError::internal(),
+        }
+    }
+}
+
+impl State {
+    /// Builds the store client (connections open lazily) and metrics on stdout.
+    pub fn new(config: Config) -> Result<Self, StoreError> {
+        let store = Store::from_config(&config.store)?;
+        Ok(Self {
+            config,
+            store,
+            metrics: Metrics::new(ROUTE, telemetry::MetricsSink::Stdout),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    received: bool,
+    event_id: &'a str,
+    outcome: &'a str,
+}
+
+/// Handles one delivery: one log line and one metrics line per request, whatever the answer.
+pub async fn handle(state: &State, request: Request) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = shared::lambda::request_id(&request);
+    let mut metrics = state.metrics.start();
+    metrics.property("request_id", request_id.as_str());
+    metrics.count("Received", 1);
+
+    let result = process(state, &request, &mut metrics).await;
+    let (response, outcome) = match result {
+        Ok((event_id, applied)) => {
+            let outcome = applied.outcome.as_str();
+            let body = Accepted {
+                received: true,
+                event_id: &event_id,
+                outcome,
+            };
+            (json_response(StatusCode::OK, &body), outcome.to_owned())
+        }
+        Err(error) => {
+            record_error(&error, &request_id, &mut metrics);
+            let api = error.to_api_error();
+            let code = api.code;
+            (api.into_response(&request_id), code.to_owned())
+        }
+    };
+    let elapsed = started.elapsed();
+    metrics.millis("ProcessingTime", elapsed);
+    metrics.flush();
+    telemetry::log_request(
+        ROUTE,
+        response.status().as_u16(),
+        elapsed,
+        &request_id,
+        &outcome,
+    );
+    response
+}
+
+async fn process(
+    state: &State,
+    request: &Request,
+    metrics: &mut MetricSet,
+) -> Result<(String, ApplyOutcome), WebhookError> {
+    if request.method() != Method::POST {
+        return Err(WebhookError::MethodNotAllowed);
+    }
+    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+        let is_json = content_type
+            .to_str()
+            .map(|v| {
+                v.trim()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(WebhookError::UnsupportedMediaType);
+        }
+    }
+    let body = request.body().as_ref();
+    if body.len() > state.config.max_body_bytes {
+        return Err(WebhookError::BodyTooLarge(state.config.max_body_bytes));
+    }
+    let header = match request.headers().get("stripe-signature") {
+        None => return Err(SignatureError::MissingHeader.into()),
+        Some(value) => value.to_str().map_err(|_| SignatureError::Malformed)?,
+    };
+    signature::verify(
+        body,
+        header,
+        &state.config.secrets,
+        unix_now(),
+        state.config.tolerance,
+    )?;
+
+    let parsed = events::parse(body).map_err(|e| WebhookError::InvalidEvent(e.to_string()))?;
+    if StripeMode::of_livemode(parsed.livemode) != state.config.stripe_mode {
+        return Err(WebhookError::LivemodeMismatch {
+            livemode: parsed.livemode,
+        });
+    }
+    let effect = parsed.event.effect();
+    let store_started = Instant::now();
+    let applied = state
+        .store
+        .apply_stripe_event(&parsed, &effect, unix_now_ms())
+        .await?;
+    metrics.millis("StoreTime", store_started.elapsed());
+
+    match applied.outcome {
+        Outcome::Duplicate => metrics.count("Duplicates", 1),
+        Outcome::Unmatched => {
+            metrics.count("Unmatched", 1);
+            tracing::warn!(event_id = %parsed.id, event_type = %parsed.type_, "event matched no order or user");
+        }
+        Outcome::Applied | Outcome::Ignored | Outcome::Stale => {
+            metrics.count_by("Processed", "EventType", &parsed.type_, 1);
+        }
+    }
+    if let Some(delay) = applied.sync_delay_ms.filter(|d| *d >= 0) {
+        metrics.millis("OrderSyncDelay", Duration::from_millis(delay as u64));
+    }
+    if applied.duplicate_payment {
+        metrics.count("DuplicatePayments", 1);
+        tracing::error!(
+            event_id = %parsed.id,
+            order_id = applied.order_id.as_deref().unwrap_or(""),
+            "a second paid order for the same user and product"
+        );
+    }
+    if matches!(parsed.event, Event::Other) {
+        tracing::debug!(event_type = %parsed.type_, "event type not handled");
+    }
+    Ok((parsed.id, applied))
+}
+
+fn record_error(error: &WebhookError, request_id: &str, metrics: &mut MetricSet) {
+    match error {
+        WebhookError::Signature(e) => {
+            metrics.count("SignatureFailures", 1);
+            tracing::warn!(request_id, reason = e.code(), "signature refused");
+        }
+        WebhookError::Store(e) => {
+            metrics.count("Errors", 1);
+            tracing::error!(request_id, error = %e, "event not stored; Stripe will redeliver");
+        }
+        WebhookError::InvalidEvent(reason) => {
+            metrics.count("InvalidEvents", 1);
+            tracing::warn!(request_id, reason = %reason, "verified body is not a usable event");
+        }
+        WebhookError::LivemodeMismatch { .. } => {
+            metrics.count("LivemodeMismatches", 1);
+            tracing::error!(
+                request_id,
+                "event mode does not match this endpoint's Stripe mode"
+            );
+        }
+        _ => {}
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

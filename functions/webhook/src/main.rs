@@ -1,1 +1,9 @@
-fn main() {}
+//! Lambda entry point of the Stripe webhook: wiring only.
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), lambda_http::Error> {
+    shared::telemetry::init_tracing();
+    let config = webhook::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
+    let state = webhook::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
+    shared::lambda::run(|request| webhook::handle(&state, request)).await
+}

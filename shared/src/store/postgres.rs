@@ -39,12 +39,10 @@ impl PgBackend {
     /// in plain text; every other host uses TLS verified against the web PKI roots plus
     /// `ca_pem` (Supabase's database CA).
     pub fn new(url: &str, ca_pem: Option<&str>, pool_size: usize) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|_| StoreError::Database {
-                code: "config".into(),
-                message: "DATABASE_URL is not a valid connection string".into(),
-            })?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|_| StoreError::Database {
+            code: "config".into(),
+            message: "DATABASE_URL is not a valid connection string".into(),
+        })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -74,7 +72,11 @@ impl PgBackend {
 
     /// Runs one call. A connection found closed (the server restarted) is replaced and the call
     /// tried once more: every SQL function here is safe to repeat.
-    pub async fn call(&self, call: &Call<'_>, round_trips: &AtomicU64) -> Result<Value, StoreError> {
+    pub async fn call(
+        &self,
+        call: &Call<'_>,
+        round_trips: &AtomicU64,
+    ) -> Result<Value, StoreError> {
         match self.call_once(call, round_trips).await {
             Err(Retry::Reconnect(_)) => match self.call_once(call, round_trips).await {
                 Ok(v) => Ok(v),

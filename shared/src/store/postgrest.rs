@@ -50,7 +50,11 @@ impl RestBackend {
     }
 
     /// Calls the function and returns its JSON result.
-    pub async fn call(&self, call: &Call<'_>, round_trips: &AtomicU64) -> Result<Value, StoreError> {
+    pub async fn call(
+        &self,
+        call: &Call<'_>,
+        round_trips: &AtomicU64,
+    ) -> Result<Value, StoreError> {
         let body = body_for(call)?;
         round_trips.fetch_add(1, Ordering::Relaxed);
         let response = self
@@ -63,12 +67,13 @@ impl RestBackend {
             .body(body)
             .send()
             .await
-            .map_err(|e| StoreError::Unavailable(format!("{}: {}", call.function, without_url(&e))))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("{}: {}", call.function, without_url(&e)))
+            })?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("{}: {}", call.function, without_url(&e))))?;
+        let bytes = response.bytes().await.map_err(|e| {
+            StoreError::Unavailable(format!("{}: {}", call.function, without_url(&e)))
+        })?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| StoreError::Decode(format!("{}: {e}", call.function)));
@@ -90,7 +95,9 @@ fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
         let value = match arg {
             Arg::Json(raw) => raw.get().to_owned(),
             Arg::Value(v) => v.to_string(),
-            Arg::Text(t) => serde_json::to_string(t).map_err(|e| StoreError::Decode(e.to_string()))?,
+            Arg::Text(t) => {
+                serde_json::to_string(t).map_err(|e| StoreError::Decode(e.to_string()))?
+            }
         };
         body.push_str(&value);
     }
@@ -99,14 +106,22 @@ fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
 }
 
 fn map_error(status: reqwest::StatusCode, error: PostgRestError) -> StoreError {
-    let code = error.code.unwrap_or_else(|| format!("http_{}", status.as_u16()));
+    let code = error
+        .code
+        .unwrap_or_else(|| format!("http_{}", status.as_u16()));
     let message = error.message.unwrap_or_else(|| status.to_string());
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         // 502/503/504 from the gateway, PGRST connection errors, statement timeouts.
         return match code.as_str() {
             "23505" => StoreError::Conflict(message),
-            c if c.starts_with("PGRST0") || c.starts_with("http_") || c == "57014" || c == "40001"
-                || c == "40P01" => StoreError::Unavailable(format!("{code}: {message}")),
+            c if c.starts_with("PGRST0")
+                || c.starts_with("http_")
+                || c == "57014"
+                || c == "40001"
+                || c == "40P01" =>
+            {
+                StoreError::Unavailable(format!("{code}: {message}"))
+            }
             _ => StoreError::Database { code, message },
         };
     }
@@ -134,12 +149,19 @@ mod tests {
 
     #[test]
     fn body_embeds_raw_json_verbatim() {
-        let raw = serde_json::value::RawValue::from_string("{\"b\": 1,  \"a\":\"张\"}".into()).unwrap();
+        let raw =
+            serde_json::value::RawValue::from_string("{\"b\": 1,  \"a\":\"张\"}".into()).unwrap();
         let call = Call {
             function: "f",
-            args: vec![("p_payload", Arg::Json(&raw)), ("p_note", Arg::Text("x\"y"))],
+            args: vec![
+                ("p_payload", Arg::Json(&raw)),
+                ("p_note", Arg::Text("x\"y")),
+            ],
         };
-        assert_eq!(body_for(&call).unwrap(), "{\"p_payload\":{\"b\": 1,  \"a\":\"张\"},\"p_note\":\"x\\\"y\"}");
+        assert_eq!(
+            body_for(&call).unwrap(),
+            "{\"p_payload\":{\"b\": 1,  \"a\":\"张\"},\"p_note\":\"x\\\"y\"}"
+        );
     }
 
     #[test]
@@ -147,7 +169,11 @@ mod tests {
         let e = |status: u16, code: &str| {
             map_error(
                 reqwest::StatusCode::from_u16(status).unwrap(),
-                PostgRestError { code: Some(code.into()), message: Some("m".into()), ..Default::default() },
+                PostgRestError {
+                    code: Some(code.into()),
+                    message: Some("m".into()),
+                    ..Default::default()
+                },
             )
         };
         assert!(matches!(e(409, "23505"), StoreError::Conflict(_)));

@@ -312,14 +312,21 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent<'_>, EventError> {
         | "checkout.session.expired" => {
             let transition = match envelope.type_.as_str() {
                 "checkout.session.completed" => CheckoutTransition::Completed,
-                "checkout.session.async_payment_succeeded" => CheckoutTransition::AsyncPaymentSucceeded,
+                "checkout.session.async_payment_succeeded" => {
+                    CheckoutTransition::AsyncPaymentSucceeded
+                }
                 "checkout.session.async_payment_failed" => CheckoutTransition::AsyncPaymentFailed,
                 _ => CheckoutTransition::Expired,
             };
             let session = serde_json::from_str(object).map_err(|_| typed("checkout session"))?;
-            Event::CheckoutSession { transition, session }
+            Event::CheckoutSession {
+                transition,
+                session,
+            }
         }
-        "customer.subscription.created" | "customer.subscription.updated" | "customer.subscription.deleted" => {
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
             let subscription = serde_json::from_str(object).map_err(|_| typed("subscription"))?;
             Event::Subscription {
                 deleted: envelope.type_ == "customer.subscription.deleted",
@@ -333,7 +340,10 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent<'_>, EventError> {
                 _ => InvoiceTransition::PaymentFailed,
             };
             let invoice = serde_json::from_str(object).map_err(|_| typed("invoice"))?;
-            Event::Invoice { transition, invoice }
+            Event::Invoice {
+                transition,
+                invoice,
+            }
         }
         _ => Event::Other,
     };
@@ -403,7 +413,10 @@ impl Event {
     /// The effect this event has on the app's data.
     pub fn effect(&self) -> Effect {
         match self {
-            Event::CheckoutSession { transition, session } => Effect::CheckoutSession {
+            Event::CheckoutSession {
+                transition,
+                session,
+            } => Effect::CheckoutSession {
                 transition: *transition,
                 session_id: session.id.clone(),
                 mode: session.mode.clone(),
@@ -427,11 +440,7 @@ impl Event {
                 Effect::Subscription {
                     id: s.id.clone(),
                     customer_id: s.customer.id().to_owned(),
-                    user_id: s
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.get("user_id"))
-                        .cloned(),
+                    user_id: s.metadata.as_ref().and_then(|m| m.get("user_id")).cloned(),
                     // A deleted subscription is canceled whatever status the payload carries.
                     status: if *deleted {
                         "canceled".to_owned()
@@ -439,7 +448,9 @@ impl Event {
                         s.status.clone()
                     },
                     deleted: *deleted,
-                    price_id: first_item.and_then(|i| i.price.as_ref()).map(|p| p.id().to_owned()),
+                    price_id: first_item
+                        .and_then(|i| i.price.as_ref())
+                        .map(|p| p.id().to_owned()),
                     current_period_start: s
                         .current_period_start
                         .or_else(|| first_item.and_then(|i| i.current_period_start)),
@@ -489,48 +500,105 @@ mod tests {
 
     #[test]
     fn invoice_subscription_is_read_from_both_api_shapes() {
-        let old = event("invoice.paid", json!({"id": "in_1", "subscription": "sub_old", "parent": null}));
-        let new = event("invoice.paid", json!({"id": "in_1", "subscription": null,
-            "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_new", "metadata": {}}}}));
-        let line_only = event("invoice.paid", json!({"id": "in_1", "lines": {"object": "list", "data": [
-            {"parent": {"type": "subscription_item_details", "subscription_item_details": {"subscription": "sub_line"}}}]}}));
-        let expanded = event("invoice.paid", json!({"id": "in_1", "subscription": {"id": "sub_exp", "object": "subscription"}}));
-        for (body, want) in [(old, "sub_old"), (new, "sub_new"), (line_only, "sub_line"), (expanded, "sub_exp")] {
+        let old = event(
+            "invoice.paid",
+            json!({"id": "in_1", "subscription": "sub_old", "parent": null}),
+        );
+        let new = event(
+            "invoice.paid",
+            json!({"id": "in_1", "subscription": null,
+            "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_new", "metadata": {}}}}),
+        );
+        let line_only = event(
+            "invoice.paid",
+            json!({"id": "in_1", "lines": {"object": "list", "data": [
+            {"parent": {"type": "subscription_item_details", "subscription_item_details": {"subscription": "sub_line"}}}]}}),
+        );
+        let expanded = event(
+            "invoice.paid",
+            json!({"id": "in_1", "subscription": {"id": "sub_exp", "object": "subscription"}}),
+        );
+        for (body, want) in [
+            (old, "sub_old"),
+            (new, "sub_new"),
+            (line_only, "sub_line"),
+            (expanded, "sub_exp"),
+        ] {
             let parsed = parse(body.as_bytes()).unwrap();
-            let Effect::Invoice { subscription_id, .. } = parsed.event.effect() else { panic!("not an invoice") };
+            let Effect::Invoice {
+                subscription_id, ..
+            } = parsed.event.effect()
+            else {
+                panic!("not an invoice")
+            };
             assert_eq!(subscription_id.as_deref(), Some(want));
         }
     }
 
     #[test]
     fn subscription_period_is_read_from_items_in_new_versions() {
-        let body = event("customer.subscription.updated", json!({"id": "sub_1", "customer": "cus_1", "status": "active",
-            "items": {"data": [{"price": {"id": "price_1"}, "current_period_start": 10, "current_period_end": 20}]}}));
-        let Effect::Subscription { current_period_start, current_period_end, price_id, .. } =
-            parse(body.as_bytes()).unwrap().event.effect() else { panic!() };
-        assert_eq!((current_period_start, current_period_end), (Some(10), Some(20)));
+        let body = event(
+            "customer.subscription.updated",
+            json!({"id": "sub_1", "customer": "cus_1", "status": "active",
+            "items": {"data": [{"price": {"id": "price_1"}, "current_period_start": 10, "current_period_end": 20}]}}),
+        );
+        let Effect::Subscription {
+            current_period_start,
+            current_period_end,
+            price_id,
+            ..
+        } = parse(body.as_bytes()).unwrap().event.effect()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (current_period_start, current_period_end),
+            (Some(10), Some(20))
+        );
         assert_eq!(price_id.as_deref(), Some("price_1"));
     }
 
     #[test]
     fn deleted_subscription_is_canceled() {
-        let body = event("customer.subscription.deleted", json!({"id": "sub_1", "customer": "cus_1", "status": "active"}));
-        let Effect::Subscription { status, deleted, .. } = parse(body.as_bytes()).unwrap().event.effect() else { panic!() };
+        let body = event(
+            "customer.subscription.deleted",
+            json!({"id": "sub_1", "customer": "cus_1", "status": "active"}),
+        );
+        let Effect::Subscription {
+            status, deleted, ..
+        } = parse(body.as_bytes()).unwrap().event.effect()
+        else {
+            panic!()
+        };
         assert_eq!((status.as_str(), deleted), ("canceled", true));
     }
 
     #[test]
     fn checkout_user_comes_from_metadata_then_client_reference() {
-        let body = event("checkout.session.completed", json!({"id": "cs_1", "client_reference_id": "u-ref",
-            "metadata": {"order_id": "o-1"}, "mode": "payment", "payment_status": "paid"}));
-        let Effect::CheckoutSession { user_id, order_id, .. } = parse(body.as_bytes()).unwrap().event.effect() else { panic!() };
-        assert_eq!((user_id.as_deref(), order_id.as_deref()), (Some("u-ref"), Some("o-1")));
+        let body = event(
+            "checkout.session.completed",
+            json!({"id": "cs_1", "client_reference_id": "u-ref",
+            "metadata": {"order_id": "o-1"}, "mode": "payment", "payment_status": "paid"}),
+        );
+        let Effect::CheckoutSession {
+            user_id, order_id, ..
+        } = parse(body.as_bytes()).unwrap().event.effect()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (user_id.as_deref(), order_id.as_deref()),
+            (Some("u-ref"), Some("o-1"))
+        );
     }
 
     #[test]
     fn unknown_type_is_other_and_unknown_fields_are_ignored() {
         let body = event("plan.created", json!({"id": "price_1", "anything": [1, 2]}));
-        assert!(matches!(parse(body.as_bytes()).unwrap().event, Event::Other));
+        assert!(matches!(
+            parse(body.as_bytes()).unwrap().event,
+            Event::Other
+        ));
     }
 
     #[test]

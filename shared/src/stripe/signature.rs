@@ -162,16 +162,34 @@ mod tests {
             (format!("t={NOW},v1={},v0=abc", sig), Ok(NOW)),
             (format!("t={NOW},v1=deadbeef,v1={sig}"), Ok(NOW)),
             (format!("t={NOW}, v1={sig}"), Ok(NOW)),
-            (format!("t={NOW},v0={sig}"), Err(SignatureError::NoV1Signature)),
+            (
+                format!("t={NOW},v0={sig}"),
+                Err(SignatureError::NoV1Signature),
+            ),
             (format!("v1={sig}"), Err(SignatureError::Malformed)),
             (format!("t=abc,v1={sig}"), Err(SignatureError::Malformed)),
             (String::new(), Err(SignatureError::Malformed)),
-            (format!("t={},v1={sig}", NOW + 1), Err(SignatureError::NoMatch)),
-            (format!("t={NOW},v1={}", &sig[..63]), Err(SignatureError::NoMatch)),
-            (format!("t={NOW},v1={}", sig.to_uppercase()), Err(SignatureError::NoMatch)),
+            (
+                format!("t={},v1={sig}", NOW + 1),
+                Err(SignatureError::NoMatch),
+            ),
+            (
+                format!("t={NOW},v1={}", &sig[..63]),
+                Err(SignatureError::NoMatch),
+            ),
+            (
+                format!("t={NOW},v1={}", sig.to_uppercase()),
+                Err(SignatureError::NoMatch),
+            ),
         ];
         for (header, expected) in cases {
-            let got = verify(BODY, &header, &secrets(&["whsec_a"]), NOW, DEFAULT_TOLERANCE);
+            let got = verify(
+                BODY,
+                &header,
+                &secrets(&["whsec_a"]),
+                NOW,
+                DEFAULT_TOLERANCE,
+            );
             assert_eq!(got, expected, "header {header:?}");
         }
     }
@@ -180,9 +198,18 @@ mod tests {
     fn any_of_several_secrets_may_match() {
         let header = sign(BODY, &Secret::new("whsec_new"), NOW);
         let keys = secrets(&["whsec_old", "whsec_new"]);
-        assert_eq!(verify(BODY, &header, &keys, NOW, DEFAULT_TOLERANCE), Ok(NOW));
         assert_eq!(
-            verify(BODY, &header, &secrets(&["whsec_old"]), NOW, DEFAULT_TOLERANCE),
+            verify(BODY, &header, &keys, NOW, DEFAULT_TOLERANCE),
+            Ok(NOW)
+        );
+        assert_eq!(
+            verify(
+                BODY,
+                &header,
+                &secrets(&["whsec_old"]),
+                NOW,
+                DEFAULT_TOLERANCE
+            ),
             Err(SignatureError::NoMatch)
         );
     }
@@ -210,9 +237,15 @@ mod tests {
             Err(SignatureError::TimestampOutsideTolerance)
         );
         let edge = sign(BODY, &keys[0], NOW - 300);
-        assert_eq!(verify(BODY, &edge, &keys, NOW, DEFAULT_TOLERANCE), Ok(NOW - 300));
+        assert_eq!(
+            verify(BODY, &edge, &keys, NOW, DEFAULT_TOLERANCE),
+            Ok(NOW - 300)
+        );
         let future = sign(BODY, &keys[0], NOW + 600);
-        assert_eq!(verify(BODY, &future, &keys, NOW, DEFAULT_TOLERANCE), Ok(NOW + 600));
+        assert_eq!(
+            verify(BODY, &future, &keys, NOW, DEFAULT_TOLERANCE),
+            Ok(NOW + 600)
+        );
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! Integration tests: the handlers driven with real function-URL events against a real
+//! PostgreSQL (a fresh database per test) and HTTP-level fakes. One binary, one link.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod postgrest_contract;
+mod schema;
+mod webhook;

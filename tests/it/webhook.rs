@@ -1,0 +1,1064 @@
+//! The webhook end to end: Stripe-Signature to rows in PostgreSQL.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shared::config::{Secret, StoreConfig, StripeMode};
+use shared::store::Store;
+use shared::telemetry::Metrics;
+use testkit::db::TestDb;
+use testkit::fixtures::{self, checkout_event, FunctionUrlRequest};
+use tokio_postgres::Client;
+use webhook::{Config, State};
+
+const SECRET: &str = "whsec_test_integration_secret";
+
+struct App {
+    db: TestDb,
+    sql: Client,
+    state: State,
+    metrics: Arc<Mutex<Vec<String>>>,
+}
+
+fn config(url: &str, secrets: &[&str]) -> Config {
+    Config {
+        store: StoreConfig::Postgres {
+            url: Secret::new(url),
+            ca_pem: None,
+        },
+        secrets: secrets.iter().map(|s| Secret::new(*s)).collect(),
+        tolerance: Duration::from_secs(300),
+        stripe_mode: StripeMode::Test,
+        max_body_bytes: 1 << 20,
+    }
+}
+
+fn state_for(url: &str, secrets: &[&str]) -> (State, Arc<Mutex<Vec<String>>>) {
+    let (metrics, lines) = Metrics::in_memory("webhook");
+    let state = State {
+        config: config(url, secrets),
+        store: Store::postgres(url, 2).expect("store"),
+        metrics,
+    };
+    (state, lines)
+}
+
+async fn spawn_app() -> App {
+    let db = TestDb::new().await;
+    let sql = db.client().await;
+    let (state, metrics) = state_for(&db.url, &[SECRET]);
+    App {
+        db,
+        sql,
+        state,
+        metrics,
+    }
+}
+
+impl App {
+    async fn deliver(&self, event: &Value) -> (u16, Value) {
+        let body = fixtures::body(event);
+        let request = FunctionUrlRequest::post("/api/stripe/webhook", &body)
+            .header("stripe-signature", &fixtures::sign(&body, SECRET));
+        self.send(request).await
+    }
+
+    async fn send(&self, request: FunctionUrlRequest) -> (u16, Value) {
+        send_to(&self.state, request).await
+    }
+
+    async fn user(&self) -> String {
+        self.db.create_user(&self.sql).await.to_string()
+    }
+
+    async fn pending_order(&self, user: &str, session: &str) -> String {
+        let row = self
+            .sql
+            .query_one(
+                "insert into orders (user_id, stripe_checkout_session_id, session_created_at)
+                 values ($1::text::uuid, $2, now() - interval '2 minutes') returning id::text",
+                &[&user, &session],
+            )
+            .await
+            .expect("insert order");
+        row.get(0)
+    }
+
+    async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
+        self.sql.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        self.scalar::<i64>(sql).await
+    }
+
+    fn metric_total(&self, name: &str) -> f64 {
+        self.metrics
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter_map(|doc| doc.get(name).and_then(Value::as_f64))
+            .sum()
+    }
+}
+
+async fn send_to(state: &State, request: FunctionUrlRequest) -> (u16, Value) {
+    let response = match request.into_request() {
+        Ok(request) => webhook::handle(state, request).await,
+        Err(response) => response,
+    };
+    (response.status().as_u16(), fixtures::json_body(&response))
+}
+
+#[tokio::test]
+async fn paid_checkout_marks_order_paid_and_grants_the_report() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_paid_1").await;
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_paid_1",
+        &order,
+        &user,
+        "paid",
+    );
+
+    let (status, body) = app.deliver(&event).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outcome"], "applied");
+    assert_eq!(body["event_id"], event["id"]);
+    let row = app
+        .sql
+        .query_one(
+            "select status, amount_total, currency, stripe_payment_intent_id, paid_at is not null
+             from orders where id = $1::text::uuid",
+            &[&order],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "paid");
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(1900));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("usd"));
+    assert_eq!(
+        row.get::<_, Option<String>>(3).as_deref(),
+        Some("pi_3QbPaymentIntent000001")
+    );
+    assert!(row.get::<_, bool>(4));
+    assert_eq!(
+        app.count(&format!("select count(*) from entitlements where user_id = '{user}' and product = 'full_report' and active")).await,
+        1
+    );
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'order_paid' and amount = 1900")
+            .await,
+        1
+    );
+    let (outcome, payload_name): (String, String) = {
+        let r = app.sql.query_one("select outcome, payload #>> '{data,object,customer_details,name}' from stripe_events", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(outcome, "applied");
+    assert_eq!(payload_name, "张伟 Zoë");
+    assert!(
+        app.metric_total("OrderSyncDelay") >= 100_000.0,
+        "session created 2 minutes before payment"
+    );
+    assert_eq!(app.metric_total("Processed"), 1.0);
+}
+
+#[tokio::test]
+async fn duplicate_event_is_applied_once() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_dup").await;
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_dup",
+        &order,
+        &user,
+        "paid",
+    );
+
+    let first = app.deliver(&event).await;
+    let second = app.deliver(&event).await;
+
+    assert_eq!(first.0, 200);
+    assert_eq!(
+        second,
+        (
+            200,
+            json!({"received": true, "event_id": event["id"], "outcome": "duplicate"})
+        )
+    );
+    assert_eq!(app.count("select count(*) from stripe_events").await, 1);
+    assert_eq!(app.count("select count(*) from payment_audit").await, 1);
+    assert_eq!(app.metric_total("Duplicates"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_deliveries_apply_once() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_race").await;
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_race",
+        &order,
+        &user,
+        "paid",
+    );
+    let body = fixtures::body(&event);
+    // Twenty Lambda instances: each its own state and connection.
+    let states: Vec<State> = (0..20)
+        .map(|_| state_for(&app.db.url, &[SECRET]).0)
+        .collect();
+
+    let deliveries = states.iter().map(|state| {
+        let request = FunctionUrlRequest::post("/", &body)
+            .header("stripe-signature", &fixtures::sign(&body, SECRET));
+        send_to(state, request)
+    });
+    let results = futures::future::join_all(deliveries).await;
+
+    assert!(
+        results.iter().all(|(status, _)| *status == 200),
+        "{results:?}"
+    );
+    let applied = results
+        .iter()
+        .filter(|(_, b)| b["outcome"] == "applied")
+        .count();
+    let duplicates = results
+        .iter()
+        .filter(|(_, b)| b["outcome"] == "duplicate")
+        .count();
+    assert_eq!((applied, duplicates), (1, 19));
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'order_paid'")
+            .await,
+        1
+    );
+    assert_eq!(app.count("select count(*) from entitlements").await, 1);
+}
+
+#[tokio::test]
+async fn unpaid_completion_then_async_success_pays_the_order() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_async").await;
+
+    let completed = checkout_event(
+        "checkout.session.completed",
+        "cs_test_async",
+        &order,
+        &user,
+        "unpaid",
+    );
+    assert_eq!(app.deliver(&completed).await.1["outcome"], "applied");
+    assert_eq!(
+        app.scalar::<String>("select status from orders").await,
+        "processing"
+    );
+    assert_eq!(app.count("select count(*) from entitlements").await, 0);
+
+    let succeeded = checkout_event(
+        "checkout.session.async_payment_succeeded",
+        "cs_test_async",
+        &order,
+        &user,
+        "paid",
+    );
+    assert_eq!(app.deliver(&succeeded).await.1["outcome"], "applied");
+    assert_eq!(
+        app.scalar::<String>("select status from orders").await,
+        "paid"
+    );
+    assert_eq!(
+        app.count("select count(*) from entitlements where active")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.scalar::<String>("select string_agg(kind, ',' order by id) from payment_audit")
+            .await,
+        "order_processing,order_paid"
+    );
+}
+
+#[tokio::test]
+async fn async_payment_failure_fails_the_order() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_fail").await;
+    app.deliver(&checkout_event(
+        "checkout.session.completed",
+        "cs_test_fail",
+        &order,
+        &user,
+        "unpaid",
+    ))
+    .await;
+
+    let failed = checkout_event(
+        "checkout.session.async_payment_failed",
+        "cs_test_fail",
+        &order,
+        &user,
+        "unpaid",
+    );
+    let (status, body) = app.deliver(&failed).await;
+
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("applied")));
+    assert_eq!(
+        app.scalar::<String>("select status from orders").await,
+        "failed"
+    );
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'order_payment_failed'")
+            .await,
+        1
+    );
+    assert_eq!(app.count("select count(*) from entitlements").await, 0);
+}
+
+#[tokio::test]
+async fn expired_session_expires_a_pending_order_but_never_a_paid_one() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let pending = app.pending_order(&user, "cs_test_exp").await;
+    let expired = checkout_event(
+        "checkout.session.expired",
+        "cs_test_exp",
+        &pending,
+        &user,
+        "unpaid",
+    );
+    assert_eq!(app.deliver(&expired).await.1["outcome"], "applied");
+    assert_eq!(
+        app.scalar::<String>(&format!("select status from orders where id = '{pending}'"))
+            .await,
+        "expired"
+    );
+
+    let other = app.user().await;
+    let paid = app.pending_order(&other, "cs_test_exp2").await;
+    app.deliver(&checkout_event(
+        "checkout.session.completed",
+        "cs_test_exp2",
+        &paid,
+        &other,
+        "paid",
+    ))
+    .await;
+    let late = checkout_event(
+        "checkout.session.expired",
+        "cs_test_exp2",
+        &paid,
+        &other,
+        "unpaid",
+    );
+    assert_eq!(app.deliver(&late).await.1["outcome"], "stale");
+    assert_eq!(
+        app.scalar::<String>(&format!("select status from orders where id = '{paid}'"))
+            .await,
+        "paid"
+    );
+}
+
+#[tokio::test]
+async fn payment_after_local_expiry_still_pays() {
+    // The checkout function may mark an order expired just before Stripe completes its session:
+    // money was taken, so the completion wins.
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_late").await;
+    app.sql
+        .execute("update orders set status = 'expired'", &[])
+        .await
+        .unwrap();
+
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_late",
+        &order,
+        &user,
+        "paid",
+    );
+    assert_eq!(app.deliver(&event).await.1["outcome"], "applied");
+    assert_eq!(
+        app.scalar::<String>("select status from orders").await,
+        "paid"
+    );
+}
+
+#[tokio::test]
+async fn paid_session_without_an_order_creates_one_for_a_known_user() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_link",
+        "",
+        &user,
+        "paid",
+    );
+
+    assert_eq!(app.deliver(&event).await.1["outcome"], "applied");
+
+    let row = app
+        .sql
+        .query_one(
+            "select user_id::text, status, stripe_checkout_session_id from orders",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        (user.clone(), "paid".to_owned())
+    );
+    assert_eq!(row.get::<_, String>(2), "cs_test_link");
+    assert_eq!(
+        app.scalar::<String>("select user_id::text from stripe_customers where stripe_customer_id = 'cus_QXg1o8vcGmoR32'").await,
+        user
+    );
+}
+
+#[tokio::test]
+async fn session_for_an_unknown_user_is_recorded_as_unmatched() {
+    let app = spawn_app().await;
+    let stranger = uuid::Uuid::new_v4().to_string();
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_stranger",
+        "",
+        &stranger,
+        "paid",
+    );
+
+    let (status, body) = app.deliver(&event).await;
+
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("unmatched")));
+    assert_eq!(app.count("select count(*) from orders").await, 0);
+    assert_eq!(
+        app.scalar::<String>("select outcome from stripe_events")
+            .await,
+        "unmatched"
+    );
+    assert_eq!(app.metric_total("Unmatched"), 1.0);
+}
+
+#[tokio::test]
+async fn second_paid_order_for_the_same_product_is_flagged() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let first = app.pending_order(&user, "cs_test_twice_1").await;
+    app.deliver(&checkout_event(
+        "checkout.session.completed",
+        "cs_test_twice_1",
+        &first,
+        &user,
+        "paid",
+    ))
+    .await;
+    let second = app.pending_order(&user, "cs_test_twice_2").await;
+
+    app.deliver(&checkout_event(
+        "checkout.session.completed",
+        "cs_test_twice_2",
+        &second,
+        &user,
+        "paid",
+    ))
+    .await;
+
+    assert_eq!(
+        app.count("select count(*) from orders where status = 'paid'")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'duplicate_payment'")
+            .await,
+        1
+    );
+    assert_eq!(app.metric_total("DuplicatePayments"), 1.0);
+}
+
+fn subscription_event(fixture: &str, status: &str, created: i64) -> Value {
+    let mut event = fixtures::load(fixture);
+    fixtures::set(&mut event, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut event, "/created", json!(created));
+    fixtures::set(&mut event, "/data/object/status", json!(status));
+    event
+}
+
+async fn link_customer(app: &App, user: &str) {
+    app.sql
+        .execute(
+            "insert into stripe_customers (stripe_customer_id, user_id) values ('cus_QXg1o8vcGmoR32', $1::text::uuid)",
+            &[&user],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn subscription_lifecycle_in_both_api_shapes() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    link_customer(&app, &user).await;
+    let t = fixtures::now();
+
+    let mut created = subscription_event(
+        "stripe/customer.subscription.updated.acacia.json",
+        "active",
+        t - 30,
+    );
+    fixtures::set(
+        &mut created,
+        "/type",
+        json!("customer.subscription.created"),
+    );
+    assert_eq!(app.deliver(&created).await.1["outcome"], "applied");
+    let row = app
+        .sql
+        .query_one("select status, user_id::text, price_id, extract(epoch from current_period_end)::bigint from subscriptions", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "active");
+    assert_eq!(row.get::<_, Option<String>>(1), Some(user.clone()));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("price_1PgafmB7WZ01zgkW6dKueIc5")
+    );
+    assert_eq!(row.get::<_, i64>(3), 1_798_322_400);
+
+    let updated = subscription_event(
+        "stripe/customer.subscription.updated.dahlia.json",
+        "past_due",
+        t - 20,
+    );
+    assert_eq!(app.deliver(&updated).await.1["outcome"], "applied");
+    assert_eq!(
+        app.scalar::<String>("select status from subscriptions")
+            .await,
+        "past_due"
+    );
+    assert_eq!(
+        app.scalar::<i64>(
+            "select extract(epoch from current_period_end)::bigint from subscriptions"
+        )
+        .await,
+        1_798_322_400,
+        "period read from the item in the new shape"
+    );
+    assert!(
+        app.scalar::<bool>("select active from entitlements where product = 'subscription'")
+            .await
+    );
+
+    let mut deleted = subscription_event(
+        "stripe/customer.subscription.updated.dahlia.json",
+        "canceled",
+        t - 10,
+    );
+    fixtures::set(
+        &mut deleted,
+        "/type",
+        json!("customer.subscription.deleted"),
+    );
+    fixtures::set(&mut deleted, "/data/object/ended_at", json!(t - 10));
+    assert_eq!(app.deliver(&deleted).await.1["outcome"], "applied");
+    assert_eq!(
+        app.scalar::<String>("select status from subscriptions")
+            .await,
+        "canceled"
+    );
+    assert!(
+        !app.scalar::<bool>("select active from entitlements where product = 'subscription'")
+            .await
+    );
+}
+
+#[tokio::test]
+async fn older_subscription_event_never_overwrites_newer_state() {
+    let app = spawn_app().await;
+    let t = fixtures::now();
+    let newer = subscription_event(
+        "stripe/customer.subscription.updated.dahlia.json",
+        "canceled",
+        t,
+    );
+    let older = subscription_event(
+        "stripe/customer.subscription.updated.dahlia.json",
+        "active",
+        t - 60,
+    );
+
+    assert_eq!(app.deliver(&newer).await.1["outcome"], "applied");
+    let (status, body) = app.deliver(&older).await;
+
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("stale")));
+    assert_eq!(
+        app.scalar::<String>("select status from subscriptions")
+            .await,
+        "canceled"
+    );
+    assert_eq!(
+        app.count("select count(*) from stripe_events where outcome = 'stale'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn canceled_subscription_is_not_revived_by_an_update_of_the_same_second() {
+    let app = spawn_app().await;
+    let t = fixtures::now();
+    let mut deleted = subscription_event(
+        "stripe/customer.subscription.updated.dahlia.json",
+        "canceled",
+        t,
+    );
+    fixtures::set(
+        &mut deleted,
+        "/type",
+        json!("customer.subscription.deleted"),
+    );
+    let same_second = subscription_event(
+        "stripe/customer.subscription.updated.dahlia.json",
+        "active",
+        t,
+    );
+
+    app.deliver(&deleted).await;
+    assert_eq!(app.deliver(&same_second).await.1["outcome"], "stale");
+    assert_eq!(
+        app.scalar::<String>("select status from subscriptions")
+            .await,
+        "canceled"
+    );
+}
+
+#[tokio::test]
+async fn invoice_events_in_both_shapes_update_the_invoice_and_audit_once() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    link_customer(&app, &user).await;
+    let t = fixtures::now();
+
+    let mut failed = fixtures::load("stripe/invoice.payment_failed.acacia.json");
+    fixtures::set(&mut failed, "/created", json!(t - 100));
+    assert_eq!(app.deliver(&failed).await.1["outcome"], "applied");
+    let row = app
+        .sql
+        .query_one(
+            "select status, subscription_id, user_id::text, attempt_count from invoices",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("open"));
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("sub_1Pgc6rB7WZ01zgkWNy0Cn5nw")
+    );
+    assert_eq!(row.get::<_, Option<String>>(2), Some(user.clone()));
+    assert_eq!(row.get::<_, i32>(3), 1);
+
+    let mut paid = fixtures::load("stripe/invoice.paid.dahlia.json");
+    fixtures::set(&mut paid, "/created", json!(t - 50));
+    let mut succeeded = paid.clone();
+    fixtures::set(&mut succeeded, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut succeeded, "/type", json!("invoice.payment_succeeded"));
+    assert_eq!(app.deliver(&paid).await.1["outcome"], "applied");
+    assert_eq!(app.deliver(&succeeded).await.1["outcome"], "applied");
+
+    let row = app
+        .sql
+        .query_one(
+            "select status, amount_paid, subscription_id, paid_at is not null from invoices",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("paid"));
+    assert_eq!(row.get::<_, i64>(1), 2000);
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("sub_1Pgc6rB7WZ01zgkWNy0Cn5nw")
+    );
+    assert!(row.get::<_, bool>(3));
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'invoice_paid'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'invoice_payment_failed'")
+            .await,
+        1
+    );
+
+    // A failed attempt delivered late does not reopen a paid invoice.
+    let mut late = fixtures::load("stripe/invoice.payment_failed.acacia.json");
+    fixtures::set(&mut late, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut late, "/created", json!(t - 10));
+    assert_eq!(app.deliver(&late).await.1["outcome"], "stale");
+    assert_eq!(
+        app.scalar::<Option<String>>("select status from invoices")
+            .await
+            .as_deref(),
+        Some("paid")
+    );
+}
+
+#[tokio::test]
+async fn unknown_event_type_is_recorded_as_ignored() {
+    let app = spawn_app().await;
+    let event = json!({"id": fixtures::event_id(), "object": "event", "type": "customer.created",
+        "created": fixtures::now(), "livemode": false, "api_version": "2026-07-29.dahlia",
+        "data": {"object": {"id": "cus_1", "object": "customer"}}});
+
+    let (status, body) = app.deliver(&event).await;
+
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+    assert_eq!(
+        app.scalar::<String>("select type || ':' || outcome from stripe_events")
+            .await,
+        "customer.created:ignored"
+    );
+}
+
+async fn assert_rejected(app: &App, request: FunctionUrlRequest, status: u16, code: &str) {
+    let (got, body) = app.send(request).await;
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["error"]["request_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert_eq!(
+        app.count("select count(*) from stripe_events").await,
+        0,
+        "nothing stored"
+    );
+}
+
+fn invoice_body() -> Vec<u8> {
+    let mut event = fixtures::load("stripe/invoice.paid.dahlia.json");
+    fixtures::set(&mut event, "/created", json!(fixtures::now()));
+    fixtures::body(&event)
+}
+
+#[tokio::test]
+async fn bad_signature_is_rejected_and_nothing_stored() {
+    let app = spawn_app().await;
+    let body = invoice_body();
+    let forged = fixtures::sign(&body, "whsec_someone_else");
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &forged),
+        400,
+        "signature_mismatch",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body),
+        400,
+        "missing_signature",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", "garbage"),
+        400,
+        "malformed_signature",
+    )
+    .await;
+    assert_eq!(app.metric_total("SignatureFailures"), 3.0);
+}
+
+#[tokio::test]
+async fn signature_over_a_different_body_is_rejected() {
+    let app = spawn_app().await;
+    let body = invoice_body();
+    let header = fixtures::sign(&body, SECRET);
+    let mut other = body.clone();
+    let last = other.len() - 2;
+    other[last] = b' ';
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &other).header("stripe-signature", &header),
+        400,
+        "signature_mismatch",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn expired_timestamp_is_rejected() {
+    let app = spawn_app().await;
+    let body = invoice_body();
+    let old = shared::stripe::signature::sign(&body, &Secret::new(SECRET), fixtures::now() - 301);
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &old),
+        400,
+        "timestamp_outside_tolerance",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rotated_secret_is_accepted_during_rotation() {
+    let db = TestDb::new().await;
+    let (state, _) = state_for(&db.url, &["whsec_old_secret", "whsec_new_secret"]);
+    let body = invoice_body();
+    let t = fixtures::now();
+    let old = shared::stripe::signature::sign(&body, &Secret::new("whsec_old_secret"), t);
+    let new = shared::stripe::signature::sign(&body, &Secret::new("whsec_new_secret"), t);
+    // Stripe's header during a roll: one v1 per active secret.
+    let header = format!("{new},v1={}", old.split("v1=").nth(1).unwrap());
+
+    let (status, body_json) = send_to(
+        &state,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &header),
+    )
+    .await;
+    assert_eq!(
+        (status, body_json["outcome"].as_str()),
+        (200, Some("applied"))
+    );
+
+    // And an endpoint still on the new secret alone accepts the header signed with it.
+    let (only_new, _) = state_for(&db.url, &["whsec_new_secret"]);
+    let (status, body_json) = send_to(
+        &only_new,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &header),
+    )
+    .await;
+    assert_eq!(
+        (status, body_json["outcome"].as_str()),
+        (200, Some("duplicate"))
+    );
+}
+
+#[tokio::test]
+async fn malformed_json_is_rejected() {
+    let app = spawn_app().await;
+    for body in [
+        &b"{not json"[..],
+        b"[]",
+        b"{\"id\":\"evt_1\"}",
+        b"{\"hello\":\"world\"}",
+    ] {
+        let header = fixtures::sign(body, SECRET);
+        assert_rejected(
+            &app,
+            FunctionUrlRequest::post("/", body).header("stripe-signature", &header),
+            400,
+            "invalid_event",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn live_event_sent_to_a_test_endpoint_is_rejected() {
+    let app = spawn_app().await;
+    let mut event = fixtures::load("stripe/invoice.paid.dahlia.json");
+    fixtures::set(&mut event, "/livemode", json!(true));
+    let body = fixtures::body(&event);
+    let header = fixtures::sign(&body, SECRET);
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &header),
+        400,
+        "livemode_mismatch",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn test_event_sent_to_a_live_endpoint_is_rejected() {
+    let mut app = spawn_app().await;
+    app.state.config.stripe_mode = StripeMode::Live;
+    let body = invoice_body();
+    let header = fixtures::sign(&body, SECRET);
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &header),
+        400,
+        "livemode_mismatch",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn base64_body_with_non_ascii_text_verifies() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_b64").await;
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_b64",
+        &order,
+        &user,
+        "paid",
+    );
+    let body = fixtures::body(&event);
+    assert!(std::str::from_utf8(&body).unwrap().contains("张伟"));
+    let request = FunctionUrlRequest::post("/", &body)
+        .base64()
+        .header("stripe-signature", &fixtures::sign(&body, SECRET));
+
+    let (status, response) = app.send(request).await;
+
+    assert_eq!(
+        (status, response["outcome"].as_str()),
+        (200, Some("applied"))
+    );
+}
+
+#[tokio::test]
+async fn invalid_base64_body_is_a_400() {
+    let app = spawn_app().await;
+    let request = FunctionUrlRequest::post("/", b"{}")
+        .raw_body("***not base64***", true)
+        .header("stripe-signature", "t=1,v1=00");
+    assert_rejected(&app, request, 400, "invalid_body_encoding").await;
+}
+
+#[tokio::test]
+async fn wrong_method_content_type_and_size_are_clear_4xx() {
+    let mut app = spawn_app().await;
+    let body = invoice_body();
+    let header = fixtures::sign(&body, SECRET);
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).method("GET"),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body)
+            .header("content-type", "text/plain")
+            .header("stripe-signature", &header),
+        415,
+        "unsupported_media_type",
+    )
+    .await;
+    app.state.config.max_body_bytes = 1024;
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &header),
+        413,
+        "body_too_large",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn method_not_allowed_names_the_allowed_method() {
+    let app = spawn_app().await;
+    let request = FunctionUrlRequest::post("/", b"")
+        .method("PUT")
+        .into_request()
+        .unwrap();
+    let response = webhook::handle(&app.state, request).await;
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_answers_503_and_redelivery_applies_once() {
+    let db = TestDb::new().await;
+    let sql = db.client().await;
+    let proxy = testkit::proxy::DbProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let (state, _) = state_for(&proxy.url_through(&db.url), &[SECRET]);
+    let app = App {
+        sql,
+        state,
+        metrics: Arc::new(Mutex::new(Vec::new())),
+        db,
+    };
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_down").await;
+    let event = checkout_event(
+        "checkout.session.completed",
+        "cs_test_down",
+        &order,
+        &user,
+        "paid",
+    );
+    // Warm the pool, then take the database away mid-life.
+    assert_eq!(app.deliver(&json!({"id": fixtures::event_id(), "type": "customer.created", "created": fixtures::now(),
+        "livemode": false, "data": {"object": {}}})).await.0, 200);
+    proxy.down();
+
+    let (status, body) = app.deliver(&event).await;
+
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{body}"
+    );
+    assert_eq!(
+        app.scalar::<String>("select status from orders").await,
+        "pending",
+        "nothing half-applied"
+    );
+    assert_eq!(
+        app.count(&format!(
+            "select count(*) from stripe_events where id = '{}'",
+            event["id"].as_str().unwrap()
+        ))
+        .await,
+        0
+    );
+
+    proxy.up();
+    let (status, body) = app.deliver(&event).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("applied")),
+        "{body}"
+    );
+    let (status, body) = app.deliver(&event).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("duplicate")));
+    assert_eq!(
+        app.scalar::<String>("select status from orders").await,
+        "paid"
+    );
+    assert_eq!(app.count("select count(*) from payment_audit").await, 1);
+}
+
+#[tokio::test]
+async fn config_needs_only_the_store_and_the_webhook_secret() {
+    let vars = [
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1/x"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+    ];
+    let config = Config::read(shared::config::EnvReader::new(|k| {
+        vars.iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    }))
+    .expect("minimal config");
+    assert_eq!(config.stripe_mode, StripeMode::Test);
+    assert_eq!(config.tolerance, Duration::from_secs(300));
+
+    let err = Config::read(shared::config::EnvReader::new(|_| None)).unwrap_err();
+    let names: Vec<_> = err.problems.iter().map(|p| p.variable).collect();
+    assert_eq!(names, ["DATABASE_URL", "STRIPE_WEBHOOK_SECRET"]);
+}

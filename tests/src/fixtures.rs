@@ -1,0 +1,193 @@
+//! Stripe event fixtures (`tests/fixtures/stripe/`) and real function-URL events
+//! (`tests/fixtures/lambda/`), turned into the `http::Request` the handlers receive.
+
+use base64::Engine;
+use lambda_http::request::LambdaRequest;
+use lambda_http::{Body, Context, Request};
+use serde_json::{json, Value};
+use shared::config::Secret;
+use shared::stripe::signature;
+
+/// A fixture file parsed as JSON.
+pub fn load(relative: &str) -> Value {
+    let path = crate::workspace_root()
+        .join("tests/fixtures")
+        .join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
+
+/// Sets `value` at a JSON pointer (creating objects on the way).
+pub fn set(doc: &mut Value, pointer: &str, value: Value) {
+    let mut current = doc;
+    let parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if i == parts.len() - 1 {
+            current[*part] = value;
+            return;
+        }
+        if current.get(*part).is_none() || current[*part].is_null() {
+            current[*part] = json!({});
+        }
+        current = &mut current[*part];
+    }
+}
+
+/// A unique Stripe event id.
+pub fn event_id() -> String {
+    format!("evt_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// A checkout event of `type_` for `order_id`/`user_id` and session `session_id`.
+pub fn checkout_event(
+    type_: &str,
+    session_id: &str,
+    order_id: &str,
+    user_id: &str,
+    payment_status: &str,
+) -> Value {
+    let mut event = load("stripe/checkout.session.completed.json");
+    set(&mut event, "/id", json!(event_id()));
+    set(&mut event, "/type", json!(type_));
+    set(&mut event, "/created", json!(now()));
+    set(&mut event, "/data/object/id", json!(session_id));
+    set(
+        &mut event,
+        "/data/object/client_reference_id",
+        json!(user_id),
+    );
+    set(
+        &mut event,
+        "/data/object/metadata/order_id",
+        json!(order_id),
+    );
+    set(&mut event, "/data/object/metadata/user_id", json!(user_id));
+    set(
+        &mut event,
+        "/data/object/payment_status",
+        json!(payment_status),
+    );
+    set(&mut event, "/data/object/created", json!(now() - 120));
+    let status = if type_ == "checkout.session.expired" {
+        "expired"
+    } else {
+        "complete"
+    };
+    set(&mut event, "/data/object/status", json!(status));
+    event
+}
+
+/// The bytes Stripe would send for `event`.
+pub fn body(event: &Value) -> Vec<u8> {
+    serde_json::to_vec(event).expect("fixture serializes")
+}
+
+/// A `Stripe-Signature` header for `body` signed now with `secret`.
+pub fn sign(body: &[u8], secret: &str) -> String {
+    signature::sign(body, &Secret::new(secret), now())
+}
+
+/// A function-URL request as Lambda delivers it, through the same adapter the functions run.
+pub struct FunctionUrlRequest {
+    event: Value,
+}
+
+impl FunctionUrlRequest {
+    /// A POST with a JSON body, not base64-encoded (as function URLs send `application/json`).
+    pub fn post(path: &str, body: &[u8]) -> Self {
+        let mut event = load("lambda/function_url_post.json");
+        set(&mut event, "/rawPath", json!(path));
+        set(&mut event, "/requestContext/http/path", json!(path));
+        set(
+            &mut event,
+            "/requestContext/requestId",
+            json!(uuid::Uuid::new_v4().to_string()),
+        );
+        match std::str::from_utf8(body) {
+            Ok(text) => {
+                set(&mut event, "/body", json!(text));
+                set(&mut event, "/isBase64Encoded", json!(false));
+            }
+            Err(_) => {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(body);
+                set(&mut event, "/body", json!(encoded));
+                set(&mut event, "/isBase64Encoded", json!(true));
+            }
+        }
+        Self { event }
+    }
+
+    /// Sends the body base64-encoded, as function URLs do for non-text content types.
+    pub fn base64(mut self) -> Self {
+        if self.event["isBase64Encoded"] != json!(true) {
+            let text = self.event["body"].as_str().unwrap_or_default().to_owned();
+            let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+            set(&mut self.event, "/body", json!(encoded));
+            set(&mut self.event, "/isBase64Encoded", json!(true));
+        }
+        self
+    }
+
+    /// Replaces the raw event body (e.g. with invalid base64).
+    pub fn raw_body(mut self, body: &str, base64: bool) -> Self {
+        set(&mut self.event, "/body", json!(body));
+        set(&mut self.event, "/isBase64Encoded", json!(base64));
+        self
+    }
+
+    /// Sets the method.
+    pub fn method(mut self, method: &str) -> Self {
+        set(
+            &mut self.event,
+            "/requestContext/http/method",
+            json!(method),
+        );
+        self
+    }
+
+    /// Sets a header (lower-case name, as function URLs deliver them).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        set(
+            &mut self.event,
+            &format!("/headers/{}", name.to_ascii_lowercase()),
+            json!(value),
+        );
+        self
+    }
+
+    /// Removes a header.
+    pub fn without_header(mut self, name: &str) -> Self {
+        if let Some(headers) = self.event["headers"].as_object_mut() {
+            headers.remove(&name.to_ascii_lowercase());
+        }
+        self
+    }
+
+    /// The event JSON.
+    pub fn event(&self) -> &Value {
+        &self.event
+    }
+
+    /// The request the handler gets, or the adapter's own 4xx answer.
+    #[allow(clippy::result_large_err)]
+    pub fn into_request(self) -> Result<Request, http::Response<Body>> {
+        let lambda: LambdaRequest = serde_json::from_value(self.event).expect("function URL event");
+        let mut context = Context::default();
+        context.request_id = uuid::Uuid::new_v4().to_string();
+        shared::lambda::into_request(lambda, context.clone())
+            .map_err(|e| e.into_response(&context.request_id))
+    }
+}
+
+/// A response body as JSON.
+pub fn json_body(response: &http::Response<Body>) -> Value {
+    serde_json::from_slice(response.body().as_ref()).unwrap_or(Value::Null)
+}

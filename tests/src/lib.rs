@@ -1,0 +1,14 @@
+//! The test harness: fresh databases with the migrations applied, Stripe fixtures signed like
+//! Stripe signs them, real function-URL events, and a TCP proxy that can cut the database off.
+
+pub mod db;
+pub mod fixtures;
+pub mod proxy;
+
+/// The workspace root (for `supabase/` and `tests/fixtures/`).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
