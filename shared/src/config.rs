@@ -269,7 +269,8 @@ impl StoreConfig {
                 );
                 None
             }
-            (Some(_), None) => {
+            (Some(url), None) => {
+                read_supabase_url(env, &url, app_env);
                 env.problem(
                     "SUPABASE_SERVICE_ROLE_KEY",
                     "is required when SUPABASE_URL is set and DATABASE_URL is not",

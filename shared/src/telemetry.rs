@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, Layer, Registry};
 
 /// The CloudWatch namespace all functions publish under.
 pub const NAMESPACE: &str = "SaasFunctions";
@@ -20,28 +23,35 @@ const CAPPED: &str = "lambda_runtime=info,lambda_runtime_api_client=info,lambda_
 hyper=warn,hyper_util=warn,h2=warn,reqwest=warn,rustls=warn,tokio_postgres=warn,deadpool=warn";
 
 /// Installs the global subscriber. Call once in `main`.
+///
+/// Filtering uses `Targets` rather than `EnvFilter`: same directive syntax for what we need,
+/// without pulling a regex engine into every binary.
 pub fn init_tracing() {
     let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_owned())
-        .to_ascii_lowercase();
-    let filter = EnvFilter::try_new(format!("{level},{CAPPED}"))
-        .unwrap_or_else(|_| EnvFilter::new(format!("info,{CAPPED}")));
+        .to_ascii_lowercase()
+        .replace("fatal", "error");
+    let targets: Targets = format!("{level},{CAPPED}")
+        .parse()
+        .or_else(|_| format!("info,{CAPPED}").parse())
+        .unwrap_or_default();
     let text = std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("text"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true)
-        .with_writer(std::io::stdout);
-    if text {
-        builder.with_ansi(false).init();
+    let layer: Box<dyn Layer<Registry> + Send + Sync> = if text {
+        Box::new(fmt::layer().with_ansi(false).with_writer(std::io::stdout))
     } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init();
-    }
+        Box::new(
+            fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stdout),
+        )
+    };
+    let _ = tracing_subscriber::registry()
+        .with(layer.with_filter(targets))
+        .try_init();
 }
 
 /// The one log line per request: route, status, duration, request id and outcome.

@@ -52,11 +52,13 @@ impl Config {
             stripe_mode,
             max_body_bytes,
         });
-        match env.finish(config)? {
-            Some(config) => Ok(config),
-            // `StoreConfig::read` records a problem whenever it returns None.
-            None => unreachable!("a missing store configuration is always reported"),
-        }
+        // `StoreConfig::read` records a problem whenever it returns None, so `finish` fails then.
+        env.finish(config)?.ok_or_else(|| ConfigError {
+            problems: vec![config::Problem {
+                variable: "DATABASE_URL",
+                what: "is required (or set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY)".into(),
+            }],
+        })
     }
 }
 

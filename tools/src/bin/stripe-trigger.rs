@@ -7,7 +7,8 @@
 use serde_json::{json, Value};
 use testkit::fixtures;
 
-const USAGE: &str = "usage: stripe-trigger <event-type> [--url URL] [--secret SECRET] [--user UUID] \
+const USAGE: &str =
+    "usage: stripe-trigger <event-type> [--url URL] [--secret SECRET] [--user UUID] \
 [--order UUID] [--session ID] [--created UNIX] [--livemode] [--print]
 
 event types: checkout.session.completed, checkout.session.async_payment_succeeded,
@@ -55,7 +56,11 @@ fn parse_args() -> Result<Options, String> {
             "--order" => options.order = value("--order")?,
             "--session" => options.session = value("--session")?,
             "--created" => {
-                options.created = Some(value("--created")?.parse().map_err(|_| "--created takes unix seconds")?)
+                options.created = Some(
+                    value("--created")?
+                        .parse()
+                        .map_err(|_| "--created takes unix seconds")?,
+                )
             }
             "--livemode" => options.livemode = true,
             "--print" => options.print = true,
@@ -74,8 +79,17 @@ fn parse_args() -> Result<Options, String> {
 fn build_event(options: &Options) -> Value {
     let t = options.event_type.as_str();
     let mut event = if t.starts_with("checkout.session.") {
-        let paid = matches!(t, "checkout.session.completed" | "checkout.session.async_payment_succeeded");
-        fixtures::checkout_event(t, &options.session, &options.order, &options.user, if paid { "paid" } else { "unpaid" })
+        let paid = matches!(
+            t,
+            "checkout.session.completed" | "checkout.session.async_payment_succeeded"
+        );
+        fixtures::checkout_event(
+            t,
+            &options.session,
+            &options.order,
+            &options.user,
+            if paid { "paid" } else { "unpaid" },
+        )
     } else if t.starts_with("customer.subscription.") {
         let mut e = fixtures::load("stripe/customer.subscription.updated.dahlia.json");
         fixtures::set(&mut e, "/data/object/metadata/user_id", json!(options.user));
@@ -93,7 +107,11 @@ fn build_event(options: &Options) -> Value {
     };
     fixtures::set(&mut event, "/id", json!(fixtures::event_id()));
     fixtures::set(&mut event, "/type", json!(t));
-    fixtures::set(&mut event, "/created", json!(options.created.unwrap_or_else(fixtures::now)));
+    fixtures::set(
+        &mut event,
+        "/created",
+        json!(options.created.unwrap_or_else(fixtures::now)),
+    );
     fixtures::set(&mut event, "/livemode", json!(options.livemode));
     event
 }
@@ -114,7 +132,10 @@ async fn main() -> std::process::ExitCode {
     let body = fixtures::body(&event);
     let signature = fixtures::sign(&body, &options.secret);
     if options.print {
-        println!("Stripe-Signature: {signature}\n{}", String::from_utf8_lossy(&body));
+        println!(
+            "Stripe-Signature: {signature}\n{}",
+            String::from_utf8_lossy(&body)
+        );
         return std::process::ExitCode::SUCCESS;
     }
     let response = reqwest::Client::new()
@@ -128,7 +149,11 @@ async fn main() -> std::process::ExitCode {
         Ok(response) => {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
-            println!("{} {} -> {status} {text}", event["type"].as_str().unwrap_or(""), event["id"].as_str().unwrap_or(""));
+            println!(
+                "{} {} -> {status} {text}",
+                event["type"].as_str().unwrap_or(""),
+                event["id"].as_str().unwrap_or("")
+            );
             if status.is_success() {
                 std::process::ExitCode::SUCCESS
             } else {
