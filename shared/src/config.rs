@@ -397,6 +397,65 @@ pub fn expected_stripe_mode(env: &mut EnvReader<'_>, app_env: AppEnv) -> StripeM
     }
 }
 
+/// Token verification settings: `SUPABASE_JWT_SECRET` (HS256) and/or `SUPABASE_URL` (JWKS and
+/// issuer). At least one is required.
+pub fn read_auth(env: &mut EnvReader<'_>, app_env: AppEnv) -> crate::auth::AuthConfig {
+    let hs256_secret = env.optional("SUPABASE_JWT_SECRET").map(Secret::new);
+    let supabase_url = env
+        .optional("SUPABASE_URL")
+        .and_then(|raw| read_supabase_url(env, &raw, app_env));
+    if hs256_secret.is_none() && env.optional("SUPABASE_URL").is_none() {
+        env.problem(
+            "SUPABASE_JWT_SECRET",
+            "is required to verify access tokens unless SUPABASE_URL is set (JWKS)",
+        );
+    }
+    let floor = env.seconds("SUPABASE_JWKS_REFETCH_FLOOR_S", 30, 1..=3600);
+    crate::auth::AuthConfig {
+        hs256_secret,
+        supabase_url,
+        jwks_refetch_floor: floor,
+    }
+}
+
+/// A Stripe price id; `price_` in production.
+pub fn read_price_id(env: &mut EnvReader<'_>, variable: &'static str, app_env: AppEnv) -> String {
+    let Some(id) = env.required(variable) else {
+        return String::new();
+    };
+    if app_env.is_production() && !id.starts_with("price_") {
+        env.problem(
+            variable,
+            "must be a Stripe price id (price_...) when APP_ENV=production",
+        );
+    }
+    id
+}
+
+/// An absolute URL the browser is sent to; https in production, a local default elsewhere.
+pub fn read_redirect_url(
+    env: &mut EnvReader<'_>,
+    variable: &'static str,
+    app_env: AppEnv,
+    local_default: &str,
+) -> String {
+    let value = match env.optional(variable) {
+        Some(v) => v,
+        None if app_env.is_production() => {
+            env.problem(variable, "is required when APP_ENV=production");
+            return String::new();
+        }
+        None => return local_default.to_owned(),
+    };
+    let https = value.starts_with("https://");
+    if !https && !value.starts_with("http://") {
+        env.problem(variable, "must be an absolute http(s) URL");
+    } else if app_env.is_production() && !https {
+        env.problem(variable, "must use https when APP_ENV=production");
+    }
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Shared by the `chat`, `checkout` and `webhook` functions: configuration, errors, telemetry,
 //! the Lambda adapter, the data store and the Stripe integration.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http_client;

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod auth;
+mod checkout;
 mod postgrest_contract;
 mod schema;
 mod webhook;

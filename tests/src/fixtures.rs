@@ -125,6 +125,34 @@ impl FunctionUrlRequest {
         Self { event }
     }
 
+    /// A GET with a query string (`a=1&b=2`).
+    pub fn get(path: &str, query: &str) -> Self {
+        let mut request = Self::post(path, b"")
+            .method("GET")
+            .without_header("content-type");
+        set(&mut request.event, "/body", Value::Null);
+        set(&mut request.event, "/rawQueryString", json!(query));
+        let params: serde_json::Map<String, Value> =
+            serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, json!(v)))
+                .collect();
+        if !params.is_empty() {
+            set(
+                &mut request.event,
+                "/queryStringParameters",
+                Value::Object(params),
+            );
+        }
+        request
+    }
+
+    /// Adds `Authorization: Bearer <token>`.
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", &format!("Bearer {token}"))
+    }
+
     /// Sends the body base64-encoded, as function URLs do for non-text content types.
     pub fn base64(mut self) -> Self {
         if self.event["isBase64Encoded"] != json!(true) {

@@ -4,6 +4,8 @@
 pub mod db;
 pub mod fixtures;
 pub mod proxy;
+pub mod stripe_fake;
+pub mod tokens;
 
 /// The workspace root (for `supabase/` and `tests/fixtures/`).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -3,5 +3,8 @@
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init_tracing();
-    shared::lambda::run(checkout::handle).await
+    let config = checkout::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
+    let state = checkout::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
+    state.verifier.prefetch().await;
+    shared::lambda::run(|request| checkout::handle(&state, request)).await
 }

@@ -8,6 +8,7 @@
 //!
 //! The typed operations live here once, over [`Store::call`].
 
+pub mod orders;
 pub mod postgres;
 pub mod postgrest;
 
@@ -30,6 +31,27 @@ pub enum Arg<'a> {
     Value(Value),
     /// A `text` argument.
     Text(&'a str),
+    /// A nullable `text` argument.
+    OptText(Option<&'a str>),
+    /// A `uuid` argument.
+    Uuid(uuid::Uuid),
+    /// A nullable `integer` argument.
+    Int(Option<i32>),
+    /// A nullable `bigint` argument.
+    BigInt(Option<i64>),
+}
+
+impl Arg<'_> {
+    /// The SQL type the argument is cast to.
+    pub fn sql_type(&self) -> &'static str {
+        match self {
+            Arg::Json(_) | Arg::Value(_) => "jsonb",
+            Arg::Text(_) | Arg::OptText(_) => "text",
+            Arg::Uuid(_) => "uuid",
+            Arg::Int(_) => "integer",
+            Arg::BigInt(_) => "bigint",
+        }
+    }
 }
 
 /// One SQL function call: `public.<function>(name => value, ...)` returning `jsonb`.

@@ -103,6 +103,10 @@ impl PgBackend {
                     Arg::Json(raw) => (Box::new(Json(*raw)), Type::JSONB),
                     Arg::Value(v) => (Box::new(Json(v)), Type::JSONB),
                     Arg::Text(t) => (Box::new(*t), Type::TEXT),
+                    Arg::OptText(t) => (Box::new(*t), Type::TEXT),
+                    Arg::Uuid(u) => (Box::new(*u), Type::UUID),
+                    Arg::Int(i) => (Box::new(*i), Type::INT4),
+                    Arg::BigInt(i) => (Box::new(*i), Type::INT8),
                 }
             })
             .collect();
@@ -148,10 +152,7 @@ fn sql_for(call: &Call<'_>) -> String {
         if i > 0 {
             sql.push_str(", ");
         }
-        let cast = match arg {
-            Arg::Json(_) | Arg::Value(_) => "jsonb",
-            Arg::Text(_) => "text",
-        };
+        let cast = arg.sql_type();
         sql.push_str(&format!("{name} => ${}::{cast}", i + 1));
     }
     sql.push_str(")::jsonb");

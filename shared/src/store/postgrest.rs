@@ -95,9 +95,11 @@ fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
         let value = match arg {
             Arg::Json(raw) => raw.get().to_owned(),
             Arg::Value(v) => v.to_string(),
-            Arg::Text(t) => {
-                serde_json::to_string(t).map_err(|e| StoreError::Decode(e.to_string()))?
-            }
+            Arg::Text(t) => Value::from(*t).to_string(),
+            Arg::OptText(t) => Value::from(*t).to_string(),
+            Arg::Uuid(u) => Value::from(u.to_string()).to_string(),
+            Arg::Int(i) => Value::from(*i).to_string(),
+            Arg::BigInt(i) => Value::from(*i).to_string(),
         };
         body.push_str(&value);
     }

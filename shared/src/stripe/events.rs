@@ -77,6 +77,11 @@ pub struct CheckoutSession {
     pub currency: Option<String>,
     #[serde(default)]
     pub created: Option<i64>,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// Only set while the session is open.
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 impl CheckoutSession {

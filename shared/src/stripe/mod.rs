@@ -1,5 +1,6 @@
 //! Stripe: webhook signatures and typed events.
 
+pub mod client;
 pub mod events;
 pub mod signature;
 

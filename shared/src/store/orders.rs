@@ -1,0 +1,224 @@
+//! Orders for the one-time purchase: start or resume checkout, attach a session, reconcile from
+//! Stripe, and the status the success page polls. Each call is one SQL function, one round trip.
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{Arg, Call, Store, StoreError};
+use crate::stripe::events::Effect;
+
+/// The product the checkout sells.
+pub const FULL_REPORT: &str = "full_report";
+
+/// An order's status as stored.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    Pending,
+    Processing,
+    Paid,
+    Failed,
+    Expired,
+}
+
+impl OrderStatus {
+    /// The status shown to the success page: `pending | paid | expired | failed`
+    /// (an async payment still in flight is pending to the user).
+    pub fn public(self) -> &'static str {
+        match self {
+            OrderStatus::Pending | OrderStatus::Processing => "pending",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Failed => "failed",
+            OrderStatus::Expired => "expired",
+        }
+    }
+}
+
+/// An order as the SQL functions return it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Order {
+    pub order_id: Uuid,
+    pub status: OrderStatus,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub paid_at: Option<i64>,
+}
+
+/// What `checkout_begin` found.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Begin {
+    RateLimited {
+        retry_after: u64,
+    },
+    UnknownUser,
+    AlreadyPaid {
+        order: Order,
+    },
+    Processing {
+        order: Order,
+    },
+    /// A pending order with a session: ask Stripe whether it is still open.
+    OpenSession {
+        order: Order,
+    },
+    /// This caller holds the lease to create the order's session.
+    CreateSession {
+        order: Order,
+    },
+    /// Another caller is creating the session: wait `retry_ms` and ask again.
+    InProgress {
+        order: Order,
+        retry_ms: u64,
+    },
+}
+
+/// Limits and lifetimes `checkout_begin` applies.
+#[derive(Clone, Copy, Debug)]
+pub struct BeginLimits {
+    /// Requests per window, `None` for a caller asking again while waiting.
+    pub per_window: Option<u32>,
+    pub window_s: u32,
+    pub lease_s: u32,
+    pub session_ttl_s: u32,
+}
+
+/// What `checkout_attach_session` did.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Attached {
+    pub attached: bool,
+    pub order: Order,
+}
+
+/// What `checkout_reconcile` did.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Reconciled {
+    pub outcome: super::Outcome,
+    #[serde(default)]
+    pub duplicate_payment: bool,
+    #[serde(default)]
+    pub order: Option<Order>,
+}
+
+/// What `checkout_status` found.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Status {
+    RateLimited { retry_after: u64 },
+    NotFound,
+    Found { order: Order },
+}
+
+fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, StoreError> {
+    serde_json::from_value(value).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+fn int(v: u32) -> Arg<'static> {
+    Arg::Int(Some(i32::try_from(v).unwrap_or(i32::MAX)))
+}
+
+impl Store {
+    /// Starts or resumes the user's checkout of `product`.
+    pub async fn checkout_begin(
+        &self,
+        user: Uuid,
+        product: &str,
+        limits: BeginLimits,
+    ) -> Result<Begin, StoreError> {
+        decode(
+            self.call(Call {
+                function: "checkout_begin",
+                args: vec![
+                    ("p_user", Arg::Uuid(user)),
+                    ("p_product", Arg::Text(product)),
+                    (
+                        "p_limit",
+                        Arg::Int(
+                            limits
+                                .per_window
+                                .map(|l| i32::try_from(l).unwrap_or(i32::MAX)),
+                        ),
+                    ),
+                    ("p_window_s", int(limits.window_s)),
+                    ("p_lease_s", int(limits.lease_s)),
+                    ("p_session_ttl_s", int(limits.session_ttl_s)),
+                ],
+            })
+            .await?,
+        )
+    }
+
+    /// Stores a created session on its order and releases the lease.
+    pub async fn checkout_attach_session(
+        &self,
+        order: Uuid,
+        session_id: &str,
+        url: Option<&str>,
+        expires_at: Option<i64>,
+        session_created: Option<i64>,
+    ) -> Result<Attached, StoreError> {
+        decode(
+            self.call(Call {
+                function: "checkout_attach_session",
+                args: vec![
+                    ("p_order", Arg::Uuid(order)),
+                    ("p_session_id", Arg::Text(session_id)),
+                    ("p_url", Arg::OptText(url)),
+                    ("p_expires_at", Arg::BigInt(expires_at)),
+                    ("p_session_created", Arg::BigInt(session_created)),
+                ],
+            })
+            .await?,
+        )
+    }
+
+    /// Gives the creation lease back after a failed Stripe call.
+    pub async fn checkout_release_lease(&self, order: Uuid) -> Result<(), StoreError> {
+        self.call(Call {
+            function: "checkout_release_lease",
+            args: vec![("p_order", Arg::Uuid(order))],
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Applies what Stripe reports about a session (`effect` built from the retrieved session).
+    pub async fn checkout_reconcile(&self, effect: &Effect) -> Result<Reconciled, StoreError> {
+        let effect = serde_json::to_value(effect).map_err(|e| StoreError::Decode(e.to_string()))?;
+        decode(
+            self.call(Call {
+                function: "checkout_reconcile",
+                args: vec![("p_effect", Arg::Value(effect))],
+            })
+            .await?,
+        )
+    }
+
+    /// The user's order by session id, or their latest.
+    pub async fn checkout_status(
+        &self,
+        user: Uuid,
+        session_id: Option<&str>,
+        per_window: u32,
+        window_s: u32,
+    ) -> Result<Status, StoreError> {
+        decode(
+            self.call(Call {
+                function: "checkout_status",
+                args: vec![
+                    ("p_user", Arg::Uuid(user)),
+                    ("p_session_id", Arg::OptText(session_id)),
+                    ("p_limit", int(per_window)),
+                    ("p_window_s", int(window_s)),
+                ],
+            })
+            .await?,
+        )
+    }
+}

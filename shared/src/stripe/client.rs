@@ -1,0 +1,407 @@
+//! A thin Stripe API client over the workspace's reqwest: create and retrieve Checkout Sessions.
+//!
+//! Requests are form-encoded with `Stripe-Version` pinned ([`super::API_VERSION`]). Retries follow
+//! Stripe's official libraries: network errors, 409 (lock timeout), 429 and 5xx are retried with
+//! exponential backoff and jitter between 0.5 s and 5 s, `Stripe-Should-Retry` overrides the
+//! status, `Retry-After` is honoured up to the cap, and a POST keeps its `Idempotency-Key` on every
+//! try. The secret key is sent and never logged or returned in an error.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::events::CheckoutSession;
+use crate::config::Secret;
+
+/// When and how often to retry: a value, not a loop scattered in code.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause before retry number `retry` (1-based), `jitter` in [0, 1), honouring a
+    /// `Retry-After` no longer than the cap.
+    pub fn delay(&self, retry: u32, jitter: f64, retry_after: Option<Duration>) -> Duration {
+        let exponential = self
+            .initial_delay
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+            .min(self.max_delay);
+        let jittered = exponential.mul_f64(0.5 * (1.0 + jitter.clamp(0.0, 1.0)));
+        let base = jittered.max(self.initial_delay);
+        match retry_after {
+            Some(after) if after <= self.max_delay => base.max(after),
+            _ => base,
+        }
+    }
+
+    /// Whether a response with `status` and `Stripe-Should-Retry: should_retry` is retried.
+    pub fn retries_status(status: u16, should_retry: Option<bool>) -> bool {
+        match should_retry {
+            Some(decision) => decision,
+            None => status == 409 || status == 429 || status >= 500,
+        }
+    }
+}
+
+/// Stripe's error body: `{"error": {"type", "code", "message", "param"}}`.
+#[derive(Debug, Default, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ErrorDetail {
+    #[serde(default, rename = "type")]
+    type_: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    param: Option<String>,
+}
+
+/// A failed Stripe call.
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    /// No answer: connect error, reset, or timeout (after retries).
+    #[error("Stripe unreachable ({})", if *.timeout { "timeout" } else { "network error" })]
+    Network { timeout: bool },
+    /// Stripe answered with an error (after retries when retryable).
+    #[error("Stripe {status} {type_}{}: {message}", code.as_deref().map(|c| format!("/{c}")).unwrap_or_default())]
+    Api {
+        status: u16,
+        type_: String,
+        code: Option<String>,
+        message: String,
+        param: Option<String>,
+    },
+    /// A 2xx body that is not the expected object.
+    #[error("unexpected Stripe response: {0}")]
+    Decode(String),
+}
+
+impl StripeError {
+    /// A short class for metrics and logs.
+    pub fn class(&self) -> &'static str {
+        match self {
+            StripeError::Network { timeout: true } => "timeout",
+            StripeError::Network { timeout: false } => "network",
+            StripeError::Decode(_) => "invalid_response",
+            StripeError::Api { status, type_, .. } => match (*status, type_.as_str()) {
+                (401 | 403, _) | (_, "authentication_error") => "authentication",
+                (429, _) => "rate_limited",
+                (409, _) => "conflict",
+                (s, _) if s >= 500 => "server",
+                (_, "idempotency_error") => "idempotency",
+                (_, "card_error") => "card",
+                _ => "invalid_request",
+            },
+        }
+    }
+
+    /// True when trying again later may succeed (Stripe down or busy).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.class(),
+            "timeout" | "network" | "rate_limited" | "server" | "conflict"
+        )
+    }
+}
+
+/// Parameters of a one-time payment Checkout Session.
+#[derive(Clone, Debug)]
+pub struct NewCheckoutSession<'a> {
+    pub price: &'a str,
+    pub quantity: u32,
+    pub client_reference_id: &'a str,
+    pub metadata: &'a [(&'a str, &'a str)],
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+    pub expires_at: i64,
+    pub customer_email: Option<&'a str>,
+}
+
+impl NewCheckoutSession<'_> {
+    /// The form fields, in a stable order (the same order on every retry).
+    pub fn form(&self) -> Vec<(String, String)> {
+        let mut form = vec![
+            ("mode".to_owned(), "payment".to_owned()),
+            ("line_items[0][price]".to_owned(), self.price.to_owned()),
+            (
+                "line_items[0][quantity]".to_owned(),
+                self.quantity.to_string(),
+            ),
+            (
+                "client_reference_id".to_owned(),
+                self.client_reference_id.to_owned(),
+            ),
+            ("success_url".to_owned(), self.success_url.to_owned()),
+            ("cancel_url".to_owned(), self.cancel_url.to_owned()),
+            ("expires_at".to_owned(), self.expires_at.to_string()),
+        ];
+        for (key, value) in self.metadata {
+            form.push((format!("metadata[{key}]"), (*value).to_owned()));
+            form.push((
+                format!("payment_intent_data[metadata][{key}]"),
+                (*value).to_owned(),
+            ));
+        }
+        if let Some(email) = self.customer_email {
+            form.push(("customer_email".to_owned(), email.to_owned()));
+        }
+        form
+    }
+}
+
+/// The client. Build once per cold start.
+#[derive(Clone, Debug)]
+pub struct StripeClient {
+    http: reqwest::Client,
+    base: String,
+    key: Secret,
+    policy: RetryPolicy,
+}
+
+/// What one call cost: tries made and time spent (for metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallStats {
+    pub attempts: u32,
+    pub elapsed: Duration,
+}
+
+impl StripeClient {
+    /// A client for `base` (`STRIPE_API_BASE`, e.g. `https://api.stripe.com`).
+    pub fn new(
+        base: &str,
+        key: Secret,
+        policy: RetryPolicy,
+        timeout: Duration,
+    ) -> reqwest::Result<Self> {
+        Ok(Self {
+            http: crate::http_client::build(Duration::from_secs(3).min(timeout), timeout)?,
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+            policy,
+        })
+    }
+
+    /// `POST /v1/checkout/sessions` with `Idempotency-Key: idempotency_key`.
+    pub async fn create_checkout_session(
+        &self,
+        params: &NewCheckoutSession<'_>,
+        idempotency_key: &str,
+        stats: &mut CallStats,
+    ) -> Result<CheckoutSession, StripeError> {
+        let form = params.form();
+        let url = format!("{}/v1/checkout/sessions", self.base);
+        self.send(stats, || {
+            self.http
+                .post(&url)
+                .header("Idempotency-Key", idempotency_key)
+                .form(&form)
+        })
+        .await
+    }
+
+    /// `GET /v1/checkout/sessions/{id}`.
+    pub async fn retrieve_checkout_session(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<CheckoutSession, StripeError> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(StripeError::Decode("not a Checkout Session id".into()));
+        }
+        let url = format!("{}/v1/checkout/sessions/{id}", self.base);
+        self.send(stats, || self.http.get(&url)).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        stats: &mut CallStats,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, StripeError> {
+        let started = Instant::now();
+        let mut retry = 0;
+        loop {
+            stats.attempts += 1;
+            let result = build()
+                .bearer_auth(self.key.expose())
+                .header("Stripe-Version", super::API_VERSION)
+                .send()
+                .await;
+            let (error, retry_after, should_retry) = match result {
+                Err(e) => (
+                    StripeError::Network {
+                        timeout: e.is_timeout(),
+                    },
+                    None,
+                    None,
+                ),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let headers = response.headers().clone();
+                    let should_retry = headers
+                        .get("stripe-should-retry")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| v.eq_ignore_ascii_case("true"));
+                    let retry_after = headers
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let body = response.bytes().await;
+                    match body {
+                        Err(e) => (
+                            StripeError::Network {
+                                timeout: e.is_timeout(),
+                            },
+                            None,
+                            None,
+                        ),
+                        Ok(bytes) if (200..300).contains(&status) => {
+                            stats.elapsed = started.elapsed();
+                            return serde_json::from_slice(&bytes)
+                                .map_err(|e| StripeError::Decode(e.to_string()));
+                        }
+                        Ok(bytes) => {
+                            let detail = serde_json::from_slice::<ErrorBody>(&bytes)
+                                .unwrap_or_default()
+                                .error;
+                            let error = StripeError::Api {
+                                status,
+                                type_: detail.type_.unwrap_or_else(|| "api_error".into()),
+                                code: detail.code,
+                                message: detail.message.unwrap_or_default(),
+                                param: detail.param,
+                            };
+                            let retryable = RetryPolicy::retries_status(status, should_retry);
+                            (error, retry_after, Some(retryable))
+                        }
+                    }
+                }
+            };
+            // Network errors are retried unless Stripe said otherwise.
+            let retryable = should_retry.unwrap_or(true);
+            if !retryable || retry >= self.policy.max_retries {
+                stats.elapsed = started.elapsed();
+                return Err(error);
+            }
+            retry += 1;
+            let delay = self.policy.delay(retry, jitter(), retry_after);
+            tracing::warn!(
+                class = error.class(),
+                retry,
+                delay_ms = delay.as_millis() as u64,
+                "retrying Stripe call"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn jitter() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() % 10_000) as f64 / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.delay(1, 0.0, None), Duration::from_millis(500));
+        assert_eq!(p.delay(2, 0.0, None), Duration::from_millis(500));
+        assert_eq!(p.delay(2, 0.999_999, None).as_millis(), 999);
+        assert_eq!(p.delay(3, 0.5, None), Duration::from_millis(1500));
+        assert_eq!(p.delay(10, 0.999_999, None).as_millis(), 4999);
+        assert_eq!(
+            p.delay(1, 0.0, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            p.delay(1, 0.0, Some(Duration::from_secs(60))),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn retried_statuses_follow_stripe_libraries() {
+        for (status, header, want) in [
+            (409, None, true),
+            (429, None, true),
+            (500, None, true),
+            (503, None, true),
+            (400, None, false),
+            (401, None, false),
+            (402, None, false),
+            (404, None, false),
+            (400, Some(true), true),
+            (500, Some(false), false),
+        ] {
+            assert_eq!(
+                RetryPolicy::retries_status(status, header),
+                want,
+                "{status} {header:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn form_is_stable_and_carries_metadata_and_email() {
+        let params = NewCheckoutSession {
+            price: "price_1",
+            quantity: 1,
+            client_reference_id: "user",
+            metadata: &[("order_id", "o1"), ("user_id", "u1")],
+            success_url: "https://app/s?session_id={CHECKOUT_SESSION_ID}",
+            cancel_url: "https://app/c",
+            expires_at: 1_800_000_000,
+            customer_email: Some("a@b.c"),
+        };
+        let encoded = serde_urlencoded::to_string(params.form()).unwrap();
+        assert!(encoded.starts_with(
+            "mode=payment&line_items%5B0%5D%5Bprice%5D=price_1&line_items%5B0%5D%5Bquantity%5D=1"
+        ));
+        assert!(encoded.contains("metadata%5Border_id%5D=o1"));
+        assert!(encoded.contains(
+            "success_url=https%3A%2F%2Fapp%2Fs%3Fsession_id%3D%7BCHECKOUT_SESSION_ID%7D"
+        ));
+        assert!(encoded.ends_with("customer_email=a%40b.c"));
+        assert_eq!(params.form(), params.form());
+    }
+
+    #[test]
+    fn error_classes() {
+        let api = |status: u16, type_: &str| StripeError::Api {
+            status,
+            type_: type_.into(),
+            code: None,
+            message: String::new(),
+            param: None,
+        };
+        assert_eq!(api(401, "authentication_error").class(), "authentication");
+        assert_eq!(api(400, "invalid_request_error").class(), "invalid_request");
+        assert_eq!(api(400, "idempotency_error").class(), "idempotency");
+        assert_eq!(api(503, "api_error").class(), "server");
+        assert!(api(429, "rate_limit_error").is_transient());
+        assert!(!api(400, "invalid_request_error").is_transient());
+        assert_eq!(StripeError::Network { timeout: true }.class(), "timeout");
+    }
+}

@@ -1,0 +1,308 @@
+//! Access-token verification: HS256 with the legacy secret, ES256/RS256 from a faked JWKS
+//! endpoint, and the attacks that must all end in 401.
+
+use std::time::Duration;
+
+use serde_json::json;
+use shared::auth::{AuthConfig, AuthError, Verifier};
+use shared::config::Secret;
+use testkit::fixtures::now;
+use testkit::tokens::{self, EsKey, RsKey};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const SECRET: &[u8] = b"super-secret-jwt-token-with-at-least-32-characters-long";
+const USER: &str = "8d5b4c6e-1f2a-4b3c-9d8e-7f6a5b4c3d2e";
+
+fn hs_verifier() -> Verifier {
+    Verifier::new(AuthConfig {
+        hs256_secret: Some(Secret::new(String::from_utf8(SECRET.to_vec()).unwrap())),
+        supabase_url: None,
+        jwks_refetch_floor: Duration::from_secs(30),
+    })
+}
+
+async fn jwks_server(keys: Vec<serde_json::Value>) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/auth/v1/.well-known/jwks.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": keys})))
+        .mount(&server)
+        .await;
+    server
+}
+
+fn jwks_verifier(server: &MockServer, floor: Duration) -> Verifier {
+    Verifier::new(AuthConfig {
+        hs256_secret: None,
+        supabase_url: Some(server.uri()),
+        jwks_refetch_floor: floor,
+    })
+}
+
+#[tokio::test]
+async fn hs256_token_names_the_user() {
+    let token = tokens::hs256(&tokens::user_claims(USER, None), SECRET);
+    let user = hs_verifier().verify(&token, now()).await.unwrap();
+    assert_eq!(user.id.to_string(), USER);
+    assert_eq!(user.email.as_deref(), Some("8d5b4c6e@example.com"));
+}
+
+#[tokio::test]
+async fn hs256_attacks_are_refused() {
+    let v = hs_verifier();
+    let good = tokens::user_claims(USER, None);
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = good.clone();
+        f(&mut c);
+        tokens::hs256(&c, SECRET)
+    };
+    let cases: Vec<(&str, String, AuthError)> = vec![
+        (
+            "wrong secret",
+            tokens::hs256(&good, b"another-secret-another-secret-another"),
+            AuthError::InvalidSignature,
+        ),
+        (
+            "alg none",
+            tokens::raw(&json!({"alg": "none", "typ": "JWT"}), &good, b""),
+            AuthError::UnsupportedAlgorithm,
+        ),
+        (
+            "alg HS512",
+            tokens::raw(&json!({"alg": "HS512"}), &good, b"x"),
+            AuthError::UnsupportedAlgorithm,
+        ),
+        (
+            "expired",
+            with(&|c| c["exp"] = json!(now() - 120)),
+            AuthError::Expired,
+        ),
+        (
+            "no exp",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+            AuthError::Expired,
+        ),
+        (
+            "not yet valid",
+            with(&|c| c["nbf"] = json!(now() + 600)),
+            AuthError::NotYetValid,
+        ),
+        (
+            "wrong audience",
+            with(&|c| c["aud"] = json!("anon")),
+            AuthError::InvalidAudience,
+        ),
+        (
+            "no audience",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("aud");
+            }),
+            AuthError::InvalidAudience,
+        ),
+        (
+            "missing sub",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("sub");
+            }),
+            AuthError::InvalidSubject,
+        ),
+        (
+            "sub not a uuid",
+            with(&|c| c["sub"] = json!("admin")),
+            AuthError::InvalidSubject,
+        ),
+        (
+            "service role key",
+            tokens::hs256(
+                &json!({"iss": "supabase", "role": "service_role", "aud": "authenticated", "exp": now() + 60}),
+                SECRET,
+            ),
+            AuthError::InvalidSubject,
+        ),
+        (
+            "anon key",
+            tokens::hs256(
+                &json!({"iss": "supabase", "role": "anon", "exp": now() + 60}),
+                SECRET,
+            ),
+            AuthError::InvalidAudience,
+        ),
+        ("garbage", "not.a.jwt".into(), AuthError::Malformed),
+        ("two parts", "abc.def".into(), AuthError::Malformed),
+        ("huge", "a".repeat(10_000), AuthError::Malformed),
+    ];
+    for (name, token, want) in cases {
+        assert_eq!(v.verify(&token, now()).await.err(), Some(want), "{name}");
+    }
+    // A tampered payload under the original signature.
+    let token = tokens::hs256(&good, SECRET);
+    let parts: Vec<&str> = token.split('.').collect();
+    let forged_claims = tokens::raw(
+        &json!({}),
+        &tokens::user_claims("00000000-0000-4000-8000-000000000999", None),
+        b"",
+    );
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        forged_claims.split('.').nth(1).unwrap(),
+        parts[2]
+    );
+    assert_eq!(
+        v.verify(&forged, now()).await.err(),
+        Some(AuthError::InvalidSignature)
+    );
+}
+
+#[tokio::test]
+async fn es256_and_rs256_tokens_verify_against_the_jwks() {
+    let es = EsKey::generate("es-key-1");
+    let rs = RsKey::load("rs-key-1");
+    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
+    let v = jwks_verifier(&server, Duration::from_secs(30));
+    let issuer = format!("{}/auth/v1", server.uri());
+    let claims = tokens::user_claims(USER, Some(&issuer));
+
+    assert_eq!(
+        v.verify(&es.sign(&claims), now())
+            .await
+            .unwrap()
+            .id
+            .to_string(),
+        USER
+    );
+    assert_eq!(
+        v.verify(&rs.sign(&claims), now())
+            .await
+            .unwrap()
+            .id
+            .to_string(),
+        USER
+    );
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        1,
+        "JWKS fetched once"
+    );
+}
+
+#[tokio::test]
+async fn asymmetric_attacks_are_refused() {
+    let es = EsKey::generate("es-key-1");
+    let rs = RsKey::load("rs-key-1");
+    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
+    let v = jwks_verifier(&server, Duration::from_secs(30));
+    let issuer = format!("{}/auth/v1", server.uri());
+    let claims = tokens::user_claims(USER, Some(&issuer));
+
+    // HS256 "signed" with the public key: never checked against a public key.
+    let confused = tokens::hs256(&claims, &es.public_bytes());
+    assert_eq!(
+        v.verify(&confused, now()).await.err(),
+        Some(AuthError::UnsupportedAlgorithm)
+    );
+    // Signed by a key the project does not publish.
+    let stranger = EsKey::generate("es-key-1");
+    assert_eq!(
+        v.verify(&stranger.sign(&claims), now()).await.err(),
+        Some(AuthError::InvalidSignature)
+    );
+    // Wrong issuer (another project).
+    let other = tokens::user_claims(USER, Some("https://other.supabase.co/auth/v1"));
+    assert_eq!(
+        v.verify(&es.sign(&other), now()).await.err(),
+        Some(AuthError::InvalidIssuer)
+    );
+    // ES256 header naming the RSA key.
+    let input_sig = es.sign(&claims);
+    let mut parts: Vec<String> = input_sig.split('.').map(str::to_owned).collect();
+    parts[0] = tokens::raw(&json!({"alg": "ES256", "kid": "rs-key-1"}), &json!({}), b"")
+        .split('.')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        v.verify(&parts.join("."), now()).await.err(),
+        Some(AuthError::InvalidSignature)
+    );
+    // Expired and wrong audience hold for asymmetric tokens too.
+    let mut expired = claims.clone();
+    expired["exp"] = json!(now() - 100);
+    assert_eq!(
+        v.verify(&rs.sign(&expired), now()).await.err(),
+        Some(AuthError::Expired)
+    );
+    let mut aud = claims.clone();
+    aud["aud"] = json!(["anon"]);
+    assert_eq!(
+        v.verify(&es.sign(&aud), now()).await.err(),
+        Some(AuthError::InvalidAudience)
+    );
+}
+
+#[tokio::test]
+async fn unknown_kid_refetches_once_then_respects_the_floor() {
+    let old = EsKey::generate("old");
+    let new = EsKey::generate("new");
+    let server = MockServer::start().await;
+    // First fetch lists only the old key; later fetches list both (a key rotation).
+    Mock::given(method("GET"))
+        .and(path("/auth/v1/.well-known/jwks.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": [old.jwk()]})))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/auth/v1/.well-known/jwks.json"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"keys": [old.jwk(), new.jwk()]})),
+        )
+        .mount(&server)
+        .await;
+    let v = jwks_verifier(&server, Duration::from_secs(0));
+    let claims = tokens::user_claims(USER, Some(&format!("{}/auth/v1", server.uri())));
+    v.prefetch().await;
+
+    assert!(v.verify(&old.sign(&claims), now()).await.is_ok());
+    assert!(
+        v.verify(&new.sign(&claims), now()).await.is_ok(),
+        "rotated key found by refetch"
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+
+    let floored = jwks_verifier(&server, Duration::from_secs(3600));
+    floored.prefetch().await;
+    let unknown = EsKey::generate("nobody");
+    for _ in 0..5 {
+        assert_eq!(
+            floored.verify(&unknown.sign(&claims), now()).await.err(),
+            Some(AuthError::UnknownKey)
+        );
+    }
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        3,
+        "one fetch for the floored verifier"
+    );
+}
+
+#[tokio::test]
+async fn jwks_down_means_401_not_a_hang_or_a_500() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let v = Verifier::new(AuthConfig {
+        hs256_secret: None,
+        supabase_url: Some(url.clone()),
+        jwks_refetch_floor: Duration::from_secs(1),
+    });
+    let es = EsKey::generate("k");
+    let claims = tokens::user_claims(USER, Some(&format!("{url}/auth/v1")));
+    assert_eq!(
+        v.verify(&es.sign(&claims), now()).await.err(),
+        Some(AuthError::UnknownKey)
+    );
+}
