@@ -22,6 +22,8 @@ struct FakeState {
     scripted: VecDeque<ResponseTemplate>,
     delay: Option<Duration>,
     created: u32,
+    /// Local runs: session URLs point at the fake's own pay page.
+    pay_base: Option<String>,
 }
 
 /// A running fake.
@@ -132,7 +134,10 @@ impl Respond for Create {
             "success_url": success, "cancel_url": get("cancel_url"),
             "expires_at": expires_at.parse::<i64>().unwrap_or_default(),
             "created": crate::fixtures::now(), "livemode": false, "payment_intent": null,
-            "url": format!("https://checkout.stripe.com/c/pay/{id}#fidkdWxOYHwnPyd1blpxYHZxWjA0"),
+            "url": match &state.pay_base {
+                Some(base) => format!("{base}/pay/{id}"),
+                None => format!("https://checkout.stripe.com/c/pay/{id}#fidkdWxOYHwnPyd1blpxYHZxWjA0"),
+            },
         });
         state.sessions.insert(id.clone(), session.clone());
         state.idempotency.insert(key, (form, json!(id)));
@@ -197,10 +202,78 @@ fn check_headers(request: &Request) -> Option<ResponseTemplate> {
     None
 }
 
+/// The local pay page: completes the session, delivers a signed `checkout.session.completed` to
+/// the webhook, and redirects to the session's success URL, as Stripe Checkout would.
+struct Pay {
+    state: Arc<Mutex<FakeState>>,
+    webhook_url: String,
+    webhook_secret: String,
+}
+
+impl Respond for Pay {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id = request.url.path().rsplit('/').next().unwrap_or_default().to_owned();
+        let Ok(mut state) = self.state.lock() else { return error(500, "api_error", None, "poisoned") };
+        let Some(session) = state.sessions.get_mut(&id) else {
+            return ResponseTemplate::new(404).set_body_string("no such checkout session");
+        };
+        if session["status"] != "open" {
+            return ResponseTemplate::new(410).set_body_string(format!("this session is {}", session["status"]));
+        }
+        session["status"] = json!("complete");
+        session["payment_status"] = json!("paid");
+        session["url"] = Value::Null;
+        let order = session["metadata"]["order_id"].as_str().unwrap_or_default().to_owned();
+        let user = session["client_reference_id"].as_str().unwrap_or_default().to_owned();
+        let success = session["success_url"].as_str().unwrap_or_default().replace("{CHECKOUT_SESSION_ID}", &id);
+        let event = crate::fixtures::checkout_event("checkout.session.completed", &id, &order, &user, "paid");
+        let body = crate::fixtures::body(&event);
+        let signature = crate::fixtures::sign(&body, &self.webhook_secret);
+        let url = self.webhook_url.clone();
+        // Delivered from another thread, as Stripe delivers webhooks independently of the redirect.
+        std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                let result = reqwest::Client::new()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("stripe-signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+                match result {
+                    Ok(r) => println!("fake-stripe: delivered checkout.session.completed for {id}: {}", r.status()),
+                    Err(e) => println!("fake-stripe: webhook delivery failed: {e}"),
+                }
+            });
+        });
+        ResponseTemplate::new(303).insert_header("location", success.as_str())
+    }
+}
+
 impl FakeStripe {
     /// Starts a fake on a loopback port.
     pub async fn start() -> FakeStripe {
-        let server = MockServer::start().await;
+        Self::start_with(MockServer::start().await).await
+    }
+
+    /// Starts a fake for local runs on `listener`: session URLs open a pay page on the fake that
+    /// completes the session and delivers the webhook to `webhook_url`, signed with `secret`.
+    pub async fn start_local(listener: std::net::TcpListener, webhook_url: &str, secret: &str) -> FakeStripe {
+        let server = MockServer::builder().listener(listener).start().await;
+        let fake = Self::start_with(server).await;
+        if let Ok(mut state) = fake.state.lock() {
+            state.pay_base = Some(fake.server.uri());
+        }
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/pay/[A-Za-z0-9_]+$"))
+            .respond_with(Pay { state: fake.state.clone(), webhook_url: webhook_url.to_owned(), webhook_secret: secret.to_owned() })
+            .mount(&fake.server)
+            .await;
+        fake
+    }
+
+    async fn start_with(server: MockServer) -> FakeStripe {
         let state = Arc::new(Mutex::new(FakeState::default()));
         Mock::given(method("POST"))
             .and(path("/v1/checkout/sessions"))
