@@ -212,27 +212,56 @@ struct Pay {
 
 impl Respond for Pay {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let id = request.url.path().rsplit('/').next().unwrap_or_default().to_owned();
-        let Ok(mut state) = self.state.lock() else { return error(500, "api_error", None, "poisoned") };
+        let id = request
+            .url
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let Ok(mut state) = self.state.lock() else {
+            return error(500, "api_error", None, "poisoned");
+        };
         let Some(session) = state.sessions.get_mut(&id) else {
             return ResponseTemplate::new(404).set_body_string("no such checkout session");
         };
         if session["status"] != "open" {
-            return ResponseTemplate::new(410).set_body_string(format!("this session is {}", session["status"]));
+            return ResponseTemplate::new(410)
+                .set_body_string(format!("this session is {}", session["status"]));
         }
         session["status"] = json!("complete");
         session["payment_status"] = json!("paid");
         session["url"] = Value::Null;
-        let order = session["metadata"]["order_id"].as_str().unwrap_or_default().to_owned();
-        let user = session["client_reference_id"].as_str().unwrap_or_default().to_owned();
-        let success = session["success_url"].as_str().unwrap_or_default().replace("{CHECKOUT_SESSION_ID}", &id);
-        let event = crate::fixtures::checkout_event("checkout.session.completed", &id, &order, &user, "paid");
+        let order = session["metadata"]["order_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let user = session["client_reference_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let success = session["success_url"]
+            .as_str()
+            .unwrap_or_default()
+            .replace("{CHECKOUT_SESSION_ID}", &id);
+        let event = crate::fixtures::checkout_event(
+            "checkout.session.completed",
+            &id,
+            &order,
+            &user,
+            "paid",
+        );
         let body = crate::fixtures::body(&event);
         let signature = crate::fixtures::sign(&body, &self.webhook_secret);
         let url = self.webhook_url.clone();
         // Delivered from another thread, as Stripe delivers webhooks independently of the redirect.
         std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             runtime.block_on(async move {
                 let result = reqwest::Client::new()
                     .post(&url)
@@ -242,7 +271,10 @@ impl Respond for Pay {
                     .send()
                     .await;
                 match result {
-                    Ok(r) => println!("fake-stripe: delivered checkout.session.completed for {id}: {}", r.status()),
+                    Ok(r) => println!(
+                        "fake-stripe: delivered checkout.session.completed for {id}: {}",
+                        r.status()
+                    ),
                     Err(e) => println!("fake-stripe: webhook delivery failed: {e}"),
                 }
             });
@@ -259,7 +291,11 @@ impl FakeStripe {
 
     /// Starts a fake for local runs on `listener`: session URLs open a pay page on the fake that
     /// completes the session and delivers the webhook to `webhook_url`, signed with `secret`.
-    pub async fn start_local(listener: std::net::TcpListener, webhook_url: &str, secret: &str) -> FakeStripe {
+    pub async fn start_local(
+        listener: std::net::TcpListener,
+        webhook_url: &str,
+        secret: &str,
+    ) -> FakeStripe {
         let server = MockServer::builder().listener(listener).start().await;
         let fake = Self::start_with(server).await;
         if let Ok(mut state) = fake.state.lock() {
@@ -267,7 +303,11 @@ impl FakeStripe {
         }
         Mock::given(method("GET"))
             .and(path_regex(r"^/pay/[A-Za-z0-9_]+$"))
-            .respond_with(Pay { state: fake.state.clone(), webhook_url: webhook_url.to_owned(), webhook_secret: secret.to_owned() })
+            .respond_with(Pay {
+                state: fake.state.clone(),
+                webhook_url: webhook_url.to_owned(),
+                webhook_secret: secret.to_owned(),
+            })
             .mount(&fake.server)
             .await;
         fake

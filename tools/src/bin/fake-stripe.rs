@@ -20,7 +20,9 @@ async fn main() -> std::process::ExitCode {
             ("--webhook-url", Some(v)) => webhook = v,
             ("--secret", Some(v)) => secret = v,
             _ => {
-                eprintln!("usage: fake-stripe [--port 12111] [--webhook-url URL] [--secret whsec_...]");
+                eprintln!(
+                    "usage: fake-stripe [--port 12111] [--webhook-url URL] [--secret whsec_...]"
+                );
                 return std::process::ExitCode::from(2);
             }
         }
@@ -33,7 +35,11 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let fake = testkit::stripe_fake::FakeStripe::start_local(listener, &webhook, &secret).await;
-    println!("fake-stripe: Stripe API on {} (key {}), webhooks to {webhook}", fake.uri(), testkit::stripe_fake::KEY);
+    println!(
+        "fake-stripe: Stripe API on {} (key {}), webhooks to {webhook}",
+        fake.uri(),
+        testkit::stripe_fake::KEY
+    );
     let _ = tokio::signal::ctrl_c().await;
     std::process::ExitCode::SUCCESS
 }
