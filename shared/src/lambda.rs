@@ -8,6 +8,12 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use lambda_http::lambda_runtime::{MetadataPrelude, StreamResponse};
 
 use base64::Engine;
 use http::{Response, StatusCode};
@@ -66,6 +72,103 @@ pub fn into_request(event: LambdaRequest, context: Context) -> Result<Request, A
         }
     }
     Ok(Request::from(event).with_lambda_context(context))
+}
+
+/// A response body sent through Lambda response streaming: one chunk, or chunks from a channel
+/// as they are produced.
+pub struct StreamBody {
+    inner: Pin<Box<dyn Stream<Item = Result<Bytes, Infallible>> + Send>>,
+}
+
+impl StreamBody {
+    /// A body of one chunk.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        Self {
+            inner: Box::pin(futures_util::stream::iter([Ok(bytes)])),
+        }
+    }
+
+    /// A body fed by the returned sender; it ends when the sender is dropped.
+    pub fn channel(capacity: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Self) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (Ok(chunk), rx))
+        });
+        (
+            tx,
+            Self {
+                inner: Box::pin(stream),
+            },
+        )
+    }
+
+    /// Reads the whole body (tests, buffered callers).
+    pub async fn collect(mut self) -> Vec<u8> {
+        use futures_util::StreamExt;
+        let mut out = Vec::new();
+        while let Some(Ok(chunk)) = self.inner.next().await {
+            out.extend_from_slice(&chunk);
+        }
+        out
+    }
+}
+
+impl Stream for StreamBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// An `ApiError` as a streamed response.
+pub fn error_stream(error: ApiError, request_id: &str) -> Response<StreamBody> {
+    error
+        .into_response(request_id)
+        .map(|body| StreamBody::full(body.as_ref().to_vec()))
+}
+
+/// Runs the Lambda runtime loop with response streaming (function URL `InvokeMode:
+/// RESPONSE_STREAM`): the handler's status and headers go in the prelude, its body as chunks.
+pub async fn run_streaming<H, F>(handler: H) -> Result<(), lambda_http::lambda_runtime::Error>
+where
+    H: Fn(Request) -> F,
+    F: Future<Output = Response<StreamBody>>,
+{
+    let handler = &handler;
+    lambda_http::lambda_runtime::run(lambda_http::lambda_runtime::service_fn(
+        move |event: LambdaEvent<LambdaRequest>| async move {
+            let request_id = event.context.request_id.clone();
+            let response = match into_request(event.payload, event.context) {
+                Ok(request) => handler(request).await,
+                Err(error) => error_stream(error, &request_id),
+            };
+            Ok::<_, Infallible>(into_stream_response(response))
+        },
+    ))
+    .await
+}
+
+/// The runtime's streaming response for `response`.
+pub fn into_stream_response(response: Response<StreamBody>) -> StreamResponse<StreamBody> {
+    let (parts, body) = response.into_parts();
+    let cookies = parts
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let mut headers = parts.headers;
+    headers.remove(http::header::SET_COOKIE);
+    StreamResponse {
+        metadata_prelude: MetadataPrelude {
+            status_code: parts.status,
+            headers,
+            cookies,
+        },
+        stream: body,
+    }
 }
 
 /// The function-URL (API Gateway v2) response for `response`.

@@ -6,6 +6,8 @@ pub mod config;
 pub mod error;
 pub mod http_client;
 pub mod lambda;
+pub mod llm;
+pub mod retry;
 pub mod store;
 pub mod stripe;
 pub mod telemetry;

@@ -1,7 +1,12 @@
-//! Lambda entry point of the chat function: wiring only.
+//! Lambda entry point of the chat function (response streaming): wiring only.
+
+use std::sync::Arc;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init_tracing();
-    shared::lambda::run(chat::handle).await
+    let config = chat::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
+    let state = Arc::new(chat::State::new(config).inspect_err(|e| tracing::error!("{e}"))?);
+    state.verifier.prefetch().await;
+    shared::lambda::run_streaming(|request| chat::handle(state.clone(), request)).await
 }

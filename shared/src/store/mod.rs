@@ -8,6 +8,7 @@
 //!
 //! The typed operations live here once, over [`Store::call`].
 
+pub mod chat;
 pub mod orders;
 pub mod postgres;
 pub mod postgrest;
@@ -39,13 +40,18 @@ pub enum Arg<'a> {
     Int(Option<i32>),
     /// A nullable `bigint` argument.
     BigInt(Option<i64>),
+    /// A `boolean` argument.
+    Bool(bool),
+    /// A nullable `jsonb` argument.
+    OptJson(Option<Value>),
 }
 
 impl Arg<'_> {
     /// The SQL type the argument is cast to.
     pub fn sql_type(&self) -> &'static str {
         match self {
-            Arg::Json(_) | Arg::Value(_) => "jsonb",
+            Arg::Json(_) | Arg::Value(_) | Arg::OptJson(_) => "jsonb",
+            Arg::Bool(_) => "boolean",
             Arg::Text(_) | Arg::OptText(_) => "text",
             Arg::Uuid(_) => "uuid",
             Arg::Int(_) => "integer",

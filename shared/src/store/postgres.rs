@@ -107,6 +107,8 @@ impl PgBackend {
                     Arg::Uuid(u) => (Box::new(*u), Type::UUID),
                     Arg::Int(i) => (Box::new(*i), Type::INT4),
                     Arg::BigInt(i) => (Box::new(*i), Type::INT8),
+                    Arg::Bool(b) => (Box::new(*b), Type::BOOL),
+                    Arg::OptJson(v) => (Box::new(v.as_ref().map(Json)), Type::JSONB),
                 }
             })
             .collect();

@@ -100,6 +100,10 @@ fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
             Arg::Uuid(u) => Value::from(u.to_string()).to_string(),
             Arg::Int(i) => Value::from(*i).to_string(),
             Arg::BigInt(i) => Value::from(*i).to_string(),
+            Arg::Bool(b) => Value::from(*b).to_string(),
+            Arg::OptJson(v) => v
+                .as_ref()
+                .map_or_else(|| "null".to_owned(), Value::to_string),
         };
         body.push_str(&value);
     }

@@ -12,49 +12,7 @@ use serde::Deserialize;
 
 use super::events::CheckoutSession;
 use crate::config::Secret;
-
-/// When and how often to retry: a value, not a loop scattered in code.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RetryPolicy {
-    pub max_retries: u32,
-    pub initial_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_retries: 2,
-            initial_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The pause before retry number `retry` (1-based), `jitter` in [0, 1), honouring a
-    /// `Retry-After` no longer than the cap.
-    pub fn delay(&self, retry: u32, jitter: f64, retry_after: Option<Duration>) -> Duration {
-        let exponential = self
-            .initial_delay
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-            .min(self.max_delay);
-        let jittered = exponential.mul_f64(0.5 * (1.0 + jitter.clamp(0.0, 1.0)));
-        let base = jittered.max(self.initial_delay);
-        match retry_after {
-            Some(after) if after <= self.max_delay => base.max(after),
-            _ => base,
-        }
-    }
-
-    /// Whether a response with `status` and `Stripe-Should-Retry: should_retry` is retried.
-    pub fn retries_status(status: u16, should_retry: Option<bool>) -> bool {
-        match should_retry {
-            Some(decision) => decision,
-            None => status == 409 || status == 429 || status >= 500,
-        }
-    }
-}
+pub use crate::retry::RetryPolicy;
 
 /// Stripe's error body: `{"error": {"type", "code", "message", "param"}}`.
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +31,15 @@ struct ErrorDetail {
     message: Option<String>,
     #[serde(default)]
     param: Option<String>,
+}
+
+/// Whether a response with `status` and `Stripe-Should-Retry: should_retry` is retried, as
+/// Stripe's libraries decide.
+pub fn retries_status(status: u16, should_retry: Option<bool>) -> bool {
+    match should_retry {
+        Some(decision) => decision,
+        None => status == 409 || status == 429 || status >= 500,
+    }
 }
 
 /// A failed Stripe call.
@@ -290,7 +257,7 @@ impl StripeClient {
                                 message: detail.message.unwrap_or_default(),
                                 param: detail.param,
                             };
-                            let retryable = RetryPolicy::retries_status(status, should_retry);
+                            let retryable = retries_status(status, should_retry);
                             (error, retry_after, Some(retryable))
                         }
                     }
@@ -303,7 +270,9 @@ impl StripeClient {
                 return Err(error);
             }
             retry += 1;
-            let delay = self.policy.delay(retry, jitter(), retry_after);
+            let delay = self
+                .policy
+                .delay(retry, crate::retry::jitter(), retry_after);
             tracing::warn!(
                 class = error.class(),
                 retry,
@@ -315,31 +284,9 @@ impl StripeClient {
     }
 }
 
-fn jitter() -> f64 {
-    (uuid::Uuid::new_v4().as_u128() % 10_000) as f64 / 10_000.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_caps() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.delay(1, 0.0, None), Duration::from_millis(500));
-        assert_eq!(p.delay(2, 0.0, None), Duration::from_millis(500));
-        assert_eq!(p.delay(2, 0.999_999, None).as_millis(), 999);
-        assert_eq!(p.delay(3, 0.5, None), Duration::from_millis(1500));
-        assert_eq!(p.delay(10, 0.999_999, None).as_millis(), 4999);
-        assert_eq!(
-            p.delay(1, 0.0, Some(Duration::from_secs(2))),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            p.delay(1, 0.0, Some(Duration::from_secs(60))),
-            Duration::from_millis(500)
-        );
-    }
 
     #[test]
     fn retried_statuses_follow_stripe_libraries() {
@@ -355,11 +302,7 @@ mod tests {
             (400, Some(true), true),
             (500, Some(false), false),
         ] {
-            assert_eq!(
-                RetryPolicy::retries_status(status, header),
-                want,
-                "{status} {header:?}"
-            );
+            assert_eq!(retries_status(status, header), want, "{status} {header:?}");
         }
     }
 

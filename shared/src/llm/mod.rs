@@ -1,0 +1,274 @@
+//! A client for any OpenAI-compatible Chat Completions server (`OPENAI_BASE_URL`).
+//!
+//! One call is one attempt with its own timeout; retries, the deadline and the fallback are the
+//! caller's (the chat function's) policy. Every failure has a class for logs and metrics.
+
+pub mod sse;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+
+/// A message sent upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// One upstream request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Request<'a> {
+    pub model: &'a str,
+    pub messages: &'a [Message],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    pub stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options`.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StreamOptions {
+    pub include_usage: bool,
+}
+
+/// Token counts as the upstream reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub completion_tokens: u32,
+    #[serde(default)]
+    pub total_tokens: u32,
+}
+
+/// A complete (non-streamed) answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub content: String,
+    pub finish_reason: String,
+    pub usage: Option<Usage>,
+}
+
+/// Why an upstream call failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum LlmError {
+    #[error("the upstream did not answer in time")]
+    Timeout,
+    #[error("could not connect to the upstream")]
+    Connect,
+    #[error("the upstream rate-limited the request")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("the upstream failed with {status}")]
+    Upstream5xx { status: u16 },
+    #[error("the upstream refused the request with {status}")]
+    Upstream4xx { status: u16 },
+    #[error("the upstream refused our API key ({status})")]
+    Auth { status: u16 },
+    #[error("the upstream answer is not a chat completion: {0}")]
+    InvalidResponse(String),
+    #[error("the upstream stream stalled")]
+    StreamStalled,
+}
+
+impl LlmError {
+    /// The class for logs and metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            LlmError::Timeout => "timeout",
+            LlmError::Connect => "connect",
+            LlmError::RateLimited { .. } => "rate_limited",
+            LlmError::Upstream5xx { .. } => "upstream_5xx",
+            LlmError::Upstream4xx { .. } => "upstream_4xx",
+            LlmError::Auth { .. } => "auth",
+            LlmError::InvalidResponse(_) => "invalid_response",
+            LlmError::StreamStalled => "stream_stalled",
+        }
+    }
+
+    /// Timeouts, connection errors, 429 and 5xx are worth another try; 4xx never are.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            LlmError::Timeout
+                | LlmError::Connect
+                | LlmError::RateLimited { .. }
+                | LlmError::Upstream5xx { .. }
+                | LlmError::StreamStalled
+        )
+    }
+
+    /// `Retry-After` of a 429, if the upstream gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LlmError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    fn from_reqwest(error: &reqwest::Error) -> Self {
+        if error.is_timeout() {
+            LlmError::Timeout
+        } else if error.is_connect() {
+            LlmError::Connect
+        } else {
+            // Resets and broken bodies: as retryable as a failed connection.
+            LlmError::Connect
+        }
+    }
+
+    fn from_status(status: u16, headers: &reqwest::header::HeaderMap) -> Self {
+        match status {
+            401 | 403 => LlmError::Auth { status },
+            429 => LlmError::RateLimited {
+                retry_after: headers
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| Duration::from_secs_f64(s.min(3600.0))),
+            },
+            s if s >= 500 => LlmError::Upstream5xx { status: s },
+            s => LlmError::Upstream4xx { status: s },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    choices: Vec<CompletionChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    message: CompletionMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// The client. Build once per cold start.
+#[derive(Clone, Debug)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    url: String,
+    key: Secret,
+}
+
+impl LlmClient {
+    /// A client for `base_url` (e.g. `https://api.openai.com/v1`).
+    pub fn new(base_url: &str, key: Secret) -> reqwest::Result<Self> {
+        // The per-attempt timeout is set on each call; this only bounds a forgotten one.
+        let http = crate::http_client::build(Duration::from_secs(5), Duration::from_secs(900))?;
+        Ok(Self {
+            http,
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            key,
+        })
+    }
+
+    fn post(&self, request: &Request<'_>) -> reqwest::RequestBuilder {
+        self.http
+            .post(&self.url)
+            .bearer_auth(self.key.expose())
+            .json(request)
+    }
+
+    /// One non-streamed attempt, bounded by `timeout` from send to the last byte.
+    pub async fn complete(
+        &self,
+        request: &Request<'_>,
+        timeout: Duration,
+    ) -> Result<Completion, LlmError> {
+        let attempt = async {
+            let response = self
+                .post(request)
+                .send()
+                .await
+                .map_err(|e| LlmError::from_reqwest(&e))?;
+            let status = response.status().as_u16();
+            if !(200..300).contains(&status) {
+                return Err(LlmError::from_status(status, response.headers()));
+            }
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| LlmError::from_reqwest(&e))?;
+            let body: CompletionBody = serde_json::from_slice(&bytes)
+                .map_err(|e| LlmError::InvalidResponse(e.to_string()))?;
+            let choice = body
+                .choices
+                .into_iter()
+                .next()
+                .ok_or_else(|| LlmError::InvalidResponse("no choices".into()))?;
+            Ok(Completion {
+                content: choice.message.content.unwrap_or_default(),
+                finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
+                usage: body.usage,
+            })
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or(Err(LlmError::Timeout))
+    }
+
+    /// Opens a stream and waits for its first content within `first_token_timeout`. The events
+    /// read so far (up to and including the first content) come back with the open stream.
+    pub async fn open_stream(
+        &self,
+        request: &Request<'_>,
+        first_token_timeout: Duration,
+    ) -> Result<(Vec<sse::Event>, sse::EventStream), LlmError> {
+        let attempt = async {
+            let response = self
+                .post(request)
+                .send()
+                .await
+                .map_err(|e| LlmError::from_reqwest(&e))?;
+            let status = response.status().as_u16();
+            if !(200..300).contains(&status) {
+                return Err(LlmError::from_status(status, response.headers()));
+            }
+            let mut stream = sse::EventStream::new(response);
+            let mut first = Vec::new();
+            loop {
+                match stream.next_event().await? {
+                    Some(event) => {
+                        let done = matches!(
+                            event,
+                            sse::Event::Delta(_) | sse::Event::Finish(_) | sse::Event::Done
+                        );
+                        first.push(event);
+                        if done {
+                            return Ok((first, stream));
+                        }
+                    }
+                    None => {
+                        return Err(LlmError::InvalidResponse(
+                            "the stream ended before any content".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(first_token_timeout, attempt)
+            .await
+            .unwrap_or(Err(LlmError::Timeout))
+    }
+}
