@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod auth;
+mod chat;
 mod checkout;
 mod postgrest_contract;
 mod schema;

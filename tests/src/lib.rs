@@ -3,6 +3,7 @@
 
 pub mod db;
 pub mod fixtures;
+pub mod llm_fake;
 pub mod proxy;
 pub mod stripe_fake;
 pub mod tokens;

@@ -1,0 +1,97 @@
+//! OpenAI-compatible upstream fakes: wiremock answers for whole responses, and a raw TCP server
+//! for streams that send some chunks and then stall (wiremock writes bodies at once).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A `chat.completion` body as OpenAI sends it.
+pub fn completion(content: &str) -> Value {
+    json!({
+        "id": "chatcmpl-upstream1", "object": "chat.completion", "created": 1_795_644_000,
+        "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null},
+                     "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+    })
+}
+
+/// An OpenAI error body.
+pub fn error(message: &str, type_: &str, code: &str) -> Value {
+    json!({"error": {"message": message, "type": type_, "param": null, "code": code}})
+}
+
+/// `data:` events of a streamed answer made of `pieces`, with a usage chunk and `[DONE]`.
+pub fn sse(pieces: &[&str]) -> String {
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+        )
+    };
+    let mut out = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+    for p in pieces {
+        out.push_str(&chunk(json!({"content": p}), Value::Null));
+    }
+    out.push_str(&chunk(json!({}), json!("stop")));
+    out.push_str(&format!("data: {}\n\n", json!({"id": "chatcmpl-up", "object": "chat.completion.chunk",
+        "created": 1, "model": "gpt-4o-mini", "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": pieces.len(), "total_tokens": 9 + pieces.len()}})));
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// A server that answers every request with a 200 event stream, writes `events`, then holds the
+/// connection open for `stall` without a byte more.
+pub async fn stalling_stream(events: Vec<String>, stall: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let events = events.clone();
+            tokio::spawn(async move {
+                // Read the request head and body (Content-Length) before answering.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = socket.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for event in events {
+                    let frame = format!("{:x}\r\n{event}\r\n", event.len());
+                    if socket.write_all(frame.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let _ = socket.flush().await;
+                }
+                tokio::time::sleep(stall).await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
