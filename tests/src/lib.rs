@@ -5,6 +5,7 @@ pub mod db;
 pub mod fixtures;
 pub mod llm_fake;
 pub mod proxy;
+pub mod runtime_api;
 pub mod stripe_fake;
 pub mod tokens;
 
