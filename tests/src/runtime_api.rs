@@ -140,10 +140,7 @@ async fn read_body(
     {
         loop {
             // Parse complete chunk frames out of buf.
-            loop {
-                let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                    break;
-                };
+            while let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") {
                 let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
                 let size =
                     usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
