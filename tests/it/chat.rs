@@ -680,3 +680,51 @@ async fn bad_requests_and_missing_tokens_are_clear_4xx() {
         );
     }
 }
+
+#[test]
+fn config_defaults_rules_path_and_production_rules() {
+    let read = |vars: Vec<(&'static str, String)>| {
+        chat::Config::read(shared::config::EnvReader::new(move |k| {
+            vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        }))
+    };
+    let base = || {
+        vec![
+            ("DATABASE_URL", "postgres://u@127.0.0.1/x".to_owned()),
+            ("SUPABASE_JWT_SECRET", "s".to_owned()),
+        ]
+    };
+    let config = read(base()).unwrap();
+    assert!(
+        config.openai_key.is_none(),
+        "no key: rules only, the local default"
+    );
+    assert_eq!(config.timeout, Duration::from_millis(30_000));
+    assert_eq!(config.max_retries, 2);
+    assert_eq!(config.limits.models, ["gpt-4o-mini"]);
+
+    let dir = std::env::temp_dir().join(format!("rules-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&dir, r#"{"default_reply": "custom default", "rules": [{"name": "x", "patterns": ["退款"], "reply": "custom refund"}]}"#).unwrap();
+    let mut vars = base();
+    vars.push(("CHAT_RULES_PATH", dir.to_string_lossy().into_owned()));
+    let custom = read(vars).unwrap();
+    assert_eq!(custom.rules.answer("我要退款").reply, "custom refund");
+    assert_eq!(custom.rules.answer("anything").reply, "custom default");
+    std::fs::remove_file(&dir).ok();
+
+    let mut vars = base();
+    vars.push(("CHAT_RULES_PATH", "/nonexistent/rules.json".to_owned()));
+    vars.push(("LLM_MAX_RETRIES", "9".to_owned()));
+    let err = read(vars).unwrap_err();
+    let names: Vec<_> = err.problems.iter().map(|p| p.variable).collect();
+    assert_eq!(names, ["LLM_MAX_RETRIES", "CHAT_RULES_PATH"]);
+
+    let mut prod = base();
+    prod.push(("APP_ENV", "production".to_owned()));
+    assert_eq!(
+        read(prod.clone()).unwrap_err().problems[0].variable,
+        "OPENAI_API_KEY"
+    );
+    prod.push(("CHAT_RULES_ONLY", "true".to_owned()));
+    assert!(read(prod).is_ok(), "rules only, on purpose");
+}
