@@ -188,6 +188,15 @@ impl MetricSet {
         );
     }
 
+    /// Counts the answer's status class: `Http4xx` or `Http5xx` (for alarms on server errors).
+    pub fn status(&mut self, status: u16) {
+        match status {
+            500..=599 => self.count("Http5xx", 1),
+            400..=499 => self.count("Http4xx", 1),
+            _ => {}
+        }
+    }
+
     /// Adds a searchable property (not a metric), such as the request id.
     pub fn property(&mut self, key: &str, value: impl Into<Value>) {
         self.properties.insert(key.to_owned(), value.into());
@@ -228,11 +237,15 @@ impl MetricSet {
         root.insert("Function".into(), Value::from(self.metrics.function));
         let mut directives = Vec::new();
         for group in &self.groups {
-            let mut dims = vec!["Function"];
-            if let Some((name, value)) = &group.dimension {
-                dims.push(name);
-                root.insert((*name).to_owned(), Value::from(value.clone()));
-            }
+            // A by-dimension metric is also published per function alone, so alarms and
+            // dashboards can use the total without knowing every dimension value.
+            let dims = match &group.dimension {
+                Some((name, value)) => {
+                    root.insert((*name).to_owned(), Value::from(value.clone()));
+                    json!([["Function"], ["Function", name]])
+                }
+                None => json!([["Function"]]),
+            };
             let defs: Vec<Value> = group
                 .values
                 .iter()
@@ -241,7 +254,7 @@ impl MetricSet {
             for (name, _, value) in &group.values {
                 root.insert((*name).to_owned(), json!(value));
             }
-            directives.push(json!({"Namespace": NAMESPACE, "Dimensions": [dims], "Metrics": defs}));
+            directives.push(json!({"Namespace": NAMESPACE, "Dimensions": dims, "Metrics": defs}));
         }
         root.insert(
             "_aws".into(),

@@ -686,6 +686,7 @@ fn done(mut metrics: MetricSet, started: Instant, request_id: &str, meta: &Meta)
 
 fn finish(mut metrics: MetricSet, started: Instant, status: u16, request_id: &str, outcome: &str) {
     let elapsed = started.elapsed();
+    metrics.status(status);
     metrics.millis("TotalLatency", elapsed);
     metrics.flush();
     telemetry::log_request(ROUTE, status, elapsed, request_id, outcome);

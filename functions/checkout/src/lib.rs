@@ -338,6 +338,7 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
         }
     };
     let elapsed = started.elapsed();
+    metrics.status(response.status().as_u16());
     metrics.millis("Duration", elapsed);
     metrics.flush();
     telemetry::log_request(
