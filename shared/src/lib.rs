@@ -8,6 +8,7 @@ pub mod http_client;
 pub mod lambda;
 pub mod llm;
 pub mod retry;
+pub mod sentry;
 pub mod store;
 pub mod stripe;
 pub mod telemetry;

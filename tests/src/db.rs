@@ -179,6 +179,17 @@ async fn ensure_template(admin: &str) -> String {
                 db.batch_execute(sql)
                     .await
                     .unwrap_or_else(|e| panic!("{name} failed: {e:?}"));
+                // Recorded as the Supabase CLI and scripts/db-migrate do.
+                if let Some((version, rest)) = name.trim_end_matches(".sql").split_once('_') {
+                    if name != "bootstrap.sql" {
+                        db.execute(
+                            "insert into supabase_migrations.schema_migrations (version, name) values ($1, $2)",
+                            &[&version, &rest],
+                        )
+                        .await
+                        .expect("record migration");
+                    }
+                }
             }
         }
         // Renaming needs no other session on it; give the closed connection a moment to go.

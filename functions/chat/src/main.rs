@@ -5,6 +5,7 @@ use std::sync::Arc;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init_tracing();
+    shared::sentry::init_from_env(chat::ROUTE);
     let config = chat::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = Arc::new(chat::State::new(config).inspect_err(|e| tracing::error!("{e}"))?);
     state.verifier.prefetch().await;

@@ -3,6 +3,7 @@
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init_tracing();
+    shared::sentry::init_from_env(checkout::ROUTE);
     let config = checkout::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = checkout::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
     state.verifier.prefetch().await;

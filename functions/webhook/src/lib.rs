@@ -184,6 +184,9 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
         &request_id,
         &outcome,
     );
+    if response.status().is_server_error() {
+        shared::sentry::report_server_error(ROUTE, &request_id, &outcome).await;
+    }
     response
 }
 
