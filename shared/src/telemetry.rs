@@ -303,7 +303,7 @@ mod tests {
         );
         assert_eq!(
             directives[1]["Dimensions"],
-            json!([["Function", "EventType"]])
+            json!([["Function"], ["Function", "EventType"]])
         );
         assert_eq!(doc["_aws"]["Timestamp"], 1000);
     }
