@@ -32,10 +32,7 @@ pub fn init_tracing() {
         .unwrap_or_else(|_| "info".to_owned())
         .to_ascii_lowercase()
         .replace("fatal", "error");
-    let targets: Targets = format!("{level},{CAPPED}")
-        .parse()
-        .or_else(|_| format!("info,{CAPPED}").parse())
-        .unwrap_or_default();
+    let targets = log_filter(&level);
     let text = std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("text"));
     let layer: Box<dyn Layer<Registry> + Send + Sync> = if text {
         Box::new(fmt::layer().with_ansi(false).with_writer(std::io::stdout))
@@ -52,6 +49,15 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::registry()
         .with(layer.with_filter(targets))
         .try_init();
+}
+
+/// The filter for `level` (`trace` ... `error`), with the crates that could log raw events,
+/// headers or bodies capped at INFO whatever the level.
+pub fn log_filter(level: &str) -> Targets {
+    format!("{level},{CAPPED}")
+        .parse()
+        .or_else(|_| format!("info,{CAPPED}").parse())
+        .unwrap_or_default()
 }
 
 /// The one log line per request: route, status, duration, request id and outcome.

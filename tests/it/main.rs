@@ -6,6 +6,8 @@
 mod auth;
 mod chat;
 mod checkout;
+mod hostile;
 mod postgrest_contract;
 mod schema;
+mod secrets;
 mod webhook;

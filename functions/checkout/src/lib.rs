@@ -361,7 +361,8 @@ fn unix_now() -> i64 {
         .unwrap_or_default()
 }
 
-fn parse_body(request: &Request) -> Result<CheckoutRequest, CheckoutError> {
+/// Parses and checks the body of `POST` (size, content type, fields, product).
+pub fn parse_body(request: &Request) -> Result<CheckoutRequest, CheckoutError> {
     let body = request.body().as_ref();
     if body.len() > MAX_BODY_BYTES {
         return Err(CheckoutError::BodyTooLarge);

@@ -1,0 +1,230 @@
+//! A full scenario run with recognisable secret values and the most verbose log level the
+//! production filter allows: none of the secrets may appear in any log line, metric line or
+//! response.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use shared::auth::{AuthConfig, Verifier};
+use shared::config::{Secret, StoreConfig, StripeMode};
+use shared::llm::LlmClient;
+use shared::retry::RetryPolicy;
+use shared::store::Store;
+use shared::stripe::client::StripeClient;
+use shared::telemetry::Metrics;
+use testkit::db::{url_for, TestDb};
+use testkit::fixtures::{self, FunctionUrlRequest};
+use testkit::tokens;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const WEBHOOK_SECRET: &str = "whsec_RECOGNISABLE0webhook0secret";
+const STRIPE_KEY: &str = "sk_test_RECOGNISABLE0stripe0key";
+const JWT_SECRET: &str = "RECOGNISABLE0jwt0secret0at0least0thirty0two";
+const OPENAI_KEY: &str = "sk-RECOGNISABLE0openai0key";
+const DB_PASSWORD: &str = "RECOGNISABLE0db0password";
+const SECRETS: [&str; 5] = [
+    WEBHOOK_SECRET,
+    STRIPE_KEY,
+    JWT_SECRET,
+    OPENAI_KEY,
+    DB_PASSWORD,
+];
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_secret_reaches_logs_metrics_or_responses() {
+    let logs = Capture(Arc::new(Mutex::new(Vec::new())));
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(move || writer.clone())
+            .with_filter(shared::telemetry::log_filter("trace")),
+    );
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let db = TestDb::new().await;
+    let sql = db.client().await;
+    let user = db.create_user(&sql).await.to_string();
+    // Trust auth ignores the password, so it can be a recognisable value.
+    let url = url_for(
+        &db.url
+            .replacen("postgres@", &format!("postgres:{DB_PASSWORD}@"), 1),
+        &db.name,
+    );
+    let mut responses = String::new();
+
+    // Webhook: a good delivery, a forged one, a stale one.
+    let (metrics, metric_lines) = Metrics::in_memory("webhook");
+    let webhook_state = webhook::State {
+        config: webhook::Config {
+            store: StoreConfig::Postgres {
+                url: Secret::new(&url),
+                ca_pem: None,
+            },
+            secrets: vec![Secret::new(WEBHOOK_SECRET)],
+            tolerance: Duration::from_secs(300),
+            stripe_mode: StripeMode::Test,
+            max_body_bytes: 1 << 20,
+        },
+        store: Store::postgres(&url, 1).unwrap(),
+        metrics,
+    };
+    let event =
+        fixtures::checkout_event("checkout.session.completed", "cs_test_s", "", &user, "paid");
+    let body = fixtures::body(&event);
+    for header in [
+        fixtures::sign(&body, WEBHOOK_SECRET),
+        fixtures::sign(&body, "whsec_other"),
+        shared::stripe::signature::sign(&body, &Secret::new(WEBHOOK_SECRET), 1),
+    ] {
+        let request = FunctionUrlRequest::post("/", &body)
+            .header("stripe-signature", &header)
+            .into_request()
+            .unwrap();
+        responses.push_str(&String::from_utf8_lossy(
+            webhook::handle(&webhook_state, request)
+                .await
+                .body()
+                .as_ref(),
+        ));
+    }
+
+    // Checkout: Stripe refuses the key (its message quotes a masked key), then a bad token.
+    let stripe = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": {
+        "type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****0key"}}))).mount(&stripe).await;
+    let (metrics, checkout_lines) = Metrics::in_memory("checkout");
+    let checkout_config = checkout::Config {
+        store: StoreConfig::Postgres {
+            url: Secret::new(&url),
+            ca_pem: None,
+        },
+        auth: AuthConfig {
+            hs256_secret: Some(Secret::new(JWT_SECRET)),
+            supabase_url: None,
+            jwks_refetch_floor: Duration::from_secs(30),
+        },
+        stripe_key: Secret::new(STRIPE_KEY),
+        stripe_api_base: stripe.uri(),
+        stripe_timeout: Duration::from_secs(2),
+        stripe_retries: 0,
+        price_id: "price_1".into(),
+        success_url: "https://app.example.com/ok?session_id={CHECKOUT_SESSION_ID}".into(),
+        cancel_url: "https://app.example.com/no".into(),
+        session_ttl_s: 7200,
+        rate_limit_per_min: 100,
+        status_rate_limit_per_min: 100,
+        max_wait: Duration::from_secs(2),
+    };
+    let checkout_state = checkout::State {
+        store: Store::postgres(&url, 1).unwrap(),
+        stripe: StripeClient::new(
+            &stripe.uri(),
+            Secret::new(STRIPE_KEY),
+            RetryPolicy::default(),
+            Duration::from_secs(2),
+        )
+        .unwrap(),
+        verifier: Verifier::new(checkout_config.auth.clone()),
+        config: checkout_config,
+        metrics,
+    };
+    // Another user: the first one has just paid through the webhook.
+    let buyer = db.create_user(&sql).await.to_string();
+    let token = tokens::hs256(&tokens::user_claims(&buyer, None), JWT_SECRET.as_bytes());
+    for request in [
+        FunctionUrlRequest::post("/", b"").bearer(&token),
+        FunctionUrlRequest::post("/", b"").bearer("x.y.z"),
+    ] {
+        let response = checkout::handle(&checkout_state, request.into_request().unwrap()).await;
+        responses.push_str(&String::from_utf8_lossy(response.body().as_ref()));
+    }
+
+    // Chat: the upstream refuses our key, then answers a stream.
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(401).set_body_json(testkit::llm_fake::error(
+                "Incorrect API key provided: sk-RECO***key",
+                "invalid_request_error",
+                "invalid_api_key",
+            )),
+        )
+        .up_to_n_times(1)
+        .mount(&upstream)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(testkit::llm_fake::sse(&["ok"]), "text/event-stream"),
+        )
+        .mount(&upstream)
+        .await;
+    let (metrics, chat_lines) = Metrics::in_memory("chat");
+    let mut chat_config = chat::Config::read(shared::config::EnvReader::new(|k| match k {
+        "DATABASE_URL" => Some(url.clone()),
+        "SUPABASE_JWT_SECRET" => Some(JWT_SECRET.into()),
+        "OPENAI_API_KEY" => Some(OPENAI_KEY.into()),
+        "OPENAI_BASE_URL" => Some(format!("{}/v1", upstream.uri())),
+        _ => None,
+    }))
+    .unwrap();
+    chat_config.timeout = Duration::from_secs(2);
+    let chat_state = Arc::new(chat::State {
+        store: Store::postgres(&url, 1).unwrap(),
+        llm: Some(LlmClient::new(&chat_config.openai_base_url, Secret::new(OPENAI_KEY)).unwrap()),
+        verifier: Verifier::new(chat_config.auth.clone()),
+        config: chat_config,
+        metrics,
+    });
+    for stream in [false, true] {
+        let body = json!({"messages": [{"role": "user", "content": format!("hello {stream}")}], "stream": stream}).to_string();
+        let request = FunctionUrlRequest::post("/", body.as_bytes())
+            .bearer(&token)
+            .into_request()
+            .unwrap();
+        let response = chat::handle(chat_state.clone(), request).await;
+        responses.push_str(&String::from_utf8_lossy(
+            &response.into_body().collect().await,
+        ));
+    }
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let metrics: String = [metric_lines, checkout_lines, chat_lines]
+        .iter()
+        .flat_map(|l| l.lock().unwrap().clone())
+        .collect();
+    assert!(logs.lines().count() >= 8, "the scenario logged:\n{logs}");
+    for expected in [
+        "signature refused",
+        "Stripe rejected our key",
+        "refused OPENAI_API_KEY",
+    ] {
+        assert!(logs.contains(expected), "{expected} not logged:\n{logs}");
+    }
+    for secret in SECRETS {
+        assert!(!logs.contains(secret), "{secret} in logs");
+        assert!(!metrics.contains(secret), "{secret} in metrics");
+        assert!(!responses.contains(secret), "{secret} in responses");
+    }
+    // Bodies and personal data stay out of the logs too.
+    assert!(!logs.contains("张伟") && !logs.contains("zhang.wei@example.com"));
+}
