@@ -6,8 +6,10 @@
 mod auth;
 mod chat;
 mod checkout;
+mod faults;
 mod hostile;
 mod postgrest_contract;
 mod schema;
 mod secrets;
+mod storm;
 mod webhook;

@@ -6,6 +6,7 @@ pub mod fixtures;
 pub mod llm_fake;
 pub mod proxy;
 pub mod runtime_api;
+pub mod storm;
 pub mod stripe_fake;
 pub mod tokens;
 

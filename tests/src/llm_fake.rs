@@ -95,3 +95,111 @@ pub async fn stalling_stream(events: Vec<String>, stall: Duration) -> String {
     });
     format!("http://{addr}/v1")
 }
+
+/// An upstream that misbehaves on request: the last user message names the behaviour
+/// (`hang`, `reset`, `slow`, `429`, `500`, `malformed`, `stall`, else a good answer), streamed or
+/// not as asked.
+pub async fn chaos_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(body) = read_request(&mut socket).await else {
+                    return;
+                };
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let last = request["messages"]
+                    .as_array()
+                    .and_then(|m| m.last())
+                    .and_then(|m| m["content"].as_str())
+                    .unwrap_or("")
+                    .to_owned();
+                let stream = request["stream"] == Value::Bool(true);
+                let mode = ["hang", "reset", "slow", "429", "500", "malformed", "stall"]
+                    .into_iter()
+                    .find(|m| last.contains(m))
+                    .unwrap_or("ok");
+                let respond = |status: &str, content_type: &str, body: &str| {
+                    format!("HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                };
+                let answer = match mode {
+                    "hang" => {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
+                    "reset" => return,
+                    "429" => respond(
+                        "429 Too Many Requests",
+                        "application/json",
+                        &error("slow down", "requests", "rate_limit_exceeded").to_string(),
+                    )
+                    .replace("connection: close", "retry-after: 0\r\nconnection: close"),
+                    "500" => respond(
+                        "500 Internal Server Error",
+                        "application/json",
+                        &error("boom", "server_error", "server_error").to_string(),
+                    ),
+                    "malformed" => {
+                        respond("200 OK", "application/json", "{\"choices\": [{\"message\"")
+                    }
+                    "stall" if stream => {
+                        let events: String =
+                            sse(&["partial"]).split_inclusive("\n\n").take(2).collect();
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n", events.len());
+                        let _ = socket.write_all(head.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
+                    "stall" => {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
+                    "slow" | "ok" => {
+                        if mode == "slow" {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        if stream {
+                            respond("200 OK", "text/event-stream", &sse(&["fine", " answer"]))
+                        } else {
+                            respond(
+                                "200 OK",
+                                "application/json",
+                                &completion("fine answer").to_string(),
+                            )
+                        }
+                    }
+                    _ => return,
+                };
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.flush().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return Some(buf[end + 4..end + 4 + length].to_vec());
+            }
+        }
+    }
+}
