@@ -62,6 +62,56 @@ fn checkout_state(db_url: &str, stripe: &str) -> checkout::State {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clicks_per_user_for_many_users_make_one_session_each() {
+    let db = TestDb::new().await;
+    let sql = db.client().await;
+    let stripe = FakeStripe::start().await;
+    let mut users = Vec::new();
+    for _ in 0..10 {
+        users.push(db.create_user(&sql).await.to_string());
+    }
+    let states: Vec<Arc<checkout::State>> = (0..10)
+        .map(|_| Arc::new(checkout_state(&db.url, &stripe.uri())))
+        .collect();
+    let clicks = users.iter().enumerate().flat_map(|(u, user)| {
+        let states = &states;
+        (0..50).map(move |i| {
+            let state = states[(u * 7 + i) % states.len()].clone();
+            let request = FunctionUrlRequest::post("/", b"").bearer(&tokens::hs256(
+                &tokens::user_claims(user, None),
+                JWT.as_bytes(),
+            ));
+            async move {
+                let response = checkout::handle(&state, request.into_request().unwrap()).await;
+                (
+                    user.clone(),
+                    response.status().as_u16(),
+                    fixtures::json_body(&response),
+                )
+            }
+        })
+    });
+    let results = futures::future::join_all(clicks).await;
+
+    let mut urls: HashMap<String, HashSet<String>> = HashMap::new();
+    for (user, status, body) in &results {
+        assert_eq!(*status, 200, "{body}");
+        urls.entry(user.clone())
+            .or_default()
+            .insert(body["url"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        urls.values().all(|u| u.len() == 1),
+        "all callers of a user got the same URL"
+    );
+    assert_eq!(
+        stripe.create_requests().await.len(),
+        users.len(),
+        "one create call per user reached Stripe"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_races_with_stripe_failing_still_make_one_session_per_user() {
     let db = TestDb::new().await;
     let sql = db.client().await;
@@ -140,29 +190,23 @@ async fn checkout_races_with_stripe_failing_still_make_one_session_per_user() {
     }
     // Stripe holds exactly one session per user; the database one open order each, no lease left.
     let mut sessions_per_user: HashMap<String, usize> = HashMap::new();
-    for (_, form) in stripe.create_requests().await {
-        let _ = form;
+    for session in stripe.sessions() {
+        let user = session["client_reference_id"].as_str().unwrap().to_owned();
+        *sessions_per_user.entry(user).or_default() += 1;
     }
+    assert_eq!(sessions_per_user.len(), users.len());
+    assert!(
+        sessions_per_user.values().all(|n| *n == 1),
+        "{sessions_per_user:?}"
+    );
     for user in &users {
-        let ids: HashSet<String> = urls[user]
-            .iter()
-            .map(|u| {
-                u.rsplit('/')
-                    .next()
-                    .unwrap()
-                    .split('#')
-                    .next()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
-        for id in &ids {
-            let session = stripe.session(id).expect("session exists at Stripe");
-            assert_eq!(session["client_reference_id"], json!(user));
-        }
-        sessions_per_user.insert(user.clone(), ids.len());
+        let url = urls[user].iter().next().unwrap();
+        let id = url.rsplit('/').next().unwrap().split('#').next().unwrap();
+        assert_eq!(
+            stripe.session(id).unwrap()["client_reference_id"],
+            json!(user)
+        );
     }
-    assert!(sessions_per_user.values().all(|n| *n == 1));
     let row = sql.query_one(
         "select count(*), count(*) filter (where stripe_checkout_session_id is not null), count(*) filter (where session_claimed_until is not null)
          from orders", &[]).await.unwrap();

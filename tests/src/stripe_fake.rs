@@ -390,6 +390,14 @@ impl FakeStripe {
         }
     }
 
+    /// Every session the fake holds.
+    pub fn sessions(&self) -> Vec<Value> {
+        self.state
+            .lock()
+            .map(|s| s.sessions.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// A session as the fake holds it.
     pub fn session(&self, id: &str) -> Option<Value> {
         self.state
