@@ -197,6 +197,18 @@ pub fn into_function_url_response(response: Response<Body>) -> ApiGatewayV2httpR
     out
 }
 
+/// True when the request declares a JSON body (`application/json`, any parameters).
+pub fn has_json_body(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
+}
+
 /// The invocation's request id: the Lambda context's, else an `x-request-id` header, else a new
 /// random id (local runs and tests).
 pub fn request_id(request: &Request) -> String {

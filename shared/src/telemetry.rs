@@ -72,6 +72,27 @@ pub fn log_request(route: &str, status: u16, duration: Duration, request_id: &st
     }
 }
 
+/// Closes a request: status and duration metrics, the metrics line, the one log line, and a
+/// Sentry report when the answer is a server error.
+pub async fn finish_request(
+    mut metrics: MetricSet,
+    duration_metric: &'static str,
+    route: &str,
+    status: u16,
+    started: std::time::Instant,
+    request_id: &str,
+    outcome: &str,
+) {
+    let elapsed = started.elapsed();
+    metrics.status(status);
+    metrics.millis(duration_metric, elapsed);
+    metrics.flush();
+    log_request(route, status, elapsed, request_id, outcome);
+    if status >= 500 {
+        crate::sentry::report_server_error(route, request_id, outcome).await;
+    }
+}
+
 /// Where EMF lines go: stdout on Lambda, memory in tests.
 #[derive(Clone, Debug)]
 pub enum MetricsSink {

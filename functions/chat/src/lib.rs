@@ -338,16 +338,7 @@ async fn admit(
     if body.len() > state.config.max_body_bytes {
         return Err(ChatError::BodyTooLarge(state.config.max_body_bytes));
     }
-    let json = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !json {
+    if !shared::lambda::has_json_body(request.headers()) {
         return Err(ChatError::UnsupportedMediaType);
     }
     let chat = request::parse(body, &state.config.limits).map_err(ChatError::Invalid)?;

@@ -337,20 +337,16 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
             (response, code)
         }
     };
-    let elapsed = started.elapsed();
-    metrics.status(response.status().as_u16());
-    metrics.millis("Duration", elapsed);
-    metrics.flush();
-    telemetry::log_request(
+    telemetry::finish_request(
+        metrics,
+        "Duration",
         ROUTE,
         response.status().as_u16(),
-        elapsed,
+        started,
         &request_id,
         &outcome,
-    );
-    if response.status().is_server_error() {
-        shared::sentry::report_server_error(ROUTE, &request_id, &outcome).await;
-    }
+    )
+    .await;
     response
 }
 
@@ -370,16 +366,7 @@ pub fn parse_body(request: &Request) -> Result<CheckoutRequest, CheckoutError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(CheckoutRequest::default());
     }
-    let json = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !json {
+    if !shared::lambda::has_json_body(request.headers()) {
         return Err(CheckoutError::UnsupportedMediaType);
     }
     let parsed: CheckoutRequest = serde_json::from_slice(body).map_err(|e| {

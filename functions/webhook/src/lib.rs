@@ -173,20 +173,16 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
             (api.into_response(&request_id), code.to_owned())
         }
     };
-    let elapsed = started.elapsed();
-    metrics.status(response.status().as_u16());
-    metrics.millis("ProcessingTime", elapsed);
-    metrics.flush();
-    telemetry::log_request(
+    telemetry::finish_request(
+        metrics,
+        "ProcessingTime",
         ROUTE,
         response.status().as_u16(),
-        elapsed,
+        started,
         &request_id,
         &outcome,
-    );
-    if response.status().is_server_error() {
-        shared::sentry::report_server_error(ROUTE, &request_id, &outcome).await;
-    }
+    )
+    .await;
     response
 }
 
@@ -198,18 +194,11 @@ async fn process(
     if request.method() != Method::POST {
         return Err(WebhookError::MethodNotAllowed);
     }
-    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
-        let is_json = content_type
-            .to_str()
-            .map(|v| {
-                v.trim()
-                    .to_ascii_lowercase()
-                    .starts_with("application/json")
-            })
-            .unwrap_or(false);
-        if !is_json {
-            return Err(WebhookError::UnsupportedMediaType);
-        }
+    // Stripe always sends a JSON content type; a request without one is judged by its signature.
+    if request.headers().contains_key(header::CONTENT_TYPE)
+        && !shared::lambda::has_json_body(request.headers())
+    {
+        return Err(WebhookError::UnsupportedMediaType);
     }
     let body = request.body().as_ref();
     if body.len() > state.config.max_body_bytes {
