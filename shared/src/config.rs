@@ -204,6 +204,27 @@ impl<'a> EnvReader<'a> {
         )
     }
 
+    /// Finishes reading a config assembled only when its required parts were present: the
+    /// recorded problems if any, else the value (a missing value with no recorded problem is
+    /// reported against `variable`).
+    pub fn finish_required<T>(
+        mut self,
+        value: Option<T>,
+        variable: &'static str,
+    ) -> Result<T, ConfigError> {
+        match value {
+            Some(value) if self.problems.is_empty() => Ok(value),
+            _ => {
+                if self.problems.is_empty() {
+                    self.problem(variable, "is required");
+                }
+                Err(ConfigError {
+                    problems: self.problems,
+                })
+            }
+        }
+    }
+
     /// Finishes reading: `Ok(value)` when no problem was recorded.
     pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
         if self.problems.is_empty() {

@@ -115,6 +115,29 @@ async fn branch(
     }
 }
 
+/// Sends the first event of a fresh process: (name, spawn to first response, spawn to first
+/// `next`, binary path).
+async fn first_invocation(
+    process: &mut Process,
+    started: Instant,
+    name: &'static str,
+    binary: &str,
+    event: String,
+) -> (&'static str, Duration, Duration, String) {
+    process.api.invoke(event).await;
+    let first = process
+        .api
+        .outcome(Duration::from_secs(20))
+        .await
+        .expect("first answer");
+    (
+        name,
+        first.finished.duration_since(started),
+        first.handed_out.duration_since(started),
+        binary.to_owned(),
+    )
+}
+
 fn webhook_event(secret: &str, event: &serde_json::Value) -> String {
     let body = fixtures::body(event);
     FunctionUrlRequest::post("/", &body)
@@ -190,23 +213,16 @@ async fn main() {
         fixtures::set(&mut e, "/created", json!(fixtures::now()));
         e
     };
-    p.api
-        .invoke(webhook_event(
-            WEBHOOK_SECRET,
-            &invoice(fixtures::event_id()),
-        ))
-        .await;
-    let first = p
-        .api
-        .outcome(Duration::from_secs(20))
-        .await
-        .expect("first answer");
-    colds.push((
-        "webhook",
-        first.finished.duration_since(started),
-        first.handed_out.duration_since(started),
-        binary.clone(),
-    ));
+    colds.push(
+        first_invocation(
+            &mut p,
+            started,
+            "webhook",
+            &binary,
+            webhook_event(WEBHOOK_SECRET, &invoice(fixtures::event_id())),
+        )
+        .await,
+    );
     rows.push(
         branch(&mut p, &sql, &db.name, "webhook", "new event", warm, |_| {
             webhook_event(WEBHOOK_SECRET, &invoice(fixtures::event_id()))
@@ -232,18 +248,16 @@ async fn main() {
     // checkout
     let binary = format!("{bin_dir}/checkout");
     let (mut p, started) = spawn(&binary, &common).await;
-    p.api.invoke(bearer_event(&token(&users[0]), "")).await;
-    let first = p
-        .api
-        .outcome(Duration::from_secs(20))
-        .await
-        .expect("first answer");
-    colds.push((
-        "checkout",
-        first.finished.duration_since(started),
-        first.handed_out.duration_since(started),
-        binary.clone(),
-    ));
+    colds.push(
+        first_invocation(
+            &mut p,
+            started,
+            "checkout",
+            &binary,
+            bearer_event(&token(&users[0]), ""),
+        )
+        .await,
+    );
     let fresh: Vec<String> = users[3..].iter().map(|u| token(u)).collect();
     rows.push(
         branch(
@@ -304,18 +318,7 @@ async fn main() {
             &json!({"messages": [{"role": "user", "content": text}]}).to_string(),
         )
     };
-    p.api.invoke(ask("cold".into())).await;
-    let first = p
-        .api
-        .outcome(Duration::from_secs(20))
-        .await
-        .expect("first answer");
-    colds.push((
-        "chat",
-        first.finished.duration_since(started),
-        first.handed_out.duration_since(started),
-        binary.clone(),
-    ));
+    colds.push(first_invocation(&mut p, started, "chat", &binary, ask("cold".into())).await);
     rows.push(
         branch(&mut p, &sql, &db.name, "chat", "llm", warm, |i| {
             ask(format!("question {i}"))

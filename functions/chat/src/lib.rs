@@ -182,12 +182,7 @@ impl Config {
             max_body_bytes,
             rules,
         });
-        env.finish(config)?.ok_or_else(|| ConfigError {
-            problems: vec![config::Problem {
-                variable: "DATABASE_URL",
-                what: "is required (or set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY)".into(),
-            }],
-        })
+        env.finish_required(config, "DATABASE_URL")
     }
 }
 

@@ -116,13 +116,7 @@ impl Config {
             }),
             _ => None,
         };
-        // Whenever a part is missing a problem was recorded, so `finish` fails first.
-        env.finish(config)?.ok_or_else(|| ConfigError {
-            problems: vec![config::Problem {
-                variable: "STRIPE_SECRET_KEY",
-                what: "is required".into(),
-            }],
-        })
+        env.finish_required(config, "STRIPE_SECRET_KEY")
     }
 
     /// The lease a click holds while creating a session: every Stripe try and backoff fits.

@@ -52,13 +52,7 @@ impl Config {
             stripe_mode,
             max_body_bytes,
         });
-        // `StoreConfig::read` records a problem whenever it returns None, so `finish` fails then.
-        env.finish(config)?.ok_or_else(|| ConfigError {
-            problems: vec![config::Problem {
-                variable: "DATABASE_URL",
-                what: "is required (or set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY)".into(),
-            }],
-        })
+        env.finish_required(config, "DATABASE_URL")
     }
 }
 
