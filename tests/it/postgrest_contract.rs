@@ -201,3 +201,165 @@ async fn webhook_answers_503_when_postgrest_is_down() {
         "internals stay in the logs"
     );
 }
+
+// The same backend against the PostgREST stand-in (testkit::postgrest) on the real schema: the
+// functions' named arguments, types and grants as PostgREST would bind and check them.
+
+mod live {
+    use super::*;
+    use testkit::db::TestDb;
+    use testkit::postgrest::PostgRest;
+
+    async fn live() -> (TestDb, PostgRest, Store) {
+        let db = TestDb::new().await;
+        let rest = PostgRest::start(&db.url, KEY).await;
+        let store = Store::postgrest(&rest.uri(), Secret::new(KEY)).unwrap();
+        (db, rest, store)
+    }
+
+    #[tokio::test]
+    async fn webhook_applies_an_event_once_through_postgrest() {
+        let (db, rest, store) = live().await;
+        let sql = db.client().await;
+        let user = db.create_user(&sql).await.to_string();
+        let order: String = sql
+            .query_one(
+                "insert into orders (user_id, stripe_checkout_session_id, session_created_at)
+                 values ($1::text::uuid, 'cs_test_live', now() - interval '1 minute')
+                 returning id::text",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let event = fixtures::checkout_event(
+            "checkout.session.completed",
+            "cs_test_live",
+            &order,
+            &user,
+            "paid",
+        );
+        let body = fixtures::body(&event);
+        let state = webhook::State {
+            store,
+            config: webhook::Config {
+                store: StoreConfig::PostgRest {
+                    url: rest.uri(),
+                    service_key: Secret::new(KEY),
+                },
+                secrets: vec![Secret::new("whsec_rest")],
+                tolerance: Duration::from_secs(300),
+                stripe_mode: StripeMode::Test,
+                max_body_bytes: 1 << 20,
+            },
+            metrics: Metrics::in_memory("webhook").0,
+        };
+        let deliver = || {
+            FunctionUrlRequest::post("/", &body)
+                .header("stripe-signature", &fixtures::sign(&body, "whsec_rest"))
+                .into_request()
+                .unwrap()
+        };
+
+        let first = webhook::handle(&state, deliver()).await;
+        let again = webhook::handle(&state, deliver()).await;
+
+        assert_eq!(first.status(), 200);
+        assert_eq!(fixtures::json_body(&first)["outcome"], "applied");
+        assert_eq!(again.status(), 200);
+        assert_eq!(fixtures::json_body(&again)["outcome"], "duplicate");
+        let row = sql
+            .query_one(
+                "select status, (select count(*) from stripe_events where id = $2)
+                 from orders where id = $1::text::uuid",
+                &[&order, &event["id"].as_str().unwrap()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "paid");
+        assert_eq!(row.get::<_, i64>(1), 1);
+    }
+
+    #[tokio::test]
+    async fn checkout_functions_bind_typed_arguments_through_postgrest() {
+        let (db, _rest, store) = live().await;
+        let sql = db.client().await;
+        let user = db.create_user(&sql).await;
+
+        let limits = shared::store::orders::BeginLimits {
+            per_window: Some(10),
+            window_s: 60,
+            lease_s: 30,
+            session_ttl_s: 7200,
+        };
+
+        let begun = store
+            .checkout_begin(user, shared::store::orders::FULL_REPORT, limits)
+            .await
+            .unwrap();
+        let again = store
+            .checkout_begin(user, shared::store::orders::FULL_REPORT, limits)
+            .await
+            .unwrap();
+
+        let orders: i64 = sql
+            .query_one("select count(*) from orders where user_id = $1", &[&user])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(orders, 1);
+        assert!(
+            matches!(begun, shared::store::orders::Begin::CreateSession { .. }),
+            "{begun:?}"
+        );
+        assert!(
+            !matches!(again, shared::store::orders::Begin::CreateSession { .. }),
+            "the lease is held: {again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_carry_postgrest_codes_and_statuses() {
+        let (_db, _rest, store) = live().await;
+
+        let missing = store
+            .call(Call {
+                function: "no_such_function",
+                args: vec![("p_x", Arg::Int(Some(1)))],
+            })
+            .await
+            .unwrap_err();
+        let bad_type = store
+            .call(Call {
+                function: "chat_admit",
+                args: vec![
+                    ("p_user", Arg::Text("not-a-uuid")),
+                    ("p_cache_key", Arg::Text("k")),
+                    ("p_limit", Arg::Int(Some(1))),
+                    ("p_window_s", Arg::Int(Some(60))),
+                ],
+            })
+            .await
+            .unwrap_err();
+        let unknown_argument = store
+            .call(Call {
+                function: "chat_admit",
+                args: vec![("p_nope", Arg::Int(Some(1)))],
+            })
+            .await
+            .unwrap_err();
+
+        assert!(
+            matches!(&missing, StoreError::Database { code, .. } if code == "PGRST202"),
+            "{missing:?}"
+        );
+        assert!(
+            matches!(&bad_type, StoreError::Database { code, .. } if code == "22P02"),
+            "{bad_type:?}"
+        );
+        assert!(
+            matches!(&unknown_argument, StoreError::Database { code, .. } if code == "PGRST202"),
+            "{unknown_argument:?}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 pub mod db;
 pub mod fixtures;
 pub mod llm_fake;
+pub mod postgrest;
 pub mod proxy;
 pub mod runtime_api;
 pub mod storm;
