@@ -10,13 +10,35 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use testkit::fixtures::{self, FunctionUrlRequest};
-use testkit::runtime_api::RuntimeApi;
+use testkit::postgrest::PostgRest;
+use testkit::runtime_api::{Outcome, RuntimeApi};
 use tokio_postgres::Client;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const WEBHOOK_SECRET: &str = "whsec_bench";
 const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-0123";
+const SERVICE_KEY: &str = "bench-service-role-key";
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One function implementation to run: a Rust release binary (direct PostgreSQL or through the
+/// PostgREST stand-in) or the Node.js baseline (supabase-js through the PostgREST stand-in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Impl {
+    RustDirect,
+    RustRest,
+    Node,
+}
+
+impl Impl {
+    fn label(self) -> &'static str {
+        match self {
+            Impl::RustDirect => "Rust, direct PostgreSQL",
+            Impl::RustRest => "Rust, PostgREST",
+            Impl::Node => "Node.js, supabase-js",
+        }
+    }
+}
 
 struct Process {
     child: tokio::process::Child,
@@ -24,146 +46,511 @@ struct Process {
     pid: u32,
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the command: state is [0]; utime is field 14 overall -> [11], stime [12].
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
+impl Process {
+    /// Sends one event and waits for the answer; panics on a missing answer or an unexpected
+    /// status, so a benchmark never times error paths by accident.
+    async fn invoke(&mut self, event: String, expect: &Expect) -> Outcome {
+        self.api.invoke(event).await;
+        let outcome = tokio::select! {
+            outcome = self.api.outcome(ANSWER_TIMEOUT) => outcome
+                .unwrap_or_else(|| panic!("no answer from pid {} within {ANSWER_TIMEOUT:?}", self.pid)),
+            status = self.child.wait() => panic!("pid {} exited before answering: {status:?}", self.pid),
+        };
+        expect.check(&outcome);
+        outcome
+    }
+
+    /// CPU time used so far by all the process's threads (scheduler statistics, nanoseconds).
+    fn cpu_ns(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+            })
             .unwrap_or(0)
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmHWM:")
-                .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
-        })
-        .unwrap_or(0)
-}
-
-async fn spawn(binary: &str, env: &[(&str, String)]) -> (Process, Instant) {
-    let api = RuntimeApi::start().await;
-    let mut command = tokio::process::Command::new(binary);
-    command
-        .env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", api.addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_LEVEL", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        command.env(k, v);
     }
-    let started = Instant::now();
-    let child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-    let pid = child.id().unwrap_or(0);
-    (Process { child, api, pid }, started)
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }
 
-struct Row {
-    function: &'static str,
-    branch: &'static str,
-    p50_us: f64,
-    p99_us: f64,
-    cpu_us: f64,
+/// What an answer must look like.
+struct Expect {
+    status: u16,
+    /// `x-chat-source` must be this.
+    source: Option<&'static str>,
 }
 
-async fn branch(
-    process: &mut Process,
-    sql: &Client,
-    db: &str,
-    function: &'static str,
-    name: &'static str,
-    n: usize,
-    mut event: impl FnMut(usize) -> String,
-) -> Row {
-    let _ = (sql, db);
-    let before_cpu = cpu_ticks(process.pid);
-    let mut times = Vec::with_capacity(n);
-    for i in 0..n {
-        process.api.invoke(event(i)).await;
-        let outcome = process
-            .api
-            .outcome(Duration::from_secs(20))
+impl Expect {
+    const fn status(status: u16) -> Expect {
+        Expect {
+            status,
+            source: None,
+        }
+    }
+
+    fn check(&self, outcome: &Outcome) {
+        let head: serde_json::Value = match &outcome.prelude {
+            Some(prelude) => serde_json::from_str(prelude).unwrap_or_default(),
+            None => serde_json::from_slice(&outcome.body).unwrap_or_default(),
+        };
+        let status = head["statusCode"].as_u64().unwrap_or(0);
+        let source = head["headers"]["x-chat-source"].as_str();
+        let body = String::from_utf8_lossy(&outcome.body);
+        assert!(
+            outcome.kind == "response" && status == u64::from(self.status),
+            "expected {} got {} {status}: {}",
+            self.status,
+            outcome.kind,
+            body.chars().take(400).collect::<String>()
+        );
+        if let Some(want) = self.source {
+            assert_eq!(source, Some(want), "x-chat-source: {}", body.chars().take(400).collect::<String>());
+        }
+    }
+}
+
+/// Everything the functions talk to, shared by every run.
+struct Upstreams {
+    db: testkit::db::TestDb,
+    sql: Client,
+    stripe: testkit::stripe_fake::FakeStripe,
+    openai: MockServer,
+    rest: PostgRest,
+    node_dir: Option<String>,
+    bin_dir: String,
+}
+
+impl Upstreams {
+    fn env(&self, which: Impl, function: &str) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
+            ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ("STRIPE_SECRET_KEY", testkit::stripe_fake::KEY.to_owned()),
+            ("STRIPE_API_BASE", self.stripe.uri()),
+            ("STRIPE_FULL_REPORT_PRICE_ID", "price_bench".to_owned()),
+            ("CHECKOUT_RATE_LIMIT_PER_MIN", "10000".to_owned()),
+            ("CHAT_RATE_LIMIT_PER_MIN", "100000".to_owned()),
+            ("OPENAI_BASE_URL", format!("{}/v1", self.openai.uri())),
+        ];
+        if function == "chat" {
+            env.push(("OPENAI_API_KEY", "sk-bench".to_owned()));
+        }
+        match which {
+            Impl::RustDirect => env.push(("DATABASE_URL", self.db.url.clone())),
+            Impl::RustRest | Impl::Node => {
+                env.push(("SUPABASE_URL", self.rest.uri()));
+                env.push(("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()));
+            }
+        }
+        env
+    }
+
+    fn command(&self, which: Impl, function: &str) -> (String, Vec<String>) {
+        match which {
+            Impl::RustDirect | Impl::RustRest => (format!("{}/{function}", self.bin_dir), vec![]),
+            Impl::Node => (
+                "node".to_owned(),
+                vec![format!(
+                    "{}/{function}.js",
+                    self.node_dir.as_deref().unwrap_or("bench/node/dist")
+                )],
+            ),
+        }
+    }
+
+    async fn spawn(&self, which: Impl, function: &str, extra: &[(&str, &str)]) -> (Process, Instant) {
+        let api = RuntimeApi::start().await;
+        let (program, args) = self.command(which, function);
+        // BENCH_WRAP="strace -f -ttt -o /tmp/trace" runs the function under a tracer or profiler.
+        let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(tool) => {
+                let mut c = tokio::process::Command::new(tool);
+                c.args(words).arg(&program);
+                c
+            }
+            None => tokio::process::Command::new(&program),
+        };
+        command
+            .args(&args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_LAMBDA_RUNTIME_API", api.addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", function)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_LOG_LEVEL", "error")
+            .env("NODE_ENV", "production")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in self.env(which, function) {
+            command.env(k, v);
+        }
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let started = Instant::now();
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        let pid = child.id().unwrap_or(0);
+        (Process { child, api, pid }, started)
+    }
+
+    /// `n` new users (auth.users rows).
+    async fn users(&self, n: usize) -> Vec<String> {
+        self.sql
+            .query(
+                "insert into auth.users (id, email)
+                 select id, replace(id::text, '-', '') || '@example.com'
+                 from (select gen_random_uuid() as id from generate_series(1, $1::int)) u
+                 returning id::text",
+                &[&(n as i32)],
+            )
             .await
-            .expect("answer");
-        times.push(outcome.total().as_secs_f64() * 1e6);
+            .expect("users")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
-    let cpu = cpu_ticks(process.pid) - before_cpu;
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let ticks_per_s = 100.0;
-    Row {
-        function,
-        branch: name,
-        p50_us: times[times.len() / 2],
-        p99_us: times[(times.len() * 99 / 100).min(times.len() - 1)],
-        cpu_us: cpu as f64 / ticks_per_s * 1e6 / n as f64,
+
+    async fn paid_user(&self) -> String {
+        let user = self.users(1).await.remove(0);
+        self.sql
+            .execute(
+                "insert into orders (user_id, status, paid_at) values ($1::text::uuid, 'paid', now())",
+                &[&user],
+            )
+            .await
+            .expect("paid order");
+        user
     }
 }
 
-/// Sends the first event of a fresh process: (name, spawn to first response, spawn to first
-/// `next`, binary path).
-async fn first_invocation(
-    process: &mut Process,
-    started: Instant,
-    name: &'static str,
-    binary: &str,
-    event: String,
-) -> (&'static str, Duration, Duration, String) {
-    process.api.invoke(event).await;
-    let first = process
-        .api
-        .outcome(Duration::from_secs(20))
-        .await
-        .expect("first answer");
-    (
-        name,
-        first.finished.duration_since(started),
-        first.handed_out.duration_since(started),
-        binary.to_owned(),
+/// `iss` of the tokens: the PostgREST stand-in's Auth URL, which the functions check when they
+/// are given `SUPABASE_URL` (and ignore otherwise).
+static ISSUER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn token(user: &str) -> String {
+    testkit::tokens::hs256(
+        &testkit::tokens::user_claims(user, ISSUER.get().map(String::as_str)),
+        JWT_SECRET.as_bytes(),
     )
 }
 
-fn webhook_event(secret: &str, event: &serde_json::Value) -> String {
+fn webhook_event(event: &serde_json::Value) -> String {
     let body = fixtures::body(event);
     FunctionUrlRequest::post("/", &body)
-        .header("stripe-signature", &fixtures::sign(&body, secret))
+        .header("stripe-signature", &fixtures::sign(&body, WEBHOOK_SECRET))
         .event()
         .to_string()
 }
 
-fn bearer_event(token: &str, body: &str) -> String {
+fn invoice() -> serde_json::Value {
+    let mut e = fixtures::load("stripe/invoice.paid.dahlia.json");
+    fixtures::set(&mut e, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut e, "/created", json!(fixtures::now()));
+    e
+}
+
+fn bearer_event(user: &str, body: &str) -> String {
     FunctionUrlRequest::post("/", body.as_bytes())
-        .bearer(token)
+        .bearer(&token(user))
         .event()
         .to_string()
+}
+
+fn chat_event(user: &str, text: &str) -> String {
+    bearer_event(
+        user,
+        &json!({"messages": [{"role": "user", "content": text}]}).to_string(),
+    )
+}
+
+/// The first (cold) event of a function, for a fresh user where one is needed.
+async fn cold_event(up: &Upstreams, function: &str) -> (String, Expect) {
+    match function {
+        "webhook" => (webhook_event(&invoice()), Expect::status(200)),
+        "checkout" => {
+            let user = up.users(1).await.remove(0);
+            (bearer_event(&user, ""), Expect::status(200))
+        }
+        _ => {
+            let user = up.users(1).await.remove(0);
+            (
+                chat_event(&user, &format!("cold {}", uuid::Uuid::new_v4())),
+                Expect {
+                    status: 200,
+                    source: Some("llm"),
+                },
+            )
+        }
+    }
+}
+
+/// Cold starts of one function, implementations alternated run by run.
+struct Cold {
+    total_ms: Vec<f64>,
+    init_ms: Vec<f64>,
+}
+
+async fn cold_starts(up: &Upstreams, function: &str, impls: &[Impl], runs: usize) -> Vec<Cold> {
+    let mut out: Vec<Cold> = impls
+        .iter()
+        .map(|_| Cold {
+            total_ms: vec![],
+            init_ms: vec![],
+        })
+        .collect();
+    for _ in 0..runs {
+        for (k, which) in impls.iter().enumerate() {
+            let (event, expect) = cold_event(up, function).await;
+            let (mut p, started) = up.spawn(*which, function, &[]).await;
+            let first = p.invoke(event, &expect).await;
+            out[k]
+                .total_ms
+                .push(first.finished.duration_since(started).as_secs_f64() * 1e3);
+            out[k]
+                .init_ms
+                .push(first.handed_out.duration_since(started).as_secs_f64() * 1e3);
+            p.stop().await;
+        }
+    }
+    out
+}
+
+/// Warm latency and CPU of one branch in one running process.
+#[derive(Default, Clone)]
+struct Warm {
+    micros: Vec<f64>,
+    cpu_ns: u64,
+}
+
+impl Warm {
+    fn p(&self, q: usize) -> f64 {
+        let mut v = self.micros.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get((v.len() * q / 100).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    fn cpu_us(&self) -> f64 {
+        self.cpu_ns as f64 / 1e3 / self.micros.len().max(1) as f64
+    }
+}
+
+/// One benchmarked branch: its name, the expected answer, and the i-th event for a process.
+struct Branch<'a> {
+    name: &'static str,
+    expect: Expect,
+    event: Box<dyn FnMut(usize, usize) -> String + 'a>,
+}
+
+/// Runs every branch of `function` in one process per implementation, the implementations
+/// interleaved in chunks so that they see the same machine; returns per-branch figures and each
+/// process's peak RSS.
+async fn warm_runs(
+    up: &Upstreams,
+    function: &str,
+    impls: &[Impl],
+    extra: &[(&str, &str)],
+    mut branches: Vec<Branch<'_>>,
+    n: usize,
+) -> (Vec<(&'static str, Vec<Warm>)>, Vec<u64>) {
+    let mut processes = Vec::new();
+    for which in impls {
+        let (mut p, _) = up.spawn(*which, function, extra).await;
+        // Let the process finish its cold start outside the measurements.
+        let (event, expect) = cold_event(up, function).await;
+        if extra.is_empty() {
+            p.invoke(event, &expect).await;
+        }
+        processes.push(p);
+    }
+    let chunk = 50;
+    let mut rows = Vec::new();
+    for branch in &mut branches {
+        let mut figures = vec![Warm::default(); impls.len()];
+        let mut done = 0;
+        while done < n {
+            let take = chunk.min(n - done);
+            for (k, p) in processes.iter_mut().enumerate() {
+                let before = p.cpu_ns();
+                for i in done..done + take {
+                    let outcome = p.invoke((branch.event)(k, i), &branch.expect).await;
+                    figures[k].micros.push(outcome.total().as_secs_f64() * 1e6);
+                }
+                figures[k].cpu_ns += p.cpu_ns() - before;
+            }
+            done += take;
+        }
+        rows.push((branch.name, figures));
+    }
+    let rss = processes.iter().map(Process::peak_rss_kib).collect();
+    for p in processes {
+        p.stop().await;
+    }
+    (rows, rss)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The branches of each function, events drawn from `users`: fresh ones per implementation
+/// where a branch needs them.
+async fn branches<'a>(
+    up: &Upstreams,
+    function: &str,
+    impls: usize,
+    n: usize,
+    rules: bool,
+) -> Vec<Branch<'a>> {
+    match function {
+        "webhook" => {
+            let dup = invoice();
+            vec![
+                Branch {
+                    name: "new event",
+                    expect: Expect::status(200),
+                    event: Box::new(|_, _| webhook_event(&invoice())),
+                },
+                Branch {
+                    name: "duplicate event",
+                    expect: Expect::status(200),
+                    event: Box::new(move |_, _| webhook_event(&dup)),
+                },
+            ]
+        }
+        "checkout" => {
+            let fresh = up.users(n * impls).await;
+            let reuse = up.users(impls).await;
+            let mut paid = Vec::new();
+            for _ in 0..impls {
+                paid.push(up.paid_user().await);
+            }
+            vec![
+                Branch {
+                    name: "new session",
+                    expect: Expect::status(200),
+                    event: Box::new(move |k, i| bearer_event(&fresh[k * n + i], "")),
+                },
+                Branch {
+                    name: "reused session",
+                    expect: Expect::status(200),
+                    event: Box::new(move |k, _| bearer_event(&reuse[k], "")),
+                },
+                Branch {
+                    name: "already paid",
+                    expect: Expect::status(409),
+                    event: Box::new(move |k, _| bearer_event(&paid[k], "")),
+                },
+            ]
+        }
+        _ if rules => {
+            let askers = up.users(impls).await;
+            vec![Branch {
+                name: "rules (no key)",
+                expect: Expect {
+                    status: 200,
+                    source: Some("rules"),
+                },
+                event: Box::new(move |k, i| {
+                    chat_event(&askers[k], &format!("how much is the full report {i}"))
+                }),
+            }]
+        }
+        _ => {
+            let askers = up.users(impls).await;
+            let again = askers.clone();
+            vec![
+                Branch {
+                    name: "llm",
+                    expect: Expect {
+                        status: 200,
+                        source: Some("llm"),
+                    },
+                    event: Box::new(move |k, i| chat_event(&askers[k], &format!("question {i}"))),
+                },
+                Branch {
+                    name: "cache",
+                    expect: Expect {
+                        status: 200,
+                        source: Some("cache"),
+                    },
+                    event: Box::new(move |k, _| chat_event(&again[k], "question 0")),
+                },
+            ]
+        }
+    }
+}
+
+/// Connecting to PostgreSQL and the first call in a new server session: the floor under a cold
+/// start with a direct connection (median of `runs`).
+async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
+    let (mut connect, mut first, mut warm) = (vec![], vec![], vec![]);
+    let call = "select public.apply_stripe_event($1::jsonb, $2::jsonb, '{\"kind\":\"ignored\"}'::jsonb)";
+    for _ in 0..runs {
+        let started = Instant::now();
+        let (client, connection) = tokio_postgres::connect(&up.db.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let task = tokio::spawn(connection);
+        connect.push(started.elapsed().as_secs_f64() * 1e3);
+        for sample in [&mut first, &mut warm] {
+            let event = invoice();
+            let head = json!({"id": event["id"], "type": "invoice.paid", "created": fixtures::now(), "livemode": false});
+            let started = Instant::now();
+            client
+                .query_one(call, &[&tokio_postgres::types::Json(&head), &tokio_postgres::types::Json(&event)])
+                .await
+                .expect("apply_stripe_event");
+            sample.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        drop(client);
+        let _ = task.await;
+    }
+    (median(&connect), median(&first), median(&warm))
 }
 
 #[tokio::main]
 async fn main() {
     let mut bin_dir = "target/release".to_owned();
+    let mut node_dir = None;
     let mut warm = 1000usize;
+    let mut cold = 10usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
             ("--bin-dir", Some(v)) => bin_dir = v,
+            ("--node", Some(v)) => node_dir = Some(v),
             ("--warm", Some(v)) => warm = v.parse().unwrap_or(warm),
+            ("--cold", Some(v)) => cold = v.parse().unwrap_or(cold),
             _ => {
-                eprintln!("usage: lambda-bench [--bin-dir DIR] [--warm N]");
+                eprintln!(
+                    "usage: lambda-bench [--bin-dir DIR] [--node DIR_OF_BUNDLES] [--warm N] [--cold N]\n  \
+                     --node bench/node/dist adds the Node.js baseline, measured pair by pair"
+                );
                 std::process::exit(2);
             }
         }
@@ -174,211 +561,146 @@ async fn main() {
     let openai = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(
-            ResponseTemplate::new(200).set_body_json(testkit::llm_fake::completion(
-                "Hello from the fake upstream.",
-            )),
+            ResponseTemplate::new(200)
+                .set_body_json(testkit::llm_fake::completion("Hello from the fake upstream.")),
         )
         .mount(&openai)
         .await;
-    let common = vec![
-        ("DATABASE_URL", db.url.clone()),
-        ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
-        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
-        ("STRIPE_SECRET_KEY", testkit::stripe_fake::KEY.to_owned()),
-        ("STRIPE_API_BASE", stripe.uri()),
-        ("STRIPE_FULL_REPORT_PRICE_ID", "price_bench".to_owned()),
-        ("CHECKOUT_RATE_LIMIT_PER_MIN", "10000".to_owned()),
-        ("CHAT_RATE_LIMIT_PER_MIN", "100000".to_owned()),
-        ("OPENAI_BASE_URL", format!("{}/v1", openai.uri())),
-    ];
-    let mut users = Vec::new();
-    for _ in 0..(warm + 3) {
-        users.push(db.create_user(&sql).await.to_string());
+    let rest = PostgRest::start(&db.url, SERVICE_KEY).await;
+    let _ = ISSUER.set(format!("{}/auth/v1", rest.uri()));
+    let up = Upstreams {
+        db,
+        sql,
+        stripe,
+        openai,
+        rest,
+        node_dir,
+        bin_dir,
+    };
+    let mut impls = vec![Impl::RustDirect, Impl::RustRest];
+    if up.node_dir.is_some() {
+        impls.push(Impl::Node);
     }
-    let token = |u: &str| {
-        testkit::tokens::hs256(
-            &testkit::tokens::user_claims(u, None),
-            JWT_SECRET.as_bytes(),
-        )
-    };
-    let mut rows = Vec::new();
+    let functions = ["webhook", "checkout", "chat"];
+
     let mut colds = Vec::new();
+    let mut warms: Vec<(&str, &str, Vec<Warm>)> = Vec::new();
+    let mut rss = Vec::new();
+    for function in functions {
+        colds.push(cold_starts(&up, function, &impls, cold).await);
+        let list = branches(&up, function, impls.len(), warm, false).await;
+        let (rows, peak) = warm_runs(&up, function, &impls, &[], list, warm).await;
+        rss.push(peak);
+        warms.extend(rows.into_iter().map(|(b, f)| (function, b, f)));
+        if function == "chat" {
+            let list = branches(&up, function, impls.len(), warm, true).await;
+            let (rows, _) = warm_runs(
+                &up,
+                function,
+                &impls,
+                &[("CHAT_CACHE_TTL_S", "0"), ("OPENAI_API_KEY", "")],
+                list,
+                warm,
+            )
+            .await;
+            warms.extend(rows.into_iter().map(|(b, f)| (function, b, f)));
+        }
+    }
+    let floor = postgres_floor(&up, cold).await;
+    let trips = round_trips(&up.db, &up.stripe, &up.openai).await;
 
-    // webhook
-    let binary = format!("{bin_dir}/webhook");
-    let (mut p, started) = spawn(&binary, &common).await;
-    let invoice = |id: String| {
-        let mut e = fixtures::load("stripe/invoice.paid.dahlia.json");
-        fixtures::set(&mut e, "/id", json!(id));
-        fixtures::set(&mut e, "/created", json!(fixtures::now()));
-        e
-    };
-    colds.push(
-        first_invocation(
-            &mut p,
-            started,
-            "webhook",
-            &binary,
-            webhook_event(WEBHOOK_SECRET, &invoice(fixtures::event_id())),
-        )
-        .await,
+    let direct = 0;
+    println!(
+        "Lambda Runtime API stand-in, release binaries, median of {cold} cold starts and {warm} warm \
+         invocations per branch; production configuration (direct PostgreSQL)"
     );
-    rows.push(
-        branch(&mut p, &sql, &db.name, "webhook", "new event", warm, |_| {
-            webhook_event(WEBHOOK_SECRET, &invoice(fixtures::event_id()))
-        })
-        .await,
-    );
-    let dup = invoice(fixtures::event_id());
-    rows.push(
-        branch(
-            &mut p,
-            &sql,
-            &db.name,
-            "webhook",
-            "duplicate event",
-            warm,
-            |_| webhook_event(WEBHOOK_SECRET, &dup),
-        )
-        .await,
-    );
-    let webhook_rss = peak_rss_kib(p.pid);
-    let _ = p.child.kill().await;
-
-    // checkout
-    let binary = format!("{bin_dir}/checkout");
-    let (mut p, started) = spawn(&binary, &common).await;
-    colds.push(
-        first_invocation(
-            &mut p,
-            started,
-            "checkout",
-            &binary,
-            bearer_event(&token(&users[0]), ""),
-        )
-        .await,
-    );
-    let fresh: Vec<String> = users[3..].iter().map(|u| token(u)).collect();
-    rows.push(
-        branch(
-            &mut p,
-            &sql,
-            &db.name,
-            "checkout",
-            "new session",
-            warm,
-            |i| bearer_event(&fresh[i], ""),
-        )
-        .await,
-    );
-    let reuse = token(&users[0]);
-    rows.push(
-        branch(
-            &mut p,
-            &sql,
-            &db.name,
-            "checkout",
-            "reused session",
-            warm,
-            |_| bearer_event(&reuse, ""),
-        )
-        .await,
-    );
-    sql.execute(
-        "insert into orders (user_id, status, paid_at) values ($1::text::uuid, 'paid', now())",
-        &[&users[1]],
-    )
-    .await
-    .expect("paid order");
-    let paid = token(&users[1]);
-    rows.push(
-        branch(
-            &mut p,
-            &sql,
-            &db.name,
-            "checkout",
-            "already paid",
-            warm,
-            |_| bearer_event(&paid, ""),
-        )
-        .await,
-    );
-    let checkout_rss = peak_rss_kib(p.pid);
-    let _ = p.child.kill().await;
-
-    // chat
-    let binary = format!("{bin_dir}/chat");
-    let mut chat_env = common.clone();
-    chat_env.push(("OPENAI_API_KEY", "sk-bench".to_owned()));
-    let (mut p, started) = spawn(&binary, &chat_env).await;
-    let chat_token = token(&users[2]);
-    let ask = |text: String| {
-        bearer_event(
-            &chat_token,
-            &json!({"messages": [{"role": "user", "content": text}]}).to_string(),
-        )
-    };
-    colds.push(first_invocation(&mut p, started, "chat", &binary, ask("cold".into())).await);
-    rows.push(
-        branch(&mut p, &sql, &db.name, "chat", "llm", warm, |i| {
-            ask(format!("question {i}"))
-        })
-        .await,
-    );
-    rows.push(
-        branch(&mut p, &sql, &db.name, "chat", "cache", warm, |_| {
-            ask("question 0".into())
-        })
-        .await,
-    );
-    let chat_rss = peak_rss_kib(p.pid);
-    let _ = p.child.kill().await;
-    let mut rules_env = common.clone();
-    rules_env.push(("CHAT_CACHE_TTL_S", "0".to_owned()));
-    let (mut p, _) = spawn(&binary, &rules_env).await;
-    rows.push(
-        branch(
-            &mut p,
-            &sql,
-            &db.name,
-            "chat",
-            "rules (no key)",
-            warm,
-            |i| ask(format!("how much is the full report {i}")),
-        )
-        .await,
-    );
-    let _ = p.child.kill().await;
-
-    println!("Lambda Runtime API stand-in, release binaries, {warm} warm invocations per branch");
     println!();
     println!("| function | cold start (spawn to first response) | of which init (spawn to first `next`) | peak RSS | stripped binary |");
     println!("|---|---|---|---|---|");
-    for ((name, cold, init, path), rss) in colds.iter().zip([webhook_rss, checkout_rss, chat_rss]) {
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    for ((function, c), peak) in functions.iter().zip(&colds).zip(&rss) {
+        let size = std::fs::metadata(format!("{}/{function}", up.bin_dir))
+            .map(|m| m.len())
+            .unwrap_or(0);
         println!(
-            "| {name} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.2} MB |",
-            cold.as_secs_f64() * 1000.0,
-            init.as_secs_f64() * 1000.0,
-            rss as f64 / 1024.0,
+            "| {function} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.2} MB |",
+            median(&c[direct].total_ms),
+            median(&c[direct].init_ms),
+            peak[direct] as f64 / 1024.0,
             size as f64 / 1e6
         );
     }
     println!();
-    let trips = round_trips(&db, &stripe, &openai, &users).await;
+    println!(
+        "PostgreSQL floor under a direct cold start (median of {cold}): connect {:.2} ms, first \
+         `apply_stripe_event` in the new session {:.2} ms, the same call warm {:.2} ms",
+        floor.0, floor.1, floor.2
+    );
+    println!();
     println!("| function | branch | p50 | p99 | CPU per invocation | DB round trips |");
     println!("|---|---|---|---|---|---|");
-    for r in rows {
+    for (function, branch, figures) in &warms {
         let counted = trips
             .iter()
-            .find(|(f, b, _)| *f == r.function && *b == r.branch)
+            .find(|(f, b, _)| f == function && b == branch)
             .map(|t| t.2.to_string())
             .unwrap_or_else(|| "?".into());
+        let w = &figures[direct];
         println!(
-            "| {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {counted} |",
-            r.function, r.branch, r.p50_us, r.p99_us, r.cpu_us
+            "| {function} | {branch} | {:.0} µs | {:.0} µs | {:.0} µs | {counted} |",
+            w.p(50),
+            w.p(99),
+            w.cpu_us()
         );
     }
+    if impls.contains(&Impl::Node) {
+        let (r, n) = (1, 2);
+        println!();
+        println!(
+            "Node.js baseline (bench/node) against {} with the same fakes, runtime stand-in and \
+             PostgREST stand-in, measured pair by pair in this run",
+            impls[r].label()
+        );
+        println!();
+        println!("| figure | Rust | Node.js | Node / Rust |");
+        println!("|---|---|---|---|");
+        let row = |name: String, rust: f64, node: f64, unit: &str| {
+            println!(
+                "| {name} | {rust:.2} {unit} | {node:.2} {unit} | {:.1}x |",
+                node / rust.max(f64::MIN_POSITIVE)
+            );
+        };
+        for (function, c) in functions.iter().zip(&colds) {
+            row(
+                format!("{function} cold start"),
+                median(&c[r].total_ms),
+                median(&c[n].total_ms),
+                "ms",
+            );
+        }
+        for (function, peak) in functions.iter().zip(&rss) {
+            row(
+                format!("{function} peak RSS"),
+                peak[r] as f64 / 1024.0,
+                peak[n] as f64 / 1024.0,
+                "MiB",
+            );
+        }
+        for (function, branch, figures) in &warms {
+            row(
+                format!("{function} {branch} p50"),
+                figures[r].p(50),
+                figures[n].p(50),
+                "µs",
+            );
+            row(
+                format!("{function} {branch} CPU"),
+                figures[r].cpu_us(),
+                figures[n].cpu_us(),
+                "µs",
+            );
+        }
+    }
+    let _ = Impl::label;
 }
 
 /// Database round trips per request of each branch, counted at the store (`Store::round_trips`)
@@ -387,7 +709,6 @@ async fn round_trips(
     db: &testkit::db::TestDb,
     stripe: &testkit::stripe_fake::FakeStripe,
     openai: &MockServer,
-    users: &[String],
 ) -> Vec<(&'static str, &'static str, u64)> {
     use shared::config::{Secret, StoreConfig, StripeMode};
     use shared::store::Store;
@@ -416,10 +737,11 @@ async fn round_trips(
         let before = store.round_trips();
         let request: lambda_http::Request = serde_json::from_str::<
             lambda_http::request::LambdaRequest,
-        >(&webhook_event(WEBHOOK_SECRET, &event))
+        >(&webhook_event(&event))
         .map(|l| shared::lambda::into_request(l, lambda_http::Context::default()).expect("request"))
         .expect("event");
-        webhook::handle(&webhook, request).await;
+        let response = webhook::handle(&webhook, request).await;
+        assert_eq!(response.status(), 200, "webhook {name}");
         out.push(("webhook", name, store.round_trips() - before));
     }
     let env = |k: &str| -> Option<String> {
@@ -442,11 +764,7 @@ async fn round_trips(
     checkout.metrics = shared::telemetry::Metrics::in_memory("checkout").0;
     let buyer = db.create_user(&sql).await.to_string();
     let request = |user: &str| {
-        let event = bearer_event(
-            &testkit::tokens::hs256(
-                &testkit::tokens::user_claims(user, None),
-                JWT_SECRET.as_bytes(),
-            ),
+        let event = bearer_event(&user,
             "",
         );
         shared::lambda::into_request(
@@ -455,7 +773,6 @@ async fn round_trips(
         )
         .expect("request")
     };
-    let _ = users;
     let payer = db.create_user(&sql).await.to_string();
     sql.execute(
         "insert into orders (user_id, status, paid_at) values ($1::text::uuid, 'paid', now())",
@@ -469,7 +786,9 @@ async fn round_trips(
         ("already paid", payer),
     ] {
         let before = checkout.store.round_trips();
-        checkout::handle(&checkout, request(&user)).await;
+        let response = checkout::handle(&checkout, request(&user)).await;
+        let expected = if name == "already paid" { 409 } else { 200 };
+        assert_eq!(response.status(), expected, "checkout {name}");
         out.push(("checkout", name, checkout.store.round_trips() - before));
     }
     let config = chat::Config::read(shared::config::EnvReader::new(env)).expect("chat config");
@@ -478,13 +797,7 @@ async fn round_trips(
     let chat = Arc::new(chat);
     let asker = db.create_user(&sql).await.to_string();
     let ask = |text: &str| {
-        let event = bearer_event(
-            &testkit::tokens::hs256(
-                &testkit::tokens::user_claims(&asker, None),
-                JWT_SECRET.as_bytes(),
-            ),
-            &json!({"messages": [{"role": "user", "content": text}]}).to_string(),
-        );
+        let event = chat_event(&asker, text);
         shared::lambda::into_request(
             serde_json::from_str(&event).expect("event"),
             lambda_http::Context::default(),
@@ -493,8 +806,9 @@ async fn round_trips(
     };
     for (name, text) in [("llm", "round trips?"), ("cache", "round trips?")] {
         let before = chat.store.round_trips();
-        let _ = chat::handle(chat.clone(), ask(text))
-            .await
+        let response = chat::handle(chat.clone(), ask(text)).await;
+        assert_eq!(response.status(), 200, "chat {name}");
+        let _ = response
             .into_body()
             .collect()
             .await;
@@ -512,8 +826,9 @@ async fn round_trips(
     rules.metrics = shared::telemetry::Metrics::in_memory("chat").0;
     let rules = Arc::new(rules);
     let before = rules.store.round_trips();
-    let _ = chat::handle(rules.clone(), ask("how much"))
-        .await
+    let response = chat::handle(rules.clone(), ask("how much")).await;
+    assert_eq!(response.status(), 200, "chat rules");
+    let _ = response
         .into_body()
         .collect()
         .await;

@@ -8,6 +8,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     shared::sentry::init_from_env(chat::ROUTE);
     let config = chat::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = Arc::new(chat::State::new(config).inspect_err(|e| tracing::error!("{e}"))?);
+    state.store.connect_early();
     state.verifier.prefetch().await;
     shared::lambda::run_streaming(|request| chat::handle(state.clone(), request)).await
 }

@@ -6,6 +6,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     shared::sentry::init_from_env(checkout::ROUTE);
     let config = checkout::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = checkout::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
+    state.store.connect_early();
     state.verifier.prefetch().await;
     shared::lambda::run(|request| checkout::handle(&state, request)).await
 }

@@ -6,5 +6,6 @@ async fn main() -> Result<(), lambda_http::Error> {
     shared::sentry::init_from_env(webhook::ROUTE);
     let config = webhook::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = webhook::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
+    state.store.connect_early();
     shared::lambda::run(|request| webhook::handle(&state, request)).await
 }

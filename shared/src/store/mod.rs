@@ -139,6 +139,15 @@ impl Store {
         self.round_trips.load(Ordering::Relaxed)
     }
 
+    /// Starts connecting now (direct PostgreSQL) so the first request does not wait for the whole
+    /// connection set-up; call it once at start-up, inside the runtime. The PostgREST backend
+    /// connects on its first request.
+    pub fn connect_early(&self) {
+        if let Backend::Postgres(pg) = &self.backend {
+            pg.connect_early();
+        }
+    }
+
     /// Calls a SQL function and returns its `jsonb` result.
     pub async fn call(&self, call: Call<'_>) -> Result<Value, StoreError> {
         let counter = &self.round_trips;

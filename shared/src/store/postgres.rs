@@ -26,6 +26,9 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct PgBackend {
     pool: Pool,
+    /// Held while the connection opened at start-up ([`PgBackend::connect_early`]) is being
+    /// made, so that the first call waits for it instead of opening a second one.
+    opening: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -67,7 +70,27 @@ impl PgBackend {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            opening: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// Starts opening one connection in the background, so that connecting overlaps the rest of
+    /// the cold start instead of following it. A failure is only logged: the first call connects
+    /// again. Needs a Tokio runtime.
+    pub fn connect_early(&self) {
+        let Ok(guard) = self.opening.clone().try_lock_owned() else {
+            return;
+        };
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            // Dropping the pooled object returns the open connection to the pool.
+            if let Err(e) = pool.get().await {
+                tracing::warn!(error = %e, "early database connection failed; the first call will retry");
+            }
+            drop(guard);
+        });
     }
 
     /// Runs one call. A connection found closed (the server restarted) is replaced and the call
@@ -88,6 +111,7 @@ impl PgBackend {
     }
 
     async fn call_once(&self, call: &Call<'_>, round_trips: &AtomicU64) -> Result<Value, Retry> {
+        drop(self.opening.lock().await);
         let client = self
             .pool
             .get()
