@@ -7,6 +7,9 @@
 //! - scalar results as JSON, `void` as `204 No Content`;
 //! - errors as `{code, message, details, hint}` with PostgREST's SQLSTATE to HTTP status table.
 //!
+//! Beside it, Supabase Auth's `GET /auth/v1/.well-known/jwks.json` answers an empty key set, as
+//! for a project still signing with the legacy HS256 secret.
+//!
 //! Not PostgREST: the only accepted key is the one given to [`PostgRest::start`] (sent as
 //! `apikey` and `Authorization: Bearer`), it is not decoded as a JWT, and tables, views, filters
 //! and set-returning functions are not served. Used by the PostgREST backend's tests and by the
@@ -131,6 +134,9 @@ fn error(
 }
 
 async fn serve(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() == Method::GET && request.uri().path() == "/auth/v1/.well-known/jwks.json" {
+        return reply(StatusCode::OK, Some(json!({"keys": []}).to_string()));
+    }
     let header = |name: &str| {
         request
             .headers()
