@@ -119,7 +119,12 @@ impl Expect {
             body.chars().take(400).collect::<String>()
         );
         if let Some(want) = self.source {
-            assert_eq!(source, Some(want), "x-chat-source: {}", body.chars().take(400).collect::<String>());
+            assert_eq!(
+                source,
+                Some(want),
+                "x-chat-source: {}",
+                body.chars().take(400).collect::<String>()
+            );
         }
     }
 }
@@ -173,7 +178,12 @@ impl Upstreams {
         }
     }
 
-    async fn spawn(&self, which: Impl, function: &str, extra: &[(&str, &str)]) -> (Process, Instant) {
+    async fn spawn(
+        &self,
+        which: Impl,
+        function: &str,
+        extra: &[(&str, &str)],
+    ) -> (Process, Instant) {
         let api = RuntimeApi::start().await;
         let (program, args) = self.command(which, function);
         // BENCH_WRAP="strace -f -ttt -o /tmp/trace" runs the function under a tracer or profiler.
@@ -509,7 +519,8 @@ async fn branches<'a>(
 /// start with a direct connection (median of `runs`).
 async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
     let (mut connect, mut first, mut warm) = (vec![], vec![], vec![]);
-    let call = "select public.apply_stripe_event($1::jsonb, $2::jsonb, '{\"kind\":\"ignored\"}'::jsonb)";
+    let call =
+        "select public.apply_stripe_event($1::jsonb, $2::jsonb, '{\"kind\":\"ignored\"}'::jsonb)";
     for _ in 0..runs {
         let started = Instant::now();
         let (client, connection) = tokio_postgres::connect(&up.db.url, tokio_postgres::NoTls)
@@ -522,7 +533,13 @@ async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
             let head = json!({"id": event["id"], "type": "invoice.paid", "created": fixtures::now(), "livemode": false});
             let started = Instant::now();
             client
-                .query_one(call, &[&tokio_postgres::types::Json(&head), &tokio_postgres::types::Json(&event)])
+                .query_one(
+                    call,
+                    &[
+                        &tokio_postgres::types::Json(&head),
+                        &tokio_postgres::types::Json(&event),
+                    ],
+                )
                 .await
                 .expect("apply_stripe_event");
             sample.push(started.elapsed().as_secs_f64() * 1e3);
@@ -561,8 +578,9 @@ async fn main() {
     let openai = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(testkit::llm_fake::completion("Hello from the fake upstream.")),
+            ResponseTemplate::new(200).set_body_json(testkit::llm_fake::completion(
+                "Hello from the fake upstream.",
+            )),
         )
         .mount(&openai)
         .await;
@@ -700,7 +718,6 @@ async fn main() {
             );
         }
     }
-    let _ = Impl::label;
 }
 
 /// Database round trips per request of each branch, counted at the store (`Store::round_trips`)
@@ -764,9 +781,7 @@ async fn round_trips(
     checkout.metrics = shared::telemetry::Metrics::in_memory("checkout").0;
     let buyer = db.create_user(&sql).await.to_string();
     let request = |user: &str| {
-        let event = bearer_event(&user,
-            "",
-        );
+        let event = bearer_event(user, "");
         shared::lambda::into_request(
             serde_json::from_str(&event).expect("event"),
             lambda_http::Context::default(),
@@ -808,10 +823,7 @@ async fn round_trips(
         let before = chat.store.round_trips();
         let response = chat::handle(chat.clone(), ask(text)).await;
         assert_eq!(response.status(), 200, "chat {name}");
-        let _ = response
-            .into_body()
-            .collect()
-            .await;
+        let _ = response.into_body().collect().await;
         out.push(("chat", name, chat.store.round_trips() - before));
     }
     let rules_config = chat::Config::read(shared::config::EnvReader::new(|k| {
@@ -828,10 +840,7 @@ async fn round_trips(
     let before = rules.store.round_trips();
     let response = chat::handle(rules.clone(), ask("how much")).await;
     assert_eq!(response.status(), 200, "chat rules");
-    let _ = response
-        .into_body()
-        .collect()
-        .await;
+    let _ = response.into_body().collect().await;
     out.push(("chat", "rules (no key)", rules.store.round_trips() - before));
     out
 }
