@@ -4,7 +4,9 @@
 //! before any handler runs and the caller sees a bare 502. This adapter checks the encoding first
 //! and answers 400 itself, then hands the request to `lambda_http`'s own conversion (so every
 //! `RequestExt` accessor keeps working) and turns the handler's response into the function-URL
-//! response shape.
+//! response shape. Events are read straight into the function-URL (HTTP API v2) shape in one
+//! JSON pass; `lambda_http`'s own `LambdaRequest` deserializer copies each event into a
+//! `RawValue` first and parses it a second time (see README, Benchmarks).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,7 +19,7 @@ use lambda_http::lambda_runtime::{MetadataPrelude, StreamResponse};
 
 use base64::Engine;
 use http::{Response, StatusCode};
-use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
+use lambda_http::aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Body, Context, LambdaEvent, Request, RequestExt};
 
@@ -31,9 +33,14 @@ where
 {
     let handler = &handler;
     lambda_http::lambda_runtime::run(lambda_http::lambda_runtime::service_fn(
-        move |event: LambdaEvent<LambdaRequest>| async move {
+        move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
             Ok::<_, Infallible>(into_function_url_response(
-                dispatch(handler, event.payload, event.context).await,
+                dispatch(
+                    handler,
+                    LambdaRequest::ApiGatewayV2(event.payload),
+                    event.context,
+                )
+                .await,
             ))
         },
     ))
@@ -138,12 +145,13 @@ where
 {
     let handler = &handler;
     lambda_http::lambda_runtime::run(lambda_http::lambda_runtime::service_fn(
-        move |event: LambdaEvent<LambdaRequest>| async move {
+        move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
             let request_id = event.context.request_id.clone();
-            let response = match into_request(event.payload, event.context) {
-                Ok(request) => handler(request).await,
-                Err(error) => error_stream(error, &request_id),
-            };
+            let response =
+                match into_request(LambdaRequest::ApiGatewayV2(event.payload), event.context) {
+                    Ok(request) => handler(request).await,
+                    Err(error) => error_stream(error, &request_id),
+                };
             Ok::<_, Infallible>(into_stream_response(response))
         },
     ))

@@ -72,6 +72,20 @@ impl Process {
             .sum()
     }
 
+    /// User and kernel CPU time so far, in clock ticks (`/proc/<pid>/stat`, 10 ms each).
+    fn user_sys_ticks(&self) -> (u64, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        // After the command: state is [0], utime [11], stime [12].
+        let field = |i: usize| fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (field(11), field(12))
+    }
+
     fn peak_rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .unwrap_or_default()
@@ -83,8 +97,17 @@ impl Process {
             .unwrap_or(0)
     }
 
+    /// SIGTERM first (a profiler wrapping the function writes its output), SIGKILL after 5 s.
     async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        let _ = std::process::Command::new("kill")
+            .arg(self.pid.to_string())
+            .status();
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
     }
 }
 
@@ -186,8 +209,14 @@ impl Upstreams {
     ) -> (Process, Instant) {
         let api = RuntimeApi::start().await;
         let (program, args) = self.command(which, function);
-        // BENCH_WRAP="strace -f -ttt -o /tmp/trace" runs the function under a tracer or profiler.
-        let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+        // BENCH_WRAP="strace -f -ttt -o /tmp/trace" runs the function under a tracer or profiler;
+        // BENCH_WRAP_ONLY=webhook limits that to one function.
+        let only = std::env::var("BENCH_WRAP_ONLY").unwrap_or_default();
+        let wrap = if only.is_empty() || only == function {
+            std::env::var("BENCH_WRAP").unwrap_or_default()
+        } else {
+            String::new()
+        };
         let mut words = wrap.split_whitespace();
         let mut command = match words.next() {
             Some(tool) => {
@@ -351,6 +380,9 @@ async fn cold_starts(up: &Upstreams, function: &str, impls: &[Impl], runs: usize
 struct Warm {
     micros: Vec<f64>,
     cpu_ns: u64,
+    /// Clock ticks in user and kernel mode, for the split of `cpu_ns`.
+    user_ticks: u64,
+    sys_ticks: u64,
 }
 
 impl Warm {
@@ -364,6 +396,11 @@ impl Warm {
 
     fn cpu_us(&self) -> f64 {
         self.cpu_ns as f64 / 1e3 / self.micros.len().max(1) as f64
+    }
+
+    /// The kernel's share of the CPU time (ticks are coarse: a rough split).
+    fn kernel_share(&self) -> f64 {
+        self.sys_ticks as f64 / (self.user_ticks + self.sys_ticks).max(1) as f64
     }
 }
 
@@ -387,13 +424,14 @@ async fn warm_runs(
 ) -> (Vec<(&'static str, Vec<Warm>)>, Vec<u64>) {
     let mut processes = Vec::new();
     for which in impls {
-        let (mut p, _) = up.spawn(*which, function, extra).await;
-        // Let the process finish its cold start outside the measurements.
-        let (event, expect) = cold_event(up, function).await;
-        if extra.is_empty() {
-            p.invoke(event, &expect).await;
-        }
+        let (p, _) = up.spawn(*which, function, extra).await;
         processes.push(p);
+    }
+    // The cold start happens outside the measurements: one event past the measured range.
+    if let Some(first) = branches.first_mut() {
+        for (k, p) in processes.iter_mut().enumerate() {
+            p.invoke((first.event)(k, n), &first.expect).await;
+        }
     }
     let chunk = 50;
     let mut rows = Vec::new();
@@ -404,11 +442,15 @@ async fn warm_runs(
             let take = chunk.min(n - done);
             for (k, p) in processes.iter_mut().enumerate() {
                 let before = p.cpu_ns();
+                let (user, sys) = p.user_sys_ticks();
                 for i in done..done + take {
                     let outcome = p.invoke((branch.event)(k, i), &branch.expect).await;
                     figures[k].micros.push(outcome.total().as_secs_f64() * 1e6);
                 }
                 figures[k].cpu_ns += p.cpu_ns() - before;
+                let (user_after, sys_after) = p.user_sys_ticks();
+                figures[k].user_ticks += user_after - user;
+                figures[k].sys_ticks += sys_after - sys;
             }
             done += take;
         }
@@ -453,7 +495,7 @@ async fn branches<'a>(
             ]
         }
         "checkout" => {
-            let fresh = up.users(n * impls).await;
+            let fresh = up.users((n + 1) * impls).await;
             let reuse = up.users(impls).await;
             let mut paid = Vec::new();
             for _ in 0..impls {
@@ -463,7 +505,7 @@ async fn branches<'a>(
                 Branch {
                     name: "new session",
                     expect: Expect::status(200),
-                    event: Box::new(move |k, i| bearer_event(&fresh[k * n + i], "")),
+                    event: Box::new(move |k, i| bearer_event(&fresh[k * (n + 1) + i], "")),
                 },
                 Branch {
                     name: "reused session",
@@ -513,6 +555,43 @@ async fn branches<'a>(
             ]
         }
     }
+}
+
+/// The webhook against a PostgREST that answers `apply_stripe_event` at once: the function's own
+/// cost per warm invocation (Rust through its PostgREST backend, and the Node.js baseline).
+async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl, Warm)> {
+    let instant = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/rest/v1/rpc/apply_stripe_event"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"outcome": "duplicate", "detail": "already recorded"})),
+        )
+        .mount(&instant)
+        .await;
+    let which: Vec<Impl> = impls
+        .iter()
+        .copied()
+        .filter(|i| *i != Impl::RustDirect)
+        .collect();
+    let event = webhook_event(&invoice());
+    let branch = Branch {
+        name: "instant database",
+        expect: Expect::status(200),
+        event: Box::new(move |_, _| event.clone()),
+    };
+    let uri = instant.uri();
+    let (mut rows, _) = warm_runs(
+        up,
+        "webhook",
+        &which,
+        &[("SUPABASE_URL", &uri)],
+        vec![branch],
+        n,
+    )
+    .await;
+    let figures = rows.pop().map(|(_, f)| f).unwrap_or_default();
+    which.into_iter().zip(figures).collect()
 }
 
 /// Connecting to PostgreSQL and the first call in a new server session: the floor under a cold
@@ -624,6 +703,7 @@ async fn main() {
             warms.extend(rows.into_iter().map(|(b, f)| (function, b, f)));
         }
     }
+    let instant = instant_database(&up, &impls, warm).await;
     let floor = postgres_floor(&up, cold).await;
     let trips = round_trips(&up.db, &up.stripe, &up.openai).await;
 
@@ -668,6 +748,24 @@ async fn main() {
             w.p(50),
             w.p(99),
             w.cpu_us()
+        );
+    }
+    println!();
+    println!(
+        "Webhook with the database answering instantly (a constant PostgREST reply): what one warm \
+         invocation costs besides the database, through the same Runtime API stand-in"
+    );
+    println!();
+    println!("| implementation | p50 | p99 | CPU per invocation | of which in the kernel |");
+    println!("|---|---|---|---|---|");
+    for (which, w) in &instant {
+        println!(
+            "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0}% |",
+            which.label(),
+            w.p(50),
+            w.p(99),
+            w.cpu_us(),
+            w.kernel_share() * 100.0
         );
     }
     if impls.contains(&Impl::Node) {

@@ -164,27 +164,42 @@ impl Store {
         effect: &Effect,
         received_at_ms: i64,
     ) -> Result<ApplyOutcome, StoreError> {
-        let meta = serde_json::json!({
-            "id": event.id,
-            "type": event.type_,
-            "created": event.created,
-            "livemode": event.livemode,
-            "api_version": event.api_version,
-            "received_at_ms": received_at_ms,
-        });
-        let effect = serde_json::to_value(effect).map_err(|e| StoreError::Decode(e.to_string()))?;
+        // Serialized straight to JSON text: no intermediate `Value` to build, print and drop.
+        let meta = serde_json::value::to_raw_value(&EventMeta {
+            id: &event.id,
+            type_: &event.type_,
+            created: event.created,
+            livemode: event.livemode,
+            api_version: event.api_version.as_deref(),
+            received_at_ms,
+        })
+        .map_err(|e| StoreError::Decode(e.to_string()))?;
+        let effect = serde_json::value::to_raw_value(effect)
+            .map_err(|e| StoreError::Decode(e.to_string()))?;
         let result = self
             .call(Call {
                 function: "apply_stripe_event",
                 args: vec![
-                    ("p_event", Arg::Value(meta)),
+                    ("p_event", Arg::Json(&meta)),
                     ("p_payload", Arg::Json(event.raw)),
-                    ("p_effect", Arg::Value(effect)),
+                    ("p_effect", Arg::Json(&effect)),
                 ],
             })
             .await?;
         serde_json::from_value(result).map_err(|e| StoreError::Decode(e.to_string()))
     }
+}
+
+/// `p_event` of `apply_stripe_event`: the envelope fields the audit trail keeps.
+#[derive(Serialize)]
+struct EventMeta<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    type_: &'a str,
+    created: i64,
+    livemode: bool,
+    api_version: Option<&'a str>,
+    received_at_ms: i64,
 }
 
 /// What applying an event did.

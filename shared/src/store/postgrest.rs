@@ -85,30 +85,33 @@ impl RestBackend {
 
 /// The JSON body: each named argument, JSON arguments embedded verbatim.
 fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
-    let mut body = String::from("{");
+    let mut body = Vec::with_capacity(256);
+    body.push(b'{');
     for (i, (name, arg)) in call.args.iter().enumerate() {
         if i > 0 {
-            body.push(',');
+            body.push(b',');
         }
-        body.push_str(&serde_json::to_string(name).map_err(|e| StoreError::Decode(e.to_string()))?);
-        body.push(':');
-        let value = match arg {
-            Arg::Json(raw) => raw.get().to_owned(),
-            Arg::Value(v) => v.to_string(),
-            Arg::Text(t) => Value::from(*t).to_string(),
-            Arg::OptText(t) => Value::from(*t).to_string(),
-            Arg::Uuid(u) => Value::from(u.to_string()).to_string(),
-            Arg::Int(i) => Value::from(*i).to_string(),
-            Arg::BigInt(i) => Value::from(*i).to_string(),
-            Arg::Bool(b) => Value::from(*b).to_string(),
-            Arg::OptJson(v) => v
-                .as_ref()
-                .map_or_else(|| "null".to_owned(), Value::to_string),
-        };
-        body.push_str(&value);
+        let written = serde_json::to_writer(&mut body, name).and_then(|()| {
+            body.push(b':');
+            match arg {
+                Arg::Json(raw) => {
+                    body.extend_from_slice(raw.get().as_bytes());
+                    Ok(())
+                }
+                Arg::Value(v) => serde_json::to_writer(&mut body, v),
+                Arg::Text(t) => serde_json::to_writer(&mut body, t),
+                Arg::OptText(t) => serde_json::to_writer(&mut body, t),
+                Arg::Uuid(u) => serde_json::to_writer(&mut body, u),
+                Arg::Int(i) => serde_json::to_writer(&mut body, i),
+                Arg::BigInt(i) => serde_json::to_writer(&mut body, i),
+                Arg::Bool(b) => serde_json::to_writer(&mut body, b),
+                Arg::OptJson(v) => serde_json::to_writer(&mut body, v),
+            }
+        });
+        written.map_err(|e| StoreError::Decode(e.to_string()))?;
     }
-    body.push('}');
-    Ok(body)
+    body.push(b'}');
+    String::from_utf8(body).map_err(|e| StoreError::Decode(e.to_string()))
 }
 
 fn map_error(status: reqwest::StatusCode, error: PostgRestError) -> StoreError {
