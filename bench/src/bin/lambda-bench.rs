@@ -595,11 +595,12 @@ async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl
 }
 
 /// Connecting to PostgreSQL and the first call in a new server session: the floor under a cold
-/// start with a direct connection (median of `runs`).
+/// start with a direct connection (median of `runs`). The call is the webhook's own, for a new
+/// `invoice.paid` event, with the arguments the function sends.
 async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
     let (mut connect, mut first, mut warm) = (vec![], vec![], vec![]);
-    let call =
-        "select public.apply_stripe_event($1::jsonb, $2::jsonb, '{\"kind\":\"ignored\"}'::jsonb)";
+    let call = "select public.apply_stripe_event(p_event => $1::jsonb, p_payload => $2::jsonb, \
+                p_effect => $3::jsonb)";
     for _ in 0..runs {
         let started = Instant::now();
         let (client, connection) = tokio_postgres::connect(&up.db.url, tokio_postgres::NoTls)
@@ -608,15 +609,21 @@ async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
         let task = tokio::spawn(connection);
         connect.push(started.elapsed().as_secs_f64() * 1e3);
         for sample in [&mut first, &mut warm] {
-            let event = invoice();
-            let head = json!({"id": event["id"], "type": "invoice.paid", "created": fixtures::now(), "livemode": false});
+            let body = fixtures::body(&invoice());
+            let parsed = shared::stripe::events::parse(&body).expect("invoice event");
+            let effect = serde_json::to_value(parsed.event.effect()).expect("effect");
+            let head = json!({"id": parsed.id, "type": parsed.type_, "created": parsed.created,
+                              "livemode": parsed.livemode, "api_version": parsed.api_version,
+                              "received_at_ms": 0});
+            let payload: serde_json::Value = serde_json::from_slice(&body).expect("payload");
             let started = Instant::now();
             client
                 .query_one(
                     call,
                     &[
                         &tokio_postgres::types::Json(&head),
-                        &tokio_postgres::types::Json(&event),
+                        &tokio_postgres::types::Json(&payload),
+                        &tokio_postgres::types::Json(&effect),
                     ],
                 )
                 .await
