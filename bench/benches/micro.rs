@@ -111,10 +111,14 @@ fn webhook_without_database(c: &mut Criterion) {
     let (metrics, _) = shared::telemetry::Metrics::in_memory("webhook");
     c.bench_function("webhook_pipeline_without_db", |b| {
         b.iter(|| {
-            let lambda: lambda_http::request::LambdaRequest =
+            // As shared::lambda::run: the function-URL shape read directly, in one pass.
+            let lambda: lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequest =
                 serde_json::from_str(black_box(&event)).unwrap();
-            let request =
-                shared::lambda::into_request(lambda, lambda_http::Context::default()).unwrap();
+            let request = shared::lambda::into_request(
+                lambda_http::request::LambdaRequest::ApiGatewayV2(lambda),
+                lambda_http::Context::default(),
+            )
+            .unwrap();
             let body = request.body().as_ref();
             let sig = request.headers()["stripe-signature"].to_str().unwrap();
             signature::verify(
@@ -126,7 +130,8 @@ fn webhook_without_database(c: &mut Criterion) {
             )
             .unwrap();
             let parsed = shared::stripe::events::parse(body).unwrap();
-            let effect = serde_json::to_value(parsed.event.effect()).unwrap();
+            // As Store::apply_stripe_event: the effect serialized straight to JSON text.
+            let effect = serde_json::value::to_raw_value(&parsed.event.effect()).unwrap();
             let mut set = metrics.start();
             set.count("Received", 1);
             set.count_by("Processed", "EventType", &parsed.type_, 1);

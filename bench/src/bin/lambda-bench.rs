@@ -72,20 +72,6 @@ impl Process {
             .sum()
     }
 
-    /// User and kernel CPU time so far, in clock ticks (`/proc/<pid>/stat`, 10 ms each).
-    fn user_sys_ticks(&self) -> (u64, u64) {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        // After the command: state is [0], utime [11], stime [12].
-        let field = |i: usize| fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
-        (field(11), field(12))
-    }
-
     fn peak_rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .unwrap_or_default()
@@ -380,9 +366,6 @@ async fn cold_starts(up: &Upstreams, function: &str, impls: &[Impl], runs: usize
 struct Warm {
     micros: Vec<f64>,
     cpu_ns: u64,
-    /// Clock ticks in user and kernel mode, for the split of `cpu_ns`.
-    user_ticks: u64,
-    sys_ticks: u64,
 }
 
 impl Warm {
@@ -396,11 +379,6 @@ impl Warm {
 
     fn cpu_us(&self) -> f64 {
         self.cpu_ns as f64 / 1e3 / self.micros.len().max(1) as f64
-    }
-
-    /// The kernel's share of the CPU time (ticks are coarse: a rough split).
-    fn kernel_share(&self) -> f64 {
-        self.sys_ticks as f64 / (self.user_ticks + self.sys_ticks).max(1) as f64
     }
 }
 
@@ -442,15 +420,11 @@ async fn warm_runs(
             let take = chunk.min(n - done);
             for (k, p) in processes.iter_mut().enumerate() {
                 let before = p.cpu_ns();
-                let (user, sys) = p.user_sys_ticks();
                 for i in done..done + take {
                     let outcome = p.invoke((branch.event)(k, i), &branch.expect).await;
                     figures[k].micros.push(outcome.total().as_secs_f64() * 1e6);
                 }
                 figures[k].cpu_ns += p.cpu_ns() - before;
-                let (user_after, sys_after) = p.user_sys_ticks();
-                figures[k].user_ticks += user_after - user;
-                figures[k].sys_ticks += sys_after - sys;
             }
             done += take;
         }
@@ -763,16 +737,15 @@ async fn main() {
          invocation costs besides the database, through the same Runtime API stand-in"
     );
     println!();
-    println!("| implementation | p50 | p99 | CPU per invocation | of which in the kernel |");
-    println!("|---|---|---|---|---|");
+    println!("| implementation | p50 | p99 | CPU per invocation |");
+    println!("|---|---|---|---|");
     for (which, w) in &instant {
         println!(
-            "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0}% |",
+            "| {} | {:.0} µs | {:.0} µs | {:.0} µs |",
             which.label(),
             w.p(50),
             w.p(99),
             w.cpu_us(),
-            w.kernel_share() * 100.0
         );
     }
     if impls.contains(&Impl::Node) {
