@@ -28,6 +28,8 @@ enum Impl {
     RustDirect,
     RustRest,
     Node,
+    /// `noop-function`: the runtime client and adapter with a handler that answers at once.
+    RuntimeFloor,
 }
 
 impl Impl {
@@ -36,6 +38,7 @@ impl Impl {
             Impl::RustDirect => "Rust, direct PostgreSQL",
             Impl::RustRest => "Rust, PostgREST",
             Impl::Node => "Node.js, supabase-js",
+            Impl::RuntimeFloor => "Rust runtime floor (answers at once, no database call)",
         }
     }
 }
@@ -166,7 +169,7 @@ impl Upstreams {
         }
         match which {
             Impl::RustDirect => env.push(("DATABASE_URL", self.db.url.clone())),
-            Impl::RustRest | Impl::Node => {
+            Impl::RustRest | Impl::Node | Impl::RuntimeFloor => {
                 env.push(("SUPABASE_URL", self.rest.uri()));
                 env.push(("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()));
             }
@@ -177,6 +180,14 @@ impl Upstreams {
     fn command(&self, which: Impl, function: &str) -> (String, Vec<String>) {
         match which {
             Impl::RustDirect | Impl::RustRest => (format!("{}/{function}", self.bin_dir), vec![]),
+            Impl::RuntimeFloor => {
+                let here = std::env::current_exe().unwrap_or_default();
+                let dir = here
+                    .parent()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
+                (format!("{dir}/noop-function"), vec![])
+            }
             Impl::Node => (
                 "node".to_owned(),
                 vec![format!(
@@ -543,11 +554,12 @@ async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl
         )
         .mount(&instant)
         .await;
-    let which: Vec<Impl> = impls
+    let mut which: Vec<Impl> = impls
         .iter()
         .copied()
         .filter(|i| *i != Impl::RustDirect)
         .collect();
+    which.push(Impl::RuntimeFloor);
     let event = webhook_event(&invoice());
     let branch = Branch {
         name: "instant database",
