@@ -8,6 +8,7 @@ mod chat;
 mod checkout;
 mod faults;
 mod hostile;
+mod pooler;
 mod postgrest_contract;
 mod schema;
 mod secrets;

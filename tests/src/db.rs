@@ -11,6 +11,13 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
 }
 
+/// The local transaction-mode pooler in front of that server (`scripts/ensure-pgbouncer`):
+/// `TEST_POOLER_URL`, default PgBouncer on 127.0.0.1:6432.
+pub fn pooler_admin_url() -> String {
+    std::env::var("TEST_POOLER_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:6432/postgres?sslmode=disable".into())
+}
+
 /// `url` with its database name replaced by `database`.
 pub fn url_for(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {
@@ -84,6 +91,11 @@ impl TestDb {
             url: url_for(&admin, &name),
             name,
         }
+    }
+
+    /// This database through the transaction-mode pooler (see [`pooler_admin_url`]).
+    pub fn pooler_url(&self) -> String {
+        url_for(&pooler_admin_url(), &self.name)
     }
 
     /// A new connection to this database (as the superuser).

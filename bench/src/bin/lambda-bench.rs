@@ -30,6 +30,8 @@ enum Impl {
     Node,
     /// `noop-function`: the runtime client and adapter with a handler that answers at once.
     RuntimeFloor,
+    /// The Rust binary with `DATABASE_URL` through a transaction-mode pooler (PgBouncer).
+    RustPooled,
 }
 
 impl Impl {
@@ -39,6 +41,7 @@ impl Impl {
             Impl::RustRest => "Rust, PostgREST",
             Impl::Node => "Node.js, supabase-js",
             Impl::RuntimeFloor => "Rust runtime floor (answers at once, no database call)",
+            Impl::RustPooled => "Rust, PostgreSQL through PgBouncer (transaction mode)",
         }
     }
 }
@@ -150,6 +153,8 @@ struct Upstreams {
     rest: PostgRest,
     node_dir: Option<String>,
     bin_dir: String,
+    /// Server URL of a transaction-mode pooler in front of the same PostgreSQL.
+    pooler: Option<String>,
 }
 
 impl Upstreams {
@@ -169,6 +174,10 @@ impl Upstreams {
         }
         match which {
             Impl::RustDirect => env.push(("DATABASE_URL", self.db.url.clone())),
+            Impl::RustPooled => env.push((
+                "DATABASE_URL",
+                testkit::db::url_for(self.pooler.as_deref().unwrap_or_default(), &self.db.name),
+            )),
             Impl::RustRest | Impl::Node | Impl::RuntimeFloor => {
                 env.push(("SUPABASE_URL", self.rest.uri()));
                 env.push(("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()));
@@ -179,7 +188,9 @@ impl Upstreams {
 
     fn command(&self, which: Impl, function: &str) -> (String, Vec<String>) {
         match which {
-            Impl::RustDirect | Impl::RustRest => (format!("{}/{function}", self.bin_dir), vec![]),
+            Impl::RustDirect | Impl::RustRest | Impl::RustPooled => {
+                (format!("{}/{function}", self.bin_dir), vec![])
+            }
             Impl::RuntimeFloor => {
                 let here = std::env::current_exe().unwrap_or_default();
                 let dir = here
@@ -626,6 +637,7 @@ async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
 async fn main() {
     let mut bin_dir = "target/release".to_owned();
     let mut node_dir = None;
+    let mut pooler = None;
     let mut warm = 1000usize;
     let mut cold = 10usize;
     let mut args = std::env::args().skip(1);
@@ -633,12 +645,15 @@ async fn main() {
         match (arg.as_str(), args.next()) {
             ("--bin-dir", Some(v)) => bin_dir = v,
             ("--node", Some(v)) => node_dir = Some(v),
+            ("--pooler", Some(v)) => pooler = Some(v),
             ("--warm", Some(v)) => warm = v.parse().unwrap_or(warm),
             ("--cold", Some(v)) => cold = v.parse().unwrap_or(cold),
             _ => {
                 eprintln!(
-                    "usage: lambda-bench [--bin-dir DIR] [--node DIR_OF_BUNDLES] [--warm N] [--cold N]\n  \
-                     --node bench/node/dist adds the Node.js baseline, measured pair by pair"
+                    "usage: lambda-bench [--bin-dir DIR] [--node DIR_OF_BUNDLES] [--pooler URL] [--warm N] \
+                     [--cold N]\n  --node bench/node/dist adds the Node.js baseline, measured pair \
+                     by pair\n  --pooler postgres://postgres@127.0.0.1:6432/postgres adds cold \
+                     starts through that transaction-mode pooler (scripts/ensure-pgbouncer)"
                 );
                 std::process::exit(2);
             }
@@ -666,6 +681,7 @@ async fn main() {
         rest,
         node_dir,
         bin_dir,
+        pooler,
     };
     let mut impls = vec![Impl::RustDirect, Impl::RustRest];
     if up.node_dir.is_some() {
@@ -676,8 +692,12 @@ async fn main() {
     let mut colds = Vec::new();
     let mut warms: Vec<(&str, &str, Vec<Warm>)> = Vec::new();
     let mut rss = Vec::new();
+    let mut cold_impls = impls.clone();
+    if up.pooler.is_some() {
+        cold_impls.push(Impl::RustPooled);
+    }
     for function in functions {
-        colds.push(cold_starts(&up, function, &impls, cold).await);
+        colds.push(cold_starts(&up, function, &cold_impls, cold).await);
         let list = branches(&up, function, impls.len(), warm, false).await;
         let (rows, peak) = warm_runs(&up, function, &impls, &[], list, warm).await;
         rss.push(peak);
@@ -706,14 +726,21 @@ async fn main() {
          invocations per branch; production configuration (direct PostgreSQL)"
     );
     println!();
-    println!("| function | cold start (spawn to first response) | of which init (spawn to first `next`) | peak RSS | stripped binary |");
-    println!("|---|---|---|---|---|");
+    let pooled = cold_impls.iter().position(|i| *i == Impl::RustPooled);
+    println!(
+        "| function | cold start (spawn to first response) | of which init (spawn to first `next`) \
+         | cold start through PgBouncer (transaction mode) | peak RSS | stripped binary |"
+    );
+    println!("|---|---|---|---|---|---|");
     for ((function, c), peak) in functions.iter().zip(&colds).zip(&rss) {
         let size = std::fs::metadata(format!("{}/{function}", up.bin_dir))
             .map(|m| m.len())
             .unwrap_or(0);
+        let through_pooler = pooled
+            .map(|k| format!("{:.2} ms", median(&c[k].total_ms)))
+            .unwrap_or_else(|| "not run (--pooler)".into());
         println!(
-            "| {function} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.2} MB |",
+            "| {function} | {:.2} ms | {:.2} ms | {through_pooler} | {:.1} MiB | {:.2} MB |",
             median(&c[direct].total_ms),
             median(&c[direct].init_ms),
             peak[direct] as f64 / 1024.0,
