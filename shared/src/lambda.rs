@@ -59,26 +59,40 @@ where
     }
 }
 
-/// The request `lambda_http` would build, or 400 when the body claims base64 but is not.
+/// The request `lambda_http` would build, or 400 when the body claims base64 but is not. A base64
+/// body is decoded once, here (`lambda_http` would decode it again, with `expect`), and becomes the
+/// `Body::Binary` that `lambda_http` itself makes of it.
 pub fn into_request(event: LambdaRequest, context: Context) -> Result<Request, ApiError> {
     #[allow(irrefutable_let_patterns)]
-    if let LambdaRequest::ApiGatewayV2(ref v2) = event {
-        if v2.is_base64_encoded {
-            if let Some(body) = &v2.body {
-                if base64::engine::general_purpose::STANDARD
-                    .decode(body)
-                    .is_err()
-                {
-                    return Err(ApiError::new(
+    let LambdaRequest::ApiGatewayV2(mut v2) = event
+    else {
+        return Ok(Request::from(event).with_lambda_context(context));
+    };
+    let decoded = match (v2.is_base64_encoded, v2.body.take()) {
+        (true, Some(body)) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .map_err(|_| {
+                    ApiError::new(
                         StatusCode::BAD_REQUEST,
                         "invalid_body_encoding",
                         "the request body is flagged base64 but is not valid base64",
-                    ));
-                }
-            }
+                    )
+                })?,
+        ),
+        (_, body) => {
+            v2.body = body;
+            None
         }
+    };
+    if decoded.is_some() {
+        v2.is_base64_encoded = false;
     }
-    Ok(Request::from(event).with_lambda_context(context))
+    let mut request = Request::from(LambdaRequest::ApiGatewayV2(v2)).with_lambda_context(context);
+    if let Some(bytes) = decoded {
+        *request.body_mut() = Body::Binary(bytes);
+    }
+    Ok(request)
 }
 
 /// A response body sent through Lambda response streaming: one chunk, or chunks from a channel
@@ -272,7 +286,23 @@ mod tests {
         let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
         let request = into_request(event(&encoded, true), Context::default()).unwrap();
         assert_eq!(request.body().as_ref(), raw.as_bytes());
+        assert!(
+            matches!(request.body(), Body::Binary(_)),
+            "as lambda_http makes it"
+        );
         assert_eq!(request.method(), http::Method::POST);
+    }
+
+    #[test]
+    fn text_and_empty_bodies_are_lambda_https_own() {
+        let text = into_request(event("{\"a\":1}", false), Context::default()).unwrap();
+        assert_eq!(text.body(), &Body::Text("{\"a\":1}".into()));
+        let mut empty = event("", true);
+        if let LambdaRequest::ApiGatewayV2(v2) = &mut empty {
+            v2.body = None;
+        }
+        let empty = into_request(empty, Context::default()).unwrap();
+        assert_eq!(empty.body(), &Body::Empty);
     }
 
     #[test]
