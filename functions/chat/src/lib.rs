@@ -407,7 +407,8 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                 response.status().as_u16(),
                 &request_id,
                 code,
-            );
+            )
+            .await;
             return response;
         }
     };
@@ -428,12 +429,12 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
         let usage = serde_json::from_value::<Usage>(cached["usage"].clone()).ok();
         let meta = Meta::new(&chat.model, Source::Cache, None);
         let response = whole_answer(&chat, &meta, &content, &finish_reason, usage);
-        done(metrics, started, &request_id, &meta);
+        done(metrics, started, &request_id, &meta).await;
         return response;
     }
 
     let Some(llm) = state.llm.clone() else {
-        return rules_answer(&state, &chat, "no_api_key", metrics, started, &request_id);
+        return rules_answer(&state, &chat, "no_api_key", metrics, started, &request_id).await;
     };
     let messages = chat.upstream_messages(&state.config.system_prompt);
     let upstream = llm::Request {
@@ -474,10 +475,12 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                     &completion.finish_reason,
                     completion.usage,
                 );
-                done(metrics, started, &request_id, &meta);
+                done(metrics, started, &request_id, &meta).await;
                 response
             }
-            Err(error) => rules_answer(&state, &chat, error.class(), metrics, started, &request_id),
+            Err(error) => {
+                rules_answer(&state, &chat, error.class(), metrics, started, &request_id).await
+            }
         };
     }
 
@@ -489,7 +492,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let (first, stream) = match opened {
         Ok(opened) => opened,
         Err(error) => {
-            return rules_answer(&state, &chat, error.class(), metrics, started, &request_id)
+            return rules_answer(&state, &chat, error.class(), metrics, started, &request_id).await
         }
     };
     let meta = Meta::new(&chat.model, Source::Llm, None);
@@ -614,7 +617,7 @@ fn whole_answer(
     with_source(response, meta)
 }
 
-fn rules_answer(
+async fn rules_answer(
     state: &State,
     chat: &Chat,
     reason: &str,
@@ -632,7 +635,7 @@ fn rules_answer(
     );
     let meta = Meta::new(&chat.model, Source::Rules, Some(reason.to_owned()));
     let response = whole_answer(chat, &meta, answer.reply, "stop", None);
-    done(metrics, started, request_id, &meta);
+    done(metrics, started, request_id, &meta).await;
     response
 }
 
@@ -665,17 +668,29 @@ async fn record(
     }
 }
 
-fn done(mut metrics: MetricSet, started: Instant, request_id: &str, meta: &Meta) {
+async fn done(mut metrics: MetricSet, started: Instant, request_id: &str, meta: &Meta) {
     metrics.count_by("Answers", "Source", meta.source.as_str(), 1);
-    finish(metrics, started, 200, request_id, meta.source.as_str());
+    finish(metrics, started, 200, request_id, meta.source.as_str()).await;
 }
 
-fn finish(mut metrics: MetricSet, started: Instant, status: u16, request_id: &str, outcome: &str) {
-    let elapsed = started.elapsed();
-    metrics.status(status);
-    metrics.millis("TotalLatency", elapsed);
-    metrics.flush();
-    telemetry::log_request(ROUTE, status, elapsed, request_id, outcome);
+/// The end of a request: metrics line, log line, and a Sentry report for a 5xx.
+async fn finish(
+    metrics: MetricSet,
+    started: Instant,
+    status: u16,
+    request_id: &str,
+    outcome: &str,
+) {
+    telemetry::finish_request(
+        metrics,
+        "TotalLatency",
+        ROUTE,
+        status,
+        started,
+        request_id,
+        outcome,
+    )
+    .await;
 }
 
 /// The rest of a streamed LLM answer, relayed chunk by chunk.
@@ -796,6 +811,7 @@ impl StreamTask {
             200,
             &self.request_id,
             status_outcome,
-        );
+        )
+        .await;
     }
 }
