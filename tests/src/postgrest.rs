@@ -11,8 +11,8 @@
 //! for a project still signing with the legacy HS256 secret.
 //!
 //! Not PostgREST: the only accepted key is the one given to [`PostgRest::start`] (sent as
-//! `apikey` and `Authorization: Bearer`), it is not decoded as a JWT, and tables, views, filters
-//! and set-returning functions are not served. Used by the PostgREST backend's tests and by the
+//! `apikey` and `Authorization: Bearer`), it is not decoded as a JWT, and tables, views, filters,
+//! set-returning functions and functions with OUT parameters are not served. Used by the PostgREST backend's tests and by the
 //! benchmarks (the Rust functions' PostgREST backend and the Node.js baseline's supabase-js).
 
 use std::collections::HashMap;
@@ -213,12 +213,26 @@ async fn serve(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
         Ok(s) => s,
         Err(e) => return database_error(&e),
     };
-    let Some(signature) = signatures.iter().find(|s| {
-        let required = &s.args[..s.args.len() - s.defaults];
-        args.keys()
-            .all(|k| s.args.iter().any(|(name, _)| name == k))
-            && required.iter().all(|(name, _)| args.contains_key(name))
-    }) else {
+    let matching: Vec<&Signature> = signatures
+        .iter()
+        .filter(|s| {
+            let required = &s.args[..s.args.len().saturating_sub(s.defaults)];
+            args.keys()
+                .all(|k| s.args.iter().any(|(name, _)| name == k))
+                && required.iter().all(|(name, _)| args.contains_key(name))
+        })
+        .collect();
+    if matching.len() > 1 {
+        return error(
+            StatusCode::MULTIPLE_CHOICES,
+            "PGRST203",
+            &format!(
+                "Could not choose the best candidate function between overloads of public.{function}"
+            ),
+            None,
+        );
+    }
+    let Some(signature) = matching.first().copied() else {
         return error(
             StatusCode::NOT_FOUND,
             "PGRST202",
@@ -348,11 +362,14 @@ async fn signatures(state: &State, function: &str) -> Result<Vec<Signature>, Fai
             }
         })
         .collect();
-    state
-        .functions
-        .write()
-        .await
-        .insert(function.to_owned(), found.clone());
+    // A miss is not cached: a function created later is found on the next request.
+    if !found.is_empty() {
+        state
+            .functions
+            .write()
+            .await
+            .insert(function.to_owned(), found.clone());
+    }
     Ok(found)
 }
 

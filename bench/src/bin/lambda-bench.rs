@@ -218,7 +218,8 @@ impl Upstreams {
         let api = RuntimeApi::start().await;
         let (program, args) = self.command(which, function);
         // BENCH_WRAP="strace -f -ttt -o /tmp/trace" runs the function under a tracer or profiler;
-        // BENCH_WRAP_ONLY=webhook limits that to one function.
+        // BENCH_WRAP_ONLY=webhook limits that to one function. CPU and RSS then describe the
+        // wrapper's pid: the function itself under valgrind (same process), the tool otherwise.
         let only = std::env::var("BENCH_WRAP_ONLY").unwrap_or_default();
         let wrap = if only.is_empty() || only == function {
             std::env::var("BENCH_WRAP").unwrap_or_default()
@@ -427,15 +428,15 @@ async fn warm_runs(
         let (p, _) = up.spawn(*which, function, extra).await;
         processes.push(p);
     }
-    // The cold start happens outside the measurements: one event past the measured range.
-    if let Some(first) = branches.first_mut() {
-        for (k, p) in processes.iter_mut().enumerate() {
-            p.invoke((first.event)(k, n), &first.expect).await;
-        }
-    }
     let chunk = 50;
     let mut rows = Vec::new();
     for branch in &mut branches {
+        // One unmeasured event per process first (index n, past the measured range): the cold
+        // start before the first branch, and the state each branch needs (the duplicate's first
+        // delivery, the reused session's creation, the cached answer).
+        for (k, p) in processes.iter_mut().enumerate() {
+            p.invoke((branch.event)(k, n), &branch.expect).await;
+        }
         let mut figures = vec![Warm::default(); impls.len()];
         let mut done = 0;
         while done < n {
@@ -446,7 +447,8 @@ async fn warm_runs(
                     let outcome = p.invoke((branch.event)(k, i), &branch.expect).await;
                     figures[k].micros.push(outcome.total().as_secs_f64() * 1e6);
                 }
-                figures[k].cpu_ns += p.cpu_ns() - before;
+                // A thread that exited during the chunk takes its time with it: never wrap.
+                figures[k].cpu_ns += p.cpu_ns().saturating_sub(before);
             }
             done += take;
         }
@@ -614,13 +616,15 @@ async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
                               "received_at_ms": 0});
             let payload: serde_json::Value = serde_json::from_slice(&body).expect("payload");
             let started = Instant::now();
+            // One round trip, as the function's own call (`query_typed`, no prepare).
+            let jsonb = tokio_postgres::types::Type::JSONB;
             client
-                .query_one(
+                .query_typed(
                     call,
                     &[
-                        &tokio_postgres::types::Json(&head),
-                        &tokio_postgres::types::Json(&payload),
-                        &tokio_postgres::types::Json(&effect),
+                        (&tokio_postgres::types::Json(&head), jsonb.clone()),
+                        (&tokio_postgres::types::Json(&payload), jsonb.clone()),
+                        (&tokio_postgres::types::Json(&effect), jsonb),
                     ],
                 )
                 .await

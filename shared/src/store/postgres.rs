@@ -78,7 +78,8 @@ impl PgBackend {
 
     /// Starts opening one connection in the background, so that connecting overlaps the rest of
     /// the cold start instead of following it. A failure is only logged: the first call connects
-    /// again. Needs a Tokio runtime.
+    /// again, so when the database does not answer at all that one call can wait two connect
+    /// timeouts (2 x 5 s; every function's Lambda timeout is longer). Needs a Tokio runtime.
     pub fn connect_early(&self) {
         let Ok(guard) = self.opening.clone().try_lock_owned() else {
             return;
