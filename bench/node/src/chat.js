@@ -11,8 +11,8 @@ import { readFileSync } from 'node:fs';
 import OpenAI from 'openai';
 import defaultRules from '../../../functions/chat/rules/default.json' with { type: 'json' };
 import {
-  ApiError, Env, createSupabase, MetricSet, createVerifier, decodeState, errorResponse, hasJsonBody, log, logRequest, method, readBody,
-  rpc,
+  ApiError, Env, createSupabase, createVerifier, decodeState, errorResponse, finishRequest, hasJsonBody, log, method, readBody,
+  rpc, startRequest,
 } from './common.js';
 import { Invalid, RuleBook, cacheKey, lastUserText, parseChat } from './chat-request.js';
 import { run } from './runtime.js';
@@ -236,11 +236,7 @@ function init() {
   }
 
   return async function handler(event, context) {
-    const started = performance.now();
-    const requestId = context.awsRequestId;
-    const metrics = new MetricSet(ROUTE);
-    metrics.property('request_id', requestId);
-    metrics.count('Requests');
+    const { started, requestId, metrics } = startRequest(ROUTE, context, 'Requests');
     let response;
     let outcome;
     try {
@@ -259,11 +255,7 @@ function init() {
       response = errorResponse(api, requestId);
       outcome = api.code;
     }
-    const elapsed = performance.now() - started;
-    metrics.status(response.statusCode);
-    metrics.millis('TotalLatency', elapsed);
-    metrics.flush();
-    logRequest(ROUTE, response.statusCode, elapsed, requestId, outcome);
+    finishRequest(metrics, 'TotalLatency', ROUTE, response.statusCode, started, requestId, outcome);
     return response;
   };
 }

@@ -10,7 +10,7 @@
 
 import Stripe from 'stripe';
 import {
-  ApiError, Env, createSupabase, MetricSet, StoreError, createVerifier, decodeState, errorResponse, finishRequest, hasJsonBody,
+  ApiError, Env, createSupabase, StoreError, createVerifier, decodeState, errorResponse, finishRequest, startRequest, hasJsonBody,
   jsonResponse, log, method, readBody, rpc, stripeKeyMode,
 } from './common.js';
 import { checkoutEffect } from './stripe-effect.js';
@@ -293,11 +293,7 @@ function init() {
   }
 
   return async function handler(event, context) {
-    const started = performance.now();
-    const requestId = context.awsRequestId;
-    const metrics = new MetricSet(ROUTE);
-    metrics.property('request_id', requestId);
-    metrics.count('Requests');
+    const { started, requestId, metrics } = startRequest(ROUTE, context, 'Requests');
     let response;
     let outcome = 'ok';
     try {

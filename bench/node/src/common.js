@@ -362,6 +362,16 @@ export class MetricSet {
 }
 
 /** Closes a request: status and duration metrics, the metrics line, the log line. */
+/** The start of a request: its clock, id and metric set with the first count (as Rust's handlers). */
+export function startRequest(route, context, firstCount) {
+  const started = performance.now();
+  const requestId = context.awsRequestId;
+  const metrics = new MetricSet(route);
+  metrics.property('request_id', requestId);
+  metrics.count(firstCount);
+  return { started, requestId, metrics };
+}
+
 export function finishRequest(metrics, durationMetric, route, status, started, requestId, outcome) {
   const elapsed = performance.now() - started;
   metrics.status(status);

@@ -8,7 +8,7 @@
 
 import Stripe from 'stripe';
 import {
-  ApiError, Env, createSupabase, MetricSet, StoreError, errorResponse, finishRequest, hasJsonBody, header, jsonResponse, log,
+  ApiError, Env, createSupabase, StoreError, errorResponse, finishRequest, startRequest, hasJsonBody, header, jsonResponse, log,
   method, readBody, rpc, stripeKeyMode,
 } from './common.js';
 import { EventError, parseEvent } from './stripe-effect.js';
@@ -147,11 +147,7 @@ function init() {
   }
 
   return async function handler(event, context) {
-    const started = performance.now();
-    const requestId = context.awsRequestId;
-    const metrics = new MetricSet(ROUTE);
-    metrics.property('request_id', requestId);
-    metrics.count('Received');
+    const { started, requestId, metrics } = startRequest(ROUTE, context, 'Received');
     let response;
     let outcome;
     try {
