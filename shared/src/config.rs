@@ -316,6 +316,46 @@ impl StoreConfig {
     }
 }
 
+/// How a function reaches the Stripe API.
+#[derive(Clone, Debug)]
+pub struct StripeApi {
+    /// `STRIPE_SECRET_KEY`: a secret (`sk_`) or restricted (`rk_`) key.
+    pub key: Secret,
+    /// `STRIPE_API_BASE`, default `https://api.stripe.com` (tests and local runs point it at a
+    /// stand-in).
+    pub base: String,
+    /// `STRIPE_TIMEOUT_MS`: one try, connect to last byte.
+    pub timeout: std::time::Duration,
+    /// `STRIPE_MAX_RETRIES`.
+    pub retries: u32,
+}
+
+impl StripeApi {
+    /// Reads the API settings around an already checked `key`; `timeout_ms` and `retries` are
+    /// the function's defaults (the webhook answers Stripe within its own delivery timeout, so
+    /// its defaults are shorter than checkout's).
+    pub fn read(env: &mut EnvReader<'_>, key: Secret, timeout_ms: u64, retries: u64) -> StripeApi {
+        let base = env
+            .optional("STRIPE_API_BASE")
+            .unwrap_or_else(|| "https://api.stripe.com".into());
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            env.problem("STRIPE_API_BASE", "must be an http(s) URL");
+        }
+        let timeout = std::time::Duration::from_millis(env.integer(
+            "STRIPE_TIMEOUT_MS",
+            timeout_ms,
+            100..=60_000,
+        ));
+        let retries = env.integer("STRIPE_MAX_RETRIES", retries, 0..=5) as u32;
+        StripeApi {
+            key,
+            base,
+            timeout,
+            retries,
+        }
+    }
+}
+
 /// `SUPABASE_URL`: an http(s) URL, https in production, without a trailing slash.
 pub fn read_supabase_url(env: &mut EnvReader<'_>, raw: &str, app_env: AppEnv) -> Option<String> {
     let trimmed = raw.trim_end_matches('/');

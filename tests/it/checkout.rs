@@ -1,83 +1,34 @@
 //! The checkout function against the real PostgreSQL and a faked Stripe API.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shared::auth::{AuthConfig, Verifier};
-use shared::config::{Secret, StoreConfig};
 use shared::store::Store;
-use shared::stripe::client::{RetryPolicy, StripeClient};
-use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::{self, FunctionUrlRequest};
-use testkit::stripe_fake::{FakeStripe, KEY};
+use testkit::stripe_fake::FakeStripe;
 use testkit::tokens;
 use tokio_postgres::Client;
 
-const JWT_SECRET: &str = "local-jwt-secret-for-tests-at-least-32-chars";
+const JWT_SECRET: &str = apps::JWT_SECRET;
 
 struct App {
     db: TestDb,
     sql: Client,
     stripe: FakeStripe,
     state: checkout::State,
-    metrics: Arc<Mutex<Vec<String>>>,
-}
-
-fn config(db_url: &str, stripe_base: &str) -> checkout::Config {
-    checkout::Config {
-        store: StoreConfig::Postgres {
-            url: Secret::new(db_url),
-            ca_pem: None,
-        },
-        auth: AuthConfig {
-            hs256_secret: Some(Secret::new(JWT_SECRET)),
-            supabase_url: None,
-            jwks_refetch_floor: Duration::from_secs(30),
-        },
-        stripe_key: Secret::new(KEY),
-        stripe_api_base: stripe_base.to_owned(),
-        stripe_timeout: Duration::from_secs(2),
-        stripe_retries: 2,
-        price_id: "price_full_report_test".into(),
-        success_url: "https://app.example.com/report/success?session_id={CHECKOUT_SESSION_ID}"
-            .into(),
-        cancel_url: "https://app.example.com/report".into(),
-        session_ttl_s: 7200,
-        rate_limit_per_min: 1000,
-        status_rate_limit_per_min: 1000,
-        max_wait: Duration::from_secs(10),
-    }
+    metrics: apps::MetricLines,
 }
 
 fn state_for(
     db_url: &str,
     stripe_base: &str,
     tweak: impl FnOnce(&mut checkout::Config),
-) -> (checkout::State, Arc<Mutex<Vec<String>>>) {
-    let mut config = config(db_url, stripe_base);
+) -> (checkout::State, apps::MetricLines) {
+    let mut config = apps::checkout_config(db_url, stripe_base);
     tweak(&mut config);
-    let (metrics, lines) = Metrics::in_memory("checkout");
-    let policy = RetryPolicy {
-        max_retries: config.stripe_retries,
-        initial_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(50),
-    };
-    let state = checkout::State {
-        store: Store::postgres(db_url, 4).unwrap(),
-        stripe: StripeClient::new(
-            &config.stripe_api_base,
-            config.stripe_key.clone(),
-            policy,
-            config.stripe_timeout,
-        )
-        .unwrap(),
-        verifier: Verifier::new(config.auth.clone()),
-        config,
-        metrics,
-    };
-    (state, lines)
+    apps::checkout_state(config, Store::postgres(db_url, 4).unwrap())
 }
 
 async fn spawn_app_with(tweak: impl FnOnce(&mut checkout::Config)) -> App {
@@ -148,37 +99,20 @@ impl App {
     }
 
     fn metric_total(&self, name: &str) -> f64 {
-        self.metrics
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|d| d.get(name).and_then(Value::as_f64))
-            .sum()
+        apps::metric_total(&self.metrics, name)
     }
 
     async fn webhook_completes(&self, session: &str, order: &str, user: &str) -> Value {
-        let (metrics, _) = Metrics::in_memory("webhook");
-        let state = webhook::State {
-            config: webhook::Config {
-                store: StoreConfig::Postgres {
-                    url: Secret::new(&self.db.url),
-                    ca_pem: None,
-                },
-                secrets: vec![Secret::new("whsec_checkout_tests")],
-                tolerance: Duration::from_secs(300),
-                stripe_mode: shared::config::StripeMode::Test,
-                max_body_bytes: 1 << 20,
-            },
-            store: Store::postgres(&self.db.url, 1).unwrap(),
-            metrics,
-        };
+        let (state, _) = apps::webhook_state(
+            apps::webhook_config(apps::store_config(&self.db.url)),
+            Store::postgres(&self.db.url, 1).unwrap(),
+        );
         let event =
             fixtures::checkout_event("checkout.session.completed", session, order, user, "paid");
         let body = fixtures::body(&event);
         let request = FunctionUrlRequest::post("/", &body).header(
             "stripe-signature",
-            &fixtures::sign(&body, "whsec_checkout_tests"),
+            &fixtures::sign(&body, apps::WEBHOOK_SECRET),
         );
         fixtures::json_body(&webhook::handle(&state, request.into_request().unwrap()).await)
     }
@@ -493,8 +427,8 @@ async fn stripe_down_is_a_clear_503_and_the_next_click_recovers() {
 #[tokio::test]
 async fn stripe_timeout_is_a_503() {
     let app = spawn_app_with(|c| {
-        c.stripe_timeout = Duration::from_millis(200);
-        c.stripe_retries = 1;
+        c.stripe.timeout = Duration::from_millis(200);
+        c.stripe.retries = 1;
     })
     .await;
     let user = app.user().await;
@@ -742,8 +676,8 @@ async fn poll_survives_stripe_being_down() {
     let (_, first) = app.post(&user).await;
     app.stripe.delay(Some(Duration::from_secs(5)));
     let (slow, _) = state_for(&app.db.url, &app.stripe.uri(), |c| {
-        c.stripe_timeout = Duration::from_millis(100);
-        c.stripe_retries = 0;
+        c.stripe.timeout = Duration::from_millis(100);
+        c.stripe.retries = 0;
     });
 
     let query = format!("session_id={}", first["session_id"].as_str().unwrap());
@@ -775,7 +709,7 @@ fn config_reports_every_problem_and_defaults_outside_production() {
     assert_eq!(ok.session_ttl_s, 7200);
     assert_eq!(ok.rate_limit_per_min, 10);
     assert!(ok.success_url.contains("{CHECKOUT_SESSION_ID}"));
-    assert_eq!(ok.stripe_api_base, "https://api.stripe.com");
+    assert_eq!(ok.stripe.base, "https://api.stripe.com");
 
     let err = read(&[
         ("APP_ENV", "production"),

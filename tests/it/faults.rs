@@ -7,58 +7,32 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shared::auth::{AuthConfig, Verifier};
-use shared::config::{Secret, StoreConfig};
+use shared::config::Secret;
 use shared::llm::LlmClient;
 use shared::store::Store;
-use shared::stripe::client::{RetryPolicy, StripeClient};
+use shared::stripe::client::RetryPolicy;
 use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::{self, FunctionUrlRequest};
-use testkit::stripe_fake::{FakeStripe, KEY};
+use testkit::stripe_fake::FakeStripe;
 use testkit::tokens;
 
 const JWT: &str = "faults-jwt-secret-faults-jwt-secret-0123";
 
 fn checkout_state(db_url: &str, stripe: &str) -> checkout::State {
     let config = checkout::Config {
-        store: StoreConfig::Postgres {
-            url: Secret::new(db_url),
-            ca_pem: None,
-        },
         auth: AuthConfig {
             hs256_secret: Some(Secret::new(JWT)),
-            supabase_url: None,
-            jwks_refetch_floor: Duration::from_secs(30),
+            ..apps::auth_config()
         },
-        stripe_key: Secret::new(KEY),
-        stripe_api_base: stripe.to_owned(),
-        stripe_timeout: Duration::from_millis(400),
-        stripe_retries: 2,
-        price_id: "price_full_report".into(),
-        success_url: "https://app.example.com/ok?session_id={CHECKOUT_SESSION_ID}".into(),
-        cancel_url: "https://app.example.com/no".into(),
-        session_ttl_s: 7200,
+        stripe: apps::stripe_api(stripe, 2, Duration::from_millis(400)),
         rate_limit_per_min: 10_000,
         status_rate_limit_per_min: 10_000,
         max_wait: Duration::from_secs(5),
+        ..apps::checkout_config(db_url, stripe)
     };
-    checkout::State {
-        store: Store::postgres(db_url, 4).unwrap(),
-        stripe: StripeClient::new(
-            stripe,
-            Secret::new(KEY),
-            RetryPolicy {
-                max_retries: 2,
-                initial_delay: Duration::from_millis(10),
-                max_delay: Duration::from_millis(40),
-            },
-            config.stripe_timeout,
-        )
-        .unwrap(),
-        verifier: Verifier::new(config.auth.clone()),
-        config,
-        metrics: Metrics::in_memory("checkout").0,
-    }
+    apps::checkout_state(config, Store::postgres(db_url, 4).unwrap()).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,8 @@ mod chat;
 mod checkout;
 mod faults;
 mod hostile;
+mod payments;
+mod payments_model;
 mod pooler;
 mod postgrest_contract;
 mod schema;

@@ -1,12 +1,10 @@
 //! Contract tests for the PostgREST backend against a fake that checks what PostgREST needs
 //! (method, path, headers, body) and answers with PostgREST's documented bodies.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use shared::config::{Secret, StoreConfig, StripeMode};
+use shared::config::{Secret, StoreConfig};
 use shared::store::{Arg, Call, Store, StoreError};
-use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::fixtures::{self, FunctionUrlRequest};
 use wiremock::matchers::{body_partial_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -124,20 +122,14 @@ async fn unreachable_postgrest_is_unavailable() {
 }
 
 fn webhook_state(server: &MockServer) -> webhook::State {
-    webhook::State {
-        config: webhook::Config {
-            store: StoreConfig::PostgRest {
-                url: server.uri(),
-                service_key: Secret::new(KEY),
-            },
-            secrets: vec![Secret::new("whsec_rest")],
-            tolerance: Duration::from_secs(300),
-            stripe_mode: StripeMode::Test,
-            max_body_bytes: 1 << 20,
-        },
-        store: store(server),
-        metrics: Metrics::in_memory("webhook").0,
-    }
+    let config = webhook::Config {
+        secrets: vec![Secret::new("whsec_rest")],
+        ..apps::webhook_config(StoreConfig::PostgRest {
+            url: server.uri(),
+            service_key: Secret::new(KEY),
+        })
+    };
+    apps::webhook_state(config, store(server)).0
 }
 
 fn signed_invoice_request() -> (Value, FunctionUrlRequest) {
@@ -240,20 +232,14 @@ mod live {
             "paid",
         );
         let body = fixtures::body(&event);
-        let state = webhook::State {
-            store,
-            config: webhook::Config {
-                store: StoreConfig::PostgRest {
-                    url: rest.uri(),
-                    service_key: Secret::new(KEY),
-                },
-                secrets: vec![Secret::new("whsec_rest")],
-                tolerance: Duration::from_secs(300),
-                stripe_mode: StripeMode::Test,
-                max_body_bytes: 1 << 20,
-            },
-            metrics: Metrics::in_memory("webhook").0,
+        let config = webhook::Config {
+            secrets: vec![Secret::new("whsec_rest")],
+            ..apps::webhook_config(StoreConfig::PostgRest {
+                url: rest.uri(),
+                service_key: Secret::new(KEY),
+            })
         };
+        let (state, _) = apps::webhook_state(config, store);
         let deliver = || {
             FunctionUrlRequest::post("/", &body)
                 .header("stripe-signature", &fixtures::sign(&body, "whsec_rest"))
@@ -294,11 +280,11 @@ mod live {
         };
 
         let begun = store
-            .checkout_begin(user, shared::store::orders::FULL_REPORT, limits)
+            .checkout_begin(user, shared::store::orders::FULL_REPORT, None, limits)
             .await
             .unwrap();
         let again = store
-            .checkout_begin(user, shared::store::orders::FULL_REPORT, limits)
+            .checkout_begin(user, shared::store::orders::FULL_REPORT, None, limits)
             .await
             .unwrap();
 

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::auth::{AuthConfig, Verifier};
-use shared::config::{Secret, StoreConfig, StripeMode};
+use shared::config::{Secret, StoreConfig, StripeApi};
 use shared::llm::LlmClient;
-use shared::retry::RetryPolicy;
 use shared::store::Store;
-use shared::stripe::client::StripeClient;
 use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::db::{url_for, TestDb};
 use testkit::fixtures::{self, FunctionUrlRequest};
 use testkit::tokens;
@@ -71,22 +70,30 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
     );
     let mut responses = String::new();
 
-    // Webhook: a good delivery, a forged one, a stale one.
-    let (metrics, metric_lines) = Metrics::in_memory("webhook");
-    let webhook_state = webhook::State {
-        config: webhook::Config {
-            store: StoreConfig::Postgres {
-                url: Secret::new(&url),
-                ca_pem: None,
-            },
-            secrets: vec![Secret::new(WEBHOOK_SECRET)],
-            tolerance: Duration::from_secs(300),
-            stripe_mode: StripeMode::Test,
-            max_body_bytes: 1 << 20,
-        },
-        store: Store::postgres(&url, 1).unwrap(),
-        metrics,
+    // Stripe refuses the key everywhere (its message quotes a masked key).
+    let stripe = MockServer::start().await;
+    Mock::given(wiremock::matchers::any()).respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": {
+        "type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****0key"}}))).mount(&stripe).await;
+    let stripe_api = StripeApi {
+        key: Secret::new(STRIPE_KEY),
+        base: stripe.uri(),
+        timeout: Duration::from_secs(2),
+        retries: 0,
     };
+
+    // Webhook: a good delivery (a paid session without an order: its line items are asked of
+    // Stripe, which refuses the key), a forged one, a stale one.
+    let webhook_config = webhook::Config {
+        secrets: vec![Secret::new(WEBHOOK_SECRET)],
+        stripe: Some(stripe_api.clone()),
+        price_id: Some("price_1".into()),
+        ..apps::webhook_config(StoreConfig::Postgres {
+            url: Secret::new(&url),
+            ca_pem: None,
+        })
+    };
+    let (webhook_state, metric_lines) =
+        apps::webhook_state(webhook_config, Store::postgres(&url, 1).unwrap());
     let event =
         fixtures::checkout_event("checkout.session.completed", "cs_test_s", "", &user, "paid");
     let body = fixtures::body(&event);
@@ -107,11 +114,7 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
         ));
     }
 
-    // Checkout: Stripe refuses the key (its message quotes a masked key), then a bad token.
-    let stripe = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": {
-        "type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****0key"}}))).mount(&stripe).await;
-    let (metrics, checkout_lines) = Metrics::in_memory("checkout");
+    // Checkout: Stripe refuses the key, then a bad token.
     let checkout_config = checkout::Config {
         store: StoreConfig::Postgres {
             url: Secret::new(&url),
@@ -119,34 +122,14 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
         },
         auth: AuthConfig {
             hs256_secret: Some(Secret::new(JWT_SECRET)),
-            supabase_url: None,
-            jwks_refetch_floor: Duration::from_secs(30),
+            ..apps::auth_config()
         },
-        stripe_key: Secret::new(STRIPE_KEY),
-        stripe_api_base: stripe.uri(),
-        stripe_timeout: Duration::from_secs(2),
-        stripe_retries: 0,
-        price_id: "price_1".into(),
-        success_url: "https://app.example.com/ok?session_id={CHECKOUT_SESSION_ID}".into(),
-        cancel_url: "https://app.example.com/no".into(),
-        session_ttl_s: 7200,
-        rate_limit_per_min: 100,
-        status_rate_limit_per_min: 100,
+        stripe: stripe_api,
         max_wait: Duration::from_secs(2),
+        ..apps::checkout_config(&url, &stripe.uri())
     };
-    let checkout_state = checkout::State {
-        store: Store::postgres(&url, 1).unwrap(),
-        stripe: StripeClient::new(
-            &stripe.uri(),
-            Secret::new(STRIPE_KEY),
-            RetryPolicy::default(),
-            Duration::from_secs(2),
-        )
-        .unwrap(),
-        verifier: Verifier::new(checkout_config.auth.clone()),
-        config: checkout_config,
-        metrics,
-    };
+    let (checkout_state, checkout_lines) =
+        apps::checkout_state(checkout_config, Store::postgres(&url, 1).unwrap());
     // Another user: the first one has just paid through the webhook.
     let buyer = db.create_user(&sql).await.to_string();
     let token = tokens::hs256(&tokens::user_claims(&buyer, None), JWT_SECRET.as_bytes());

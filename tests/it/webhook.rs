@@ -1,47 +1,37 @@
 //! The webhook end to end: Stripe-Signature to rows in PostgreSQL.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shared::config::{Secret, StoreConfig, StripeMode};
+use shared::config::{Secret, StripeMode};
 use shared::store::Store;
-use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::{self, checkout_event, FunctionUrlRequest};
 use tokio_postgres::Client;
 use webhook::{Config, State};
 
-const SECRET: &str = "whsec_test_integration_secret";
+const SECRET: &str = apps::WEBHOOK_SECRET;
 
 struct App {
     db: TestDb,
     sql: Client,
     state: State,
-    metrics: Arc<Mutex<Vec<String>>>,
+    metrics: apps::MetricLines,
 }
 
 fn config(url: &str, secrets: &[&str]) -> Config {
     Config {
-        store: StoreConfig::Postgres {
-            url: Secret::new(url),
-            ca_pem: None,
-        },
         secrets: secrets.iter().map(|s| Secret::new(*s)).collect(),
-        tolerance: Duration::from_secs(300),
-        stripe_mode: StripeMode::Test,
-        max_body_bytes: 1 << 20,
+        ..apps::webhook_config(apps::store_config(url))
     }
 }
 
-fn state_for(url: &str, secrets: &[&str]) -> (State, Arc<Mutex<Vec<String>>>) {
-    let (metrics, lines) = Metrics::in_memory("webhook");
-    let state = State {
-        config: config(url, secrets),
-        store: Store::postgres(url, 2).expect("store"),
-        metrics,
-    };
-    (state, lines)
+fn state_for(url: &str, secrets: &[&str]) -> (State, apps::MetricLines) {
+    apps::webhook_state(
+        config(url, secrets),
+        Store::postgres(url, 2).expect("store"),
+    )
 }
 
 async fn spawn_app() -> App {
@@ -94,13 +84,7 @@ impl App {
     }
 
     fn metric_total(&self, name: &str) -> f64 {
-        self.metrics
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter_map(|doc| doc.get(name).and_then(Value::as_f64))
-            .sum()
+        apps::metric_total(&self.metrics, name)
     }
 }
 
@@ -144,7 +128,7 @@ async fn paid_checkout_marks_order_paid_and_grants_the_report() {
     assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("usd"));
     assert_eq!(
         row.get::<_, Option<String>>(3).as_deref(),
-        Some("pi_3QbPaymentIntent000001")
+        Some("pi_test_paid_1")
     );
     assert!(row.get::<_, bool>(4));
     assert_eq!(
@@ -395,7 +379,8 @@ async fn payment_after_local_expiry_still_pays() {
 }
 
 #[tokio::test]
-async fn paid_session_without_an_order_creates_one_for_a_known_user() {
+async fn paid_session_without_an_order_is_not_granted_without_verification() {
+    // This webhook has no Stripe key: it cannot read the session's line items (I5).
     let app = spawn_app().await;
     let user = app.user().await;
     let event = checkout_event(
@@ -406,25 +391,25 @@ async fn paid_session_without_an_order_creates_one_for_a_known_user() {
         "paid",
     );
 
-    assert_eq!(app.deliver(&event).await.1["outcome"], "applied");
+    let (status, body) = app.deliver(&event).await;
 
-    let row = app
-        .sql
-        .query_one(
-            "select user_id::text, status, stripe_checkout_session_id from orders",
-            &[],
-        )
-        .await
-        .unwrap();
+    assert_eq!((status, body["outcome"].clone()), (200, json!("unmatched")));
+    assert_eq!(app.count("select count(*) from orders").await, 0);
     assert_eq!(
-        (row.get::<_, String>(0), row.get::<_, String>(1)),
-        (user.clone(), "paid".to_owned())
+        app.count("select count(*) from entitlements where active")
+            .await,
+        0
     );
-    assert_eq!(row.get::<_, String>(2), "cs_test_link");
     assert_eq!(
-        app.scalar::<String>("select user_id::text from stripe_customers where stripe_customer_id = 'cus_QXg1o8vcGmoR32'").await,
-        user
+        app.scalar::<String>("select detail from stripe_events").await,
+        "paid session without an order, not granted: the webhook has no STRIPE_SECRET_KEY to read the session's line items"
     );
+    assert_eq!(
+        app.count("select count(*) from payment_audit where kind = 'session_unverified'")
+            .await,
+        1
+    );
+    assert_eq!(app.metric_total("UnverifiedSessions"), 1.0);
 }
 
 #[tokio::test]
@@ -985,11 +970,11 @@ async fn database_down_answers_503_and_redelivery_applies_once() {
     let db = TestDb::new().await;
     let sql = db.client().await;
     let proxy = testkit::proxy::DbProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let (state, _) = state_for(&proxy.url_through(&db.url), &[SECRET]);
+    let (state, metrics) = state_for(&proxy.url_through(&db.url), &[SECRET]);
     let app = App {
         sql,
         state,
-        metrics: Arc::new(Mutex::new(Vec::new())),
+        metrics,
         db,
     };
     let user = app.user().await;

@@ -76,6 +76,9 @@ pub fn checkout_event(
         json!(payment_status),
     );
     set(&mut event, "/data/object/created", json!(now() - 120));
+    // Each session has its own payment intent, as at Stripe.
+    let pi = format!("pi_{}", session_id.trim_start_matches("cs_"));
+    set(&mut event, "/data/object/payment_intent", json!(pi));
     let status = if type_ == "checkout.session.expired" {
         "expired"
     } else {

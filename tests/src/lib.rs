@@ -1,9 +1,12 @@
 //! The test harness: fresh databases with the migrations applied, Stripe fixtures signed like
 //! Stripe signs them, real function-URL events, and a TCP proxy that can cut the database off.
 
+pub mod apps;
 pub mod db;
 pub mod fixtures;
 pub mod llm_fake;
+pub mod money;
+pub mod money_model;
 pub mod postgrest;
 pub mod proxy;
 pub mod runtime_api;

@@ -8,15 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use shared::config::{Secret, StoreConfig, StripeMode};
 use shared::store::Store;
-use shared::telemetry::Metrics;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::fixtures::{self, FunctionUrlRequest};
 
-const SECRET: &str = "whsec_storm_secret";
+const SECRET: &str = crate::apps::WEBHOOK_SECRET;
 
 /// Storm size and shape.
 #[derive(Clone, Copy, Debug)]
@@ -226,20 +224,10 @@ pub async fn run(
     let started = Instant::now();
     let mut senders = Vec::new();
     for _ in 0..config.senders {
-        let state = webhook::State {
-            config: webhook::Config {
-                store: StoreConfig::Postgres {
-                    url: Secret::new(delivery_url),
-                    ca_pem: None,
-                },
-                secrets: vec![Secret::new(SECRET)],
-                tolerance: Duration::from_secs(300),
-                stripe_mode: StripeMode::Test,
-                max_body_bytes: 1 << 20,
-            },
-            store: Store::postgres(delivery_url, 1).expect("store"),
-            metrics: Metrics::in_memory("webhook").0,
-        };
+        let (state, _) = crate::apps::webhook_state(
+            crate::apps::webhook_config(crate::apps::store_config(delivery_url)),
+            Store::postgres(delivery_url, 1).expect("store"),
+        );
         let (queue, bodies, latencies, redeliveries, done) = (
             queue.clone(),
             bodies.clone(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use shared::config::{stripe_key_mode, EnvReader, StripeMode};
 use shared::store::{Call, Store};
-use shared::stripe::events::HANDLED_EVENT_TYPES;
+use shared::stripe::events::handled_event_types;
 
 include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
@@ -393,9 +393,7 @@ async fn stripe_webhook_endpoint(get: &(dyn Fn(&str) -> Option<String> + Sync)) 
     let missing: Vec<&str> = if events.contains(&"*") {
         Vec::new()
     } else {
-        HANDLED_EVENT_TYPES
-            .iter()
-            .copied()
+        handled_event_types()
             .filter(|t| !events.contains(t))
             .collect()
     };

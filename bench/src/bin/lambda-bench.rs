@@ -848,26 +848,17 @@ async fn round_trips(
     stripe: &testkit::stripe_fake::FakeStripe,
     openai: &MockServer,
 ) -> Vec<(&'static str, &'static str, u64)> {
-    use shared::config::{Secret, StoreConfig, StripeMode};
+    use shared::config::Secret;
     use shared::store::Store;
     use std::sync::Arc;
     let sql = db.client().await;
     let mut out = Vec::new();
     let store = Store::postgres(&db.url, 1).expect("store");
-    let webhook = webhook::State {
-        config: webhook::Config {
-            store: StoreConfig::Postgres {
-                url: Secret::new(&db.url),
-                ca_pem: None,
-            },
-            secrets: vec![Secret::new(WEBHOOK_SECRET)],
-            tolerance: Duration::from_secs(300),
-            stripe_mode: StripeMode::Test,
-            max_body_bytes: 1 << 20,
-        },
-        store: store.clone(),
-        metrics: shared::telemetry::Metrics::in_memory("webhook").0,
+    let webhook_config = webhook::Config {
+        secrets: vec![Secret::new(WEBHOOK_SECRET)],
+        ..testkit::apps::webhook_config(testkit::apps::store_config(&db.url))
     };
+    let (webhook, _) = testkit::apps::webhook_state(webhook_config, store.clone());
     let mut event = fixtures::load("stripe/invoice.paid.dahlia.json");
     fixtures::set(&mut event, "/id", json!(fixtures::event_id()));
     fixtures::set(&mut event, "/created", json!(fixtures::now()));

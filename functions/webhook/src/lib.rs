@@ -3,16 +3,25 @@
 //!
 //! Answers: 200 once the event is recorded (applied, duplicate, ignored, stale or unmatched);
 //! 4xx for requests that are not genuine, current events for this mode (nothing is stored);
-//! 503/500 when the database cannot take the event, so Stripe delivers it again.
+//! 503/500 when the database (or, for the calls below, Stripe) cannot take the event now, so
+//! Stripe delivers it again.
+//!
+//! With a Stripe key the webhook also acts at Stripe ([`stripe_calls`]): it checks the line
+//! items of a paid session that matches no order before granting anything, refunds a second
+//! payment for a product the user already owns, and expires the sessions of orders a payment
+//! closed. The invariants are in docs/payments.md.
+
+pub mod stripe_calls;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{header, Method, Response, StatusCode};
 use lambda_http::{Body, Request};
 use serde::Serialize;
-use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig, StripeMode};
+use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig, StripeApi, StripeMode};
 use shared::error::{json_response, ApiError};
 use shared::store::{ApplyOutcome, Outcome, Store, StoreError};
+use shared::stripe::client::StripeClient;
 use shared::stripe::events::{self, Event};
 use shared::stripe::signature::{self, SignatureError};
 use shared::telemetry::{self, MetricSet, Metrics};
@@ -28,6 +37,12 @@ pub struct Config {
     pub tolerance: Duration,
     pub stripe_mode: StripeMode,
     pub max_body_bytes: usize,
+    /// Stripe API access (`STRIPE_SECRET_KEY` set): verification, refunds, expiry.
+    pub stripe: Option<StripeApi>,
+    /// `STRIPE_FULL_REPORT_PRICE_ID`: what a paid session without an order must contain.
+    pub price_id: Option<String>,
+    /// `AUTO_REFUND_DUPLICATES` (default on): refund a second payment for an owned product.
+    pub auto_refund: bool,
 }
 
 impl Config {
@@ -36,7 +51,9 @@ impl Config {
         Self::read(EnvReader::from_env())
     }
 
-    /// Reads through `env`; needs only the store variables and `STRIPE_WEBHOOK_SECRET`.
+    /// Reads through `env`; needs only the store variables and `STRIPE_WEBHOOK_SECRET`. With
+    /// `STRIPE_SECRET_KEY` (a restricted key with Checkout Sessions read and Refunds write is
+    /// enough) it also verifies, refunds and expires at Stripe.
     pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
         let app_env = env.app_env();
         let store = StoreConfig::read(&mut env, app_env);
@@ -45,12 +62,37 @@ impl Config {
         let stripe_mode = config::expected_stripe_mode(&mut env, app_env);
         let max_body_bytes =
             env.integer("WEBHOOK_MAX_BODY_BYTES", 1 << 20, 1024..=6 << 20) as usize;
+        let stripe = env
+            .optional("STRIPE_SECRET_KEY")
+            .filter(|key| config::stripe_key_mode(key).is_some())
+            .map(|key| StripeApi::read(&mut env, Secret::new(key), 3000, 1));
+        let price_id = match env.optional("STRIPE_FULL_REPORT_PRICE_ID") {
+            Some(_) => Some(config::read_price_id(
+                &mut env,
+                "STRIPE_FULL_REPORT_PRICE_ID",
+                app_env,
+            )),
+            None if stripe.is_some() && app_env.is_production() => {
+                env.problem(
+                    "STRIPE_FULL_REPORT_PRICE_ID",
+                    "is required with STRIPE_SECRET_KEY: paid sessions without an order are checked against it",
+                );
+                None
+            }
+            None => None,
+        };
+        let auto_refund = env.parsed("AUTO_REFUND_DUPLICATES", true, "true or false", |raw| {
+            raw.parse::<bool>().ok()
+        });
         let config = store.map(|store| Config {
             store,
             secrets,
             tolerance,
             stripe_mode,
             max_body_bytes,
+            stripe,
+            price_id,
+            auto_refund,
         });
         env.finish_required(config, "DATABASE_URL")
     }
@@ -61,6 +103,8 @@ impl Config {
 pub struct State {
     pub config: Config,
     pub store: Store,
+    /// Present when the config has a Stripe key.
+    pub stripe: Option<StripeClient>,
     pub metrics: Metrics,
 }
 
@@ -81,6 +125,9 @@ pub enum WebhookError {
     LivemodeMismatch { livemode: bool },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A Stripe call the event needs failed for now (nothing is lost: Stripe redelivers).
+    #[error("Stripe call failed: {0}")]
+    Stripe(#[from] shared::stripe::client::StripeError),
 }
 
 impl WebhookError {
@@ -118,18 +165,38 @@ impl WebhookError {
             )
             .retry_after(60),
             WebhookError::Store(_) => ApiError::internal(),
+            WebhookError::Stripe(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "payment_provider_unavailable",
+                "Stripe is not answering; deliver the event again",
+            )
+            .retry_after(60),
         }
     }
 }
 
 impl State {
-    /// Builds the store client (connections open lazily) and metrics on stdout.
-    pub fn new(config: Config) -> Result<Self, StoreError> {
-        let store = Store::from_config(&config.store)?;
+    /// Builds the clients (connections open lazily) and metrics on stdout.
+    pub fn new(config: Config) -> Result<Self, String> {
+        let store = Store::from_config(&config.store).map_err(|e| e.to_string())?;
+        Self::from_parts(
+            config,
+            store,
+            Metrics::new(ROUTE, telemetry::MetricsSink::Stdout),
+        )
+    }
+
+    /// The state over a given store and metrics sink (tests and benchmarks).
+    pub fn from_parts(config: Config, store: Store, metrics: Metrics) -> Result<Self, String> {
+        let stripe = match &config.stripe {
+            Some(api) => Some(StripeClient::from_config(api).map_err(|e| e.to_string())?),
+            None => None,
+        };
         Ok(Self {
             config,
             store,
-            metrics: Metrics::new(ROUTE, telemetry::MetricsSink::Stdout),
+            stripe,
+            metrics,
         })
     }
 }
@@ -216,39 +283,81 @@ async fn process(
             livemode: parsed.livemode,
         });
     }
-    let effect = parsed.event.effect();
+    let mut effect = parsed.event.effect();
     let store_started = Instant::now();
-    let applied = state
-        .store
-        .apply_stripe_event(&parsed, &effect, unix_now_ms())
-        .await?;
+    let mut applied = apply(state, &parsed, &effect).await?;
+    if applied.outcome == Outcome::NeedsVerification {
+        // A paid session that matches no order of ours: granted only if Stripe says it bought
+        // the product (I5). A Stripe failure answers 503, nothing recorded, Stripe redelivers.
+        let verdict = stripe_calls::verify_session(state, &effect, metrics).await?;
+        effect = effect.verified(verdict);
+        applied = apply(state, &parsed, &effect).await?;
+    }
     metrics.millis("StoreTime", store_started.elapsed());
 
     match applied.outcome {
         Outcome::Duplicate => metrics.count("Duplicates", 1),
         Outcome::Unmatched => {
             metrics.count("Unmatched", 1);
-            tracing::warn!(event_id = %parsed.id, event_type = %parsed.type_, "event matched no order or user");
+            tracing::warn!(event_id = %parsed.id, event_type = %parsed.type_, detail = applied.detail.as_deref().unwrap_or(""), "event matched no order or user");
         }
-        Outcome::Applied | Outcome::Ignored | Outcome::Stale => {
+        Outcome::Applied | Outcome::Ignored | Outcome::Stale | Outcome::NeedsVerification => {
             metrics.count_by("Processed", "EventType", &parsed.type_, 1);
         }
     }
     if let Some(delay) = applied.sync_delay_ms.filter(|d| *d >= 0) {
         metrics.millis("OrderSyncDelay", Duration::from_millis(delay as u64));
     }
+    if applied.unverified {
+        metrics.count("UnverifiedSessions", 1);
+        tracing::error!(event_id = %parsed.id, detail = applied.detail.as_deref().unwrap_or(""), "paid session without an order was not granted");
+    }
+    if applied.refunded {
+        metrics.count("Refunds", 1);
+    }
+    if let Some(status) = applied.dispute.as_deref() {
+        if !matches!(status, "won" | "lost" | "warning_closed") {
+            metrics.count("Disputes", 1);
+        }
+        tracing::warn!(event_id = %parsed.id, status, detail = applied.detail.as_deref().unwrap_or(""), "dispute");
+    }
     if applied.duplicate_payment {
         metrics.count("DuplicatePayments", 1);
         tracing::error!(
             event_id = %parsed.id,
             order_id = applied.order_id.as_deref().unwrap_or(""),
-            "a second paid order for the same user and product"
+            "a second payment for a product the user already owns"
         );
     }
+    stripe_calls::follow_up(state, &applied, metrics).await?;
     if matches!(parsed.event, Event::Other) {
         tracing::debug!(event_type = %parsed.type_, "event type not handled");
     }
     Ok((parsed.id, applied))
+}
+
+/// Applies the event; a unique violation means another delivery got there first, and the event
+/// is applied once more to learn the outcome (the function is one transaction: nothing of the
+/// first try remains).
+async fn apply(
+    state: &State,
+    parsed: &events::ParsedEvent<'_>,
+    effect: &shared::store::Effect,
+) -> Result<ApplyOutcome, StoreError> {
+    match state
+        .store
+        .apply_stripe_event(parsed, effect, unix_now_ms())
+        .await
+    {
+        Err(StoreError::Conflict(detail)) => {
+            tracing::warn!(event_id = %parsed.id, detail, "unique violation; applying again");
+            state
+                .store
+                .apply_stripe_event(parsed, effect, unix_now_ms())
+                .await
+        }
+        other => other,
+    }
 }
 
 fn record_error(error: &WebhookError, request_id: &str, metrics: &mut MetricSet) {
@@ -264,6 +373,10 @@ fn record_error(error: &WebhookError, request_id: &str, metrics: &mut MetricSet)
         WebhookError::InvalidEvent(reason) => {
             metrics.count("InvalidEvents", 1);
             tracing::warn!(request_id, reason = %reason, "verified body is not a usable event");
+        }
+        WebhookError::Stripe(e) => {
+            metrics.count_by("StripeErrors", "Class", e.class(), 1);
+            tracing::error!(request_id, error = %e, "Stripe call failed; Stripe will redeliver");
         }
         WebhookError::LivemodeMismatch { .. } => {
             metrics.count("LivemodeMismatches", 1);

@@ -9,6 +9,7 @@
 //! The typed operations live here once, over [`Store::call`].
 
 pub mod chat;
+pub mod effect;
 pub mod orders;
 pub mod postgres;
 pub mod postgrest;
@@ -21,7 +22,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::StoreConfig;
-use crate::stripe::events::{Effect, ParsedEvent};
+use crate::stripe::events::ParsedEvent;
+pub use effect::Effect;
 
 /// A named argument of a SQL function call.
 #[derive(Debug)]
@@ -214,8 +216,12 @@ pub enum Outcome {
     Ignored,
     /// Older than the state already applied; recorded only.
     Stale,
-    /// No order or user could be matched; recorded for follow-up.
+    /// No order or user could be matched, or a paid session without an order was not granted;
+    /// recorded for follow-up.
     Unmatched,
+    /// Not recorded: a paid session without an order of ours; the caller checks its line items
+    /// at Stripe and applies the event again with the verdict (invariant I5).
+    NeedsVerification,
 }
 
 impl Outcome {
@@ -227,6 +233,7 @@ impl Outcome {
             Outcome::Ignored => "ignored",
             Outcome::Stale => "stale",
             Outcome::Unmatched => "unmatched",
+            Outcome::NeedsVerification => "needs_verification",
         }
     }
 }
@@ -245,4 +252,30 @@ pub struct ApplyOutcome {
     /// True when this payment made a second paid order for the same user and product.
     #[serde(default)]
     pub duplicate_payment: bool,
+    /// A duplicate payment that still has to be refunded (also on a redelivery, until done).
+    #[serde(default)]
+    pub refund: Option<RefundDue>,
+    /// Sessions of orders this payment closed: expire them at Stripe (invariant I1).
+    #[serde(default)]
+    pub expire_sessions: Vec<String>,
+    /// A refund (`charge.refunded`) was recorded.
+    #[serde(default)]
+    pub refunded: bool,
+    /// A dispute's status, when the event was a dispute.
+    #[serde(default)]
+    pub dispute: Option<String>,
+    /// A paid session without an order was not granted.
+    #[serde(default)]
+    pub unverified: bool,
+}
+
+/// A duplicate payment to refund: the whole payment intent.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct RefundDue {
+    pub order_id: uuid::Uuid,
+    pub payment_intent_id: String,
+    #[serde(default)]
+    pub amount: Option<i64>,
+    #[serde(default)]
+    pub currency: Option<String>,
 }

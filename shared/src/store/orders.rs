@@ -1,11 +1,13 @@
-//! Orders for the one-time purchase: start or resume checkout, attach a session, reconcile from
-//! Stripe, and the status the success page polls. Each call is one SQL function, one round trip.
+//! Orders for the one-time purchase: start or resume checkout, attach a session, retire an order
+//! whose session can never be created, reconcile from Stripe, record a duplicate's refund, and
+//! the status the success page polls. Each call is one SQL function, one round trip. The
+//! invariants these functions keep are in docs/payments.md.
 
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::Effect;
 use super::{Arg, Call, Store, StoreError};
-use crate::stripe::events::Effect;
 
 /// The product the checkout sells.
 pub const FULL_REPORT: &str = "full_report";
@@ -19,18 +21,29 @@ pub enum OrderStatus {
     Paid,
     Failed,
     Expired,
+    /// Fully refunded, or a dispute lost: the product is locked again and may be bought again.
+    Refunded,
+    /// A dispute is open: the product is suspended until it closes.
+    Disputed,
 }
 
 impl OrderStatus {
-    /// The status shown to the success page: `pending | paid | expired | failed`
-    /// (an async payment still in flight is pending to the user).
+    /// The status shown to the success page: `pending | paid | expired | failed | refunded |
+    /// disputed` (an async payment still in flight is pending to the user).
     pub fn public(self) -> &'static str {
         match self {
             OrderStatus::Pending | OrderStatus::Processing => "pending",
             OrderStatus::Paid => "paid",
             OrderStatus::Failed => "failed",
             OrderStatus::Expired => "expired",
+            OrderStatus::Refunded => "refunded",
+            OrderStatus::Disputed => "disputed",
         }
+    }
+
+    /// True while the order can still become paid through its session.
+    pub fn is_open(self) -> bool {
+        matches!(self, OrderStatus::Pending | OrderStatus::Processing)
     }
 }
 
@@ -48,6 +61,11 @@ pub struct Order {
     pub created_at: i64,
     #[serde(default)]
     pub paid_at: Option<i64>,
+    /// The e-mail the order's session is created with (fixed when the order opened).
+    #[serde(default)]
+    pub customer_email: Option<String>,
+    #[serde(default)]
+    pub amount_refunded: Option<i64>,
 }
 
 /// What `checkout_begin` found.
@@ -59,6 +77,10 @@ pub enum Begin {
     },
     UnknownUser,
     AlreadyPaid {
+        order: Order,
+    },
+    /// The user's payment is disputed: no new purchase until the dispute closes.
+    Disputed {
         order: Order,
     },
     Processing {
@@ -102,8 +124,17 @@ pub struct Reconciled {
     pub outcome: super::Outcome,
     #[serde(default)]
     pub duplicate_payment: bool,
+    /// Sessions of orders this payment closed: expire them at Stripe.
+    #[serde(default)]
+    pub expire_sessions: Vec<String>,
     #[serde(default)]
     pub order: Option<Order>,
+}
+
+/// What `checkout_retire_order` did.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Retired {
+    pub retired: bool,
 }
 
 /// What `checkout_status` found.
@@ -124,11 +155,13 @@ fn int(v: u32) -> Arg<'static> {
 }
 
 impl Store {
-    /// Starts or resumes the user's checkout of `product`.
+    /// Starts or resumes the user's checkout of `product`; a new order keeps `email` for its
+    /// session.
     pub async fn checkout_begin(
         &self,
         user: Uuid,
         product: &str,
+        email: Option<&str>,
         limits: BeginLimits,
     ) -> Result<Begin, StoreError> {
         decode(
@@ -137,6 +170,7 @@ impl Store {
                 args: vec![
                     ("p_user", Arg::Uuid(user)),
                     ("p_product", Arg::Text(product)),
+                    ("p_email", Arg::OptText(email)),
                     (
                         "p_limit",
                         Arg::Int(
@@ -183,6 +217,45 @@ impl Store {
         self.call(Call {
             function: "checkout_release_lease",
             args: vec![("p_order", Arg::Uuid(order))],
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Closes a pending order without a session whose Stripe create can never succeed, so the
+    /// next begin opens a fresh one.
+    pub async fn checkout_retire_order(
+        &self,
+        order: Uuid,
+        reason: &str,
+    ) -> Result<Retired, StoreError> {
+        decode(
+            self.call(Call {
+                function: "checkout_retire_order",
+                args: vec![
+                    ("p_order", Arg::Uuid(order)),
+                    ("p_reason", Arg::Text(reason)),
+                ],
+            })
+            .await?,
+        )
+    }
+
+    /// Records the automatic refund of a duplicate payment.
+    pub async fn record_duplicate_refund(
+        &self,
+        order: Uuid,
+        refund: &crate::stripe::client::Refund,
+    ) -> Result<(), StoreError> {
+        self.call(Call {
+            function: "record_duplicate_refund",
+            args: vec![
+                ("p_order", Arg::Uuid(order)),
+                ("p_refund_id", Arg::Text(&refund.id)),
+                ("p_amount", Arg::BigInt(Some(refund.amount))),
+                ("p_currency", Arg::OptText(refund.currency.as_deref())),
+                ("p_status", Arg::OptText(refund.status.as_deref())),
+            ],
         })
         .await
         .map(|_| ())

@@ -1,4 +1,5 @@
-//! A thin Stripe API client over the workspace's reqwest: create and retrieve Checkout Sessions.
+//! A thin Stripe API client over the workspace's reqwest: Checkout Sessions (create, retrieve,
+//! expire, line items) and refunds.
 //!
 //! Requests are form-encoded with `Stripe-Version` pinned ([`super::API_VERSION`]). Retries follow
 //! Stripe's official libraries: network errors, 409 (lock timeout), 429 and 5xx are retried with
@@ -33,6 +34,13 @@ struct ErrorDetail {
     param: Option<String>,
 }
 
+/// True for a Checkout Session id: `cs_` then letters, digits and `_`, at most 255 characters.
+pub fn is_session_id(id: &str) -> bool {
+    id.starts_with("cs_")
+        && (4..=255).contains(&id.len())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Whether a response with `status` and `Stripe-Should-Retry: should_retry` is retried, as
 /// Stripe's libraries decide.
 pub fn retries_status(status: u16, should_retry: Option<bool>) -> bool {
@@ -48,7 +56,9 @@ pub enum StripeError {
     /// No answer: connect error, reset, or timeout (after retries).
     #[error("Stripe unreachable ({})", if *.timeout { "timeout" } else { "network error" })]
     Network { timeout: bool },
-    /// Stripe answered with an error (after retries when retryable).
+    /// Stripe answered with an error (after retries when retryable). `replayed`: Stripe answered
+    /// from its idempotency store (`Idempotent-Replayed: true`), i.e. this is the stored result
+    /// of the first request made with the key, and the key will never give anything else.
     #[error("Stripe {status} {type_}{}: {message}", code.as_deref().map(|c| format!("/{c}")).unwrap_or_default())]
     Api {
         status: u16,
@@ -56,6 +66,7 @@ pub enum StripeError {
         code: Option<String>,
         message: String,
         param: Option<String>,
+        replayed: bool,
     },
     /// A 2xx body that is not the expected object.
     #[error("unexpected Stripe response: {0}")]
@@ -83,11 +94,68 @@ impl StripeError {
 
     /// True when trying again later may succeed (Stripe down or busy).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self.class(),
-            "timeout" | "network" | "rate_limited" | "server" | "conflict"
-        )
+        !self.is_replayed()
+            && matches!(
+                self.class(),
+                "timeout" | "network" | "rate_limited" | "server" | "conflict"
+            )
     }
+
+    /// True when Stripe answered from its idempotency store.
+    pub fn is_replayed(&self) -> bool {
+        matches!(self, StripeError::Api { replayed: true, .. })
+    }
+
+    /// True when the request under this idempotency key can never succeed: Stripe refused the
+    /// key (`idempotency_error`: other parameters) or replayed a stored error for it.
+    pub fn is_dead_key(&self) -> bool {
+        self.is_replayed() || self.class() == "idempotency"
+    }
+
+    /// The parameter Stripe named, if any.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            StripeError::Api { param, .. } => param.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// A line item of a Checkout Session, as far as the app reads it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LineItem {
+    #[serde(default)]
+    pub price: Option<super::events::Expandable>,
+    #[serde(default)]
+    pub quantity: Option<i64>,
+    #[serde(default)]
+    pub amount_total: Option<i64>,
+}
+
+impl LineItem {
+    /// The price id, whether the price is expanded or not.
+    pub fn price_id(&self) -> Option<&str> {
+        self.price.as_ref().map(|p| p.id())
+    }
+}
+
+/// A refund, as far as the app reads it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Refund {
+    pub id: String,
+    #[serde(default)]
+    pub amount: i64,
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct List<T> {
+    #[serde(default = "Vec::new")]
+    data: Vec<T>,
 }
 
 /// Parameters of a one-time payment Checkout Session.
@@ -167,6 +235,19 @@ impl StripeClient {
         })
     }
 
+    /// The client `api` describes, with Stripe's libraries' backoff.
+    pub fn from_config(api: &crate::config::StripeApi) -> reqwest::Result<Self> {
+        Self::new(
+            &api.base,
+            api.key.clone(),
+            RetryPolicy {
+                max_retries: api.retries,
+                ..RetryPolicy::default()
+            },
+            api.timeout,
+        )
+    }
+
     /// `POST /v1/checkout/sessions` with `Idempotency-Key: idempotency_key`.
     pub async fn create_checkout_session(
         &self,
@@ -191,11 +272,83 @@ impl StripeClient {
         id: &str,
         stats: &mut CallStats,
     ) -> Result<CheckoutSession, StripeError> {
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        let url = self.session_url(id, "")?;
+        self.send(stats, || self.http.get(&url)).await
+    }
+
+    /// `POST /v1/checkout/sessions/{id}/expire`: an open session can no longer be paid. Stripe
+    /// answers 400 for a session that is not open (see [`StripeClient::expire_if_open`]).
+    pub async fn expire_checkout_session(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<CheckoutSession, StripeError> {
+        let url = self.session_url(id, "/expire")?;
+        let key = format!("expire-{id}");
+        self.send(stats, || {
+            self.http.post(&url).header("Idempotency-Key", &key)
+        })
+        .await
+    }
+
+    /// Expires the session if it is open; returns the session as Stripe holds it afterwards
+    /// (read back when Stripe refused because it was no longer open: complete or expired).
+    pub async fn expire_if_open(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<CheckoutSession, StripeError> {
+        match self.expire_checkout_session(id, stats).await {
+            Ok(session) => Ok(session),
+            Err(StripeError::Api { status: 400, .. }) => {
+                self.retrieve_checkout_session(id, stats).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/checkout/sessions/{id}/line_items` (the first 100: a session of ours has one).
+    pub async fn list_line_items(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<Vec<LineItem>, StripeError> {
+        let url = self.session_url(id, "/line_items?limit=100")?;
+        let list: List<LineItem> = self.send(stats, || self.http.get(&url)).await?;
+        Ok(list.data)
+    }
+
+    /// `POST /v1/refunds` for the whole of a payment intent, `reason=duplicate`, with an
+    /// idempotency key derived from the payment intent, so a refund is made once however often
+    /// it is asked for.
+    pub async fn refund_duplicate(
+        &self,
+        payment_intent: &str,
+        order_id: &str,
+        stats: &mut CallStats,
+    ) -> Result<Refund, StripeError> {
+        let form = [
+            ("payment_intent", payment_intent),
+            ("reason", "duplicate"),
+            ("metadata[order_id]", order_id),
+            ("metadata[refunded_by]", "webhook"),
+        ];
+        let url = format!("{}/v1/refunds", self.base);
+        let key = format!("refund-duplicate-{payment_intent}");
+        self.send(stats, || {
+            self.http
+                .post(&url)
+                .header("Idempotency-Key", &key)
+                .form(&form)
+        })
+        .await
+    }
+
+    fn session_url(&self, id: &str, suffix: &str) -> Result<String, StripeError> {
+        if !is_session_id(id) {
             return Err(StripeError::Decode("not a Checkout Session id".into()));
         }
-        let url = format!("{}/v1/checkout/sessions/{id}", self.base);
-        self.send(stats, || self.http.get(&url)).await
+        Ok(format!("{}/v1/checkout/sessions/{id}{suffix}", self.base))
     }
 
     async fn send<T: serde::de::DeserializeOwned>(
@@ -227,6 +380,10 @@ impl StripeClient {
                         .get("stripe-should-retry")
                         .and_then(|v| v.to_str().ok())
                         .map(|v| v.eq_ignore_ascii_case("true"));
+                    let replayed = headers
+                        .get("idempotent-replayed")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
                     let retry_after = headers
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
@@ -256,8 +413,10 @@ impl StripeClient {
                                 code: detail.code,
                                 message: detail.message.unwrap_or_default(),
                                 param: detail.param,
+                                replayed,
                             };
-                            let retryable = retries_status(status, should_retry);
+                            // A replayed answer is what the key holds: asking again changes nothing.
+                            let retryable = !replayed && retries_status(status, should_retry);
                             (error, retry_after, Some(retryable))
                         }
                     }
@@ -338,6 +497,7 @@ mod tests {
             code: None,
             message: String::new(),
             param: None,
+            replayed: false,
         };
         assert_eq!(api(401, "authentication_error").class(), "authentication");
         assert_eq!(api(400, "invalid_request_error").class(), "invalid_request");
@@ -346,5 +506,33 @@ mod tests {
         assert!(api(429, "rate_limit_error").is_transient());
         assert!(!api(400, "invalid_request_error").is_transient());
         assert_eq!(StripeError::Network { timeout: true }.class(), "timeout");
+        let replayed = StripeError::Api {
+            status: 500,
+            type_: "api_error".into(),
+            code: None,
+            message: String::new(),
+            param: None,
+            replayed: true,
+        };
+        assert!(!replayed.is_transient() && replayed.is_dead_key());
+        assert!(api(400, "idempotency_error").is_dead_key());
+        assert!(!api(400, "invalid_request_error").is_dead_key());
+    }
+
+    #[test]
+    fn session_ids_are_checked_once() {
+        for id in ["cs_test_a1", "cs_live_B_2"] {
+            assert!(is_session_id(id), "{id}");
+        }
+        for id in [
+            "",
+            "cs_",
+            "pi_123",
+            "cs_test/../x",
+            "cs_test a",
+            &format!("cs_{}", "a".repeat(253)),
+        ] {
+            assert!(!is_session_id(id), "{id}");
+        }
     }
 }

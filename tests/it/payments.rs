@@ -1,0 +1,784 @@
+//! The money invariants of docs/payments.md, one scenario each, against the real SQL functions,
+//! both handlers and the fake Stripe. The first eight reproduce the defects of issue 12 (each
+//! failed on the code before the fix); the rest cover the new paths end to end.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use testkit::apps;
+use testkit::fixtures;
+use testkit::money::{Setup, World};
+use testkit::stripe_fake::AMOUNT;
+
+async fn world() -> World {
+    World::new(Setup::default()).await
+}
+
+/// Clicks, pays the session at Stripe and delivers everything: the user owns the report.
+async fn buy(w: &World, user: &str) -> (String, String) {
+    let (status, body) = w.click(user).await;
+    assert_eq!(status, 200, "{body}");
+    let session = body["session_id"].as_str().unwrap().to_owned();
+    let pi = w.stripe.pay(&session).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert!(w.owns(user).await);
+    (session, pi)
+}
+
+/// Makes every paid transaction of `orders` hold for `ms` after it marks an order paid, before
+/// it commits: the window a click can fall into, widened on purpose.
+async fn widen_paid_window(w: &World, ms: u32) {
+    w.sql
+        .batch_execute(&format!(
+            "create function public.test_hold_paid() returns trigger language plpgsql as $$
+             begin perform pg_sleep({secs}); return new; end $$;
+             create trigger test_hold_paid after update on public.orders for each row
+             when (new.status = 'paid' and old.status is distinct from 'paid')
+             execute function public.test_hold_paid();",
+            secs = f64::from(ms) / 1000.0
+        ))
+        .await
+        .unwrap();
+}
+
+// ---- Issue 12, defect 1: two payable sessions from one user --------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clicks_at_the_shortest_ttl_give_one_payable_session() {
+    let w = World::new(Setup {
+        instances: 4,
+        session_ttl_s: 1860,
+        ..Setup::default()
+    })
+    .await;
+    let user = w.user().await;
+    w.stripe.delay(Some(Duration::from_millis(700)));
+
+    let answers = w.clicks(&user, 8).await;
+
+    let ids: std::collections::BTreeSet<_> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 200, "{body}");
+            body["session_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "every click got the same session");
+    assert_eq!(w.open_sessions_of(&user).len(), 1);
+    assert_eq!(w.stripe.create_requests().await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_order_whose_lease_is_live_is_never_retired() {
+    let w = World::new(Setup {
+        instances: 1,
+        ..Setup::default()
+    })
+    .await;
+    let user = w.user().await;
+    // Another instance took the lease 89 minutes into the order's life and is creating its
+    // session right now (its Stripe call has not returned).
+    w.sql
+        .execute(
+            "insert into orders (user_id, created_at, checkout_expires_at, session_claimed_until)
+             values ($1::text::uuid, now() - interval '89 minutes', now() + interval '31 minutes',
+                     now() + interval '30 seconds')",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    let mut config = w.checkouts[0].config.clone();
+    config.max_wait = Duration::from_millis(300);
+    let (quick, _) = apps::checkout_state(config, w.checkouts[0].store.clone());
+    let request = fixtures::FunctionUrlRequest::post("/", b"").bearer(&World::token(&user));
+
+    let response = checkout::handle(&quick, request.into_request().unwrap()).await;
+
+    assert_eq!(
+        response.status(),
+        503,
+        "the click waits for the lease holder"
+    );
+    assert_eq!(
+        fixtures::json_body(&response)["error"]["code"],
+        "checkout_in_progress"
+    );
+    assert_eq!(
+        w.scalar::<String>("select string_agg(status, ',') from orders")
+            .await,
+        "pending",
+        "the order in creation stays"
+    );
+    assert!(w.stripe.create_requests().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_order_closed_meanwhile_is_expired_not_handed_out() {
+    let w = world().await;
+    let user = w.user().await;
+    // An order of the user that expired here, whose session Stripe still lets them pay (an old
+    // tab); its payment arrives while a click is creating a new session.
+    let old_order: String = w
+        .sql
+        .query_one(
+            "insert into orders (user_id, status, stripe_checkout_session_id, session_created_at)
+             values ($1::text::uuid, 'expired', 'cs_test_old_tab', now() - interval '1 hour')
+             returning id::text",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    w.stripe.delay(Some(Duration::from_millis(800)));
+    let click = w.click(&user);
+    let payment = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let event = fixtures::checkout_event(
+            "checkout.session.completed",
+            "cs_test_old_tab",
+            &old_order,
+            &user,
+            "paid",
+        );
+        w.deliver(&event).await
+    };
+
+    let ((status, body), (paid, _)) = tokio::join!(click, payment);
+
+    assert_eq!(paid, 200);
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("already_paid")),
+        "{body}"
+    );
+    let sessions = w.stripe.sessions();
+    assert_eq!(sessions.len(), 1, "the click's session was created");
+    assert_eq!(sessions[0]["status"], "expired", "and expired at once");
+    assert!(w.open_sessions_of(&user).is_empty());
+    assert!(w.checkout_metric("SessionsExpired") >= 1.0);
+}
+
+// ---- Issue 12, defect 2: a click racing the paid webhook -------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_while_the_payment_is_applied_is_already_paid() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    w.stripe.pay(&session).unwrap();
+    let events = w.stripe.take_events();
+    widen_paid_window(&w, 600).await;
+
+    let deliver = w.deliver(&events[0]);
+    let click = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        w.click(&user).await
+    };
+    let ((delivered, _), (status, body)) = tokio::join!(deliver, click);
+
+    assert_eq!(delivered, 200);
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("already_paid")),
+        "{body}"
+    );
+    assert_eq!(w.stripe.sessions().len(), 1, "no second session");
+    assert_eq!(w.scalar::<i64>("select count(*) from orders").await, 1);
+}
+
+// ---- Issue 12, defect 3: refunds and chargebacks ---------------------------------------------
+
+#[tokio::test]
+async fn a_full_refund_revokes_the_report_and_the_user_may_buy_again() {
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+
+    w.stripe.refund(&pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    assert!(!w.owns(&user).await);
+    let order = w.order_of(&session).await;
+    assert_eq!(order["status"], "refunded");
+    assert_eq!(order["amount_refunded"], AMOUNT);
+    let (_, polled) = w.poll(&user, Some(&session)).await;
+    assert_eq!(polled["status"], "refunded");
+    assert_eq!(w.webhook_metric("Refunds"), 1.0);
+    let (status, again) = w.click(&user).await;
+    assert_eq!(status, 200, "{again}");
+    assert_ne!(again["session_id"], json!(session));
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from payment_audit where kind = 'order_refunded'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_partial_refund_keeps_the_report() {
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+
+    w.stripe.refund(&pi, Some(500)).unwrap();
+    w.deliver_all().await;
+
+    assert!(w.owns(&user).await);
+    let order = w.order_of(&session).await;
+    assert_eq!(
+        (order["status"].clone(), order["amount_refunded"].clone()),
+        (json!("paid"), json!(500))
+    );
+    let (status, body) = w.click(&user).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("already_paid"))
+    );
+}
+
+#[tokio::test]
+async fn a_dispute_suspends_the_report_until_won_and_a_lost_one_revokes_it() {
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+
+    let dispute = w.stripe.dispute(&pi).unwrap();
+    w.deliver_all().await;
+    assert!(!w.owns(&user).await, "suspended while disputed");
+    assert_eq!(w.order_of(&session).await["status"], "disputed");
+    assert_eq!(w.poll(&user, Some(&session)).await.1["status"], "disputed");
+    let (status, body) = w.click(&user).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("payment_disputed"))
+    );
+    assert_eq!(w.webhook_metric("Disputes"), 1.0);
+
+    w.stripe.close_dispute(&dispute, true).unwrap();
+    w.deliver_all().await;
+    assert!(w.owns(&user).await, "restored when won");
+    assert_eq!(w.order_of(&session).await["status"], "paid");
+
+    let second = w.stripe.dispute(&pi).unwrap();
+    w.stripe.close_dispute(&second, false).unwrap();
+    w.deliver_all().await;
+    assert!(!w.owns(&user).await, "revoked when lost");
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+}
+
+#[tokio::test]
+async fn a_refund_that_arrives_before_the_payment_is_applied_when_it_is() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let pi = w.stripe.pay(&session).unwrap();
+    w.stripe.refund(&pi, None).unwrap();
+    let events = w.stripe.take_events();
+    assert_eq!(events[1]["type"], "charge.refunded");
+
+    assert_eq!(w.deliver(&events[1]).await.0, 200);
+    assert_eq!(w.deliver(&events[0]).await.0, 200);
+
+    assert!(!w.owns(&user).await);
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+}
+
+// ---- Issue 12, defect 4: paid sessions trusted blindly ---------------------------------------
+
+#[tokio::test]
+async fn a_paid_session_without_an_order_is_granted_only_for_our_price() {
+    let w = world().await;
+    let cheap = w.user().await;
+    let honest = w.user().await;
+    let other = w.stripe.foreign_session(&cheap, "price_one_yen", 1);
+    w.stripe.pay(&other).unwrap();
+    let ours = w.stripe.foreign_session(&honest, apps::PRICE, AMOUNT);
+    w.stripe.pay(&ours).unwrap();
+
+    assert!(w.deliver_all().await.is_empty());
+
+    assert!(!w.owns(&cheap).await, "a 1 JPY session grants nothing");
+    assert!(w.owns(&honest).await, "a Payment Link for the report does");
+    assert_eq!(w.webhook_metric("UnverifiedSessions"), 1.0);
+    assert_eq!(
+        w.scalar::<String>(&format!(
+            "select outcome || ':' || detail from stripe_events
+             where payload -> 'data' -> 'object' ->> 'id' = '{other}'"
+        ))
+        .await,
+        "unmatched:paid session without an order, not granted: line items hold [price_one_yen], not price_full_report_test"
+    );
+    assert_eq!(
+        w.stripe
+            .requests_to("GET", &format!("/v1/checkout/sessions/{ours}/line_items"))
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn without_a_stripe_key_nothing_orderless_is_granted() {
+    let w = World::new(Setup {
+        webhook_key: false,
+        ..Setup::default()
+    })
+    .await;
+    let user = w.user().await;
+    let ours = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&ours).unwrap();
+
+    w.deliver_all().await;
+
+    assert!(!w.owns(&user).await);
+    assert_eq!(w.webhook_metric("UnverifiedSessions"), 1.0);
+}
+
+#[tokio::test]
+async fn stripe_down_while_verifying_is_a_503_and_redelivery_grants() {
+    let w = world().await;
+    let user = w.user().await;
+    let ours = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&ours).unwrap();
+    let events = w.stripe.take_events();
+    w.stripe.delay(Some(Duration::from_secs(5)));
+
+    let (status, body) = w.deliver(&events[0]).await;
+
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (503, json!("payment_provider_unavailable"))
+    );
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from stripe_events").await,
+        0,
+        "nothing recorded"
+    );
+    w.stripe.delay(None);
+    assert_eq!(w.deliver(&events[0]).await.0, 200);
+    assert!(w.owns(&user).await);
+}
+
+// ---- Issue 12, defect 5: same-second subscription events -------------------------------------
+
+fn subscription_event(type_: &str, status: &str, customer: &str, created: i64) -> Value {
+    let mut event = fixtures::load("stripe/customer.subscription.updated.dahlia.json");
+    fixtures::set(&mut event, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut event, "/type", json!(type_));
+    fixtures::set(&mut event, "/created", json!(created));
+    fixtures::set(&mut event, "/data/object/id", json!("sub_same_second"));
+    fixtures::set(&mut event, "/data/object/customer", json!(customer));
+    fixtures::set(&mut event, "/data/object/status", json!(status));
+    event
+}
+
+#[tokio::test]
+async fn a_late_created_event_of_the_same_second_never_overwrites_updated() {
+    let w = world().await;
+    let user = w.user().await;
+    w.sql
+        .execute(
+            "insert into stripe_customers values ('cus_same', $1::text::uuid)",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    let t = fixtures::now() - 60;
+
+    w.deliver(&subscription_event(
+        "customer.subscription.updated",
+        "active",
+        "cus_same",
+        t,
+    ))
+    .await;
+    let (_, late) = w
+        .deliver(&subscription_event(
+            "customer.subscription.created",
+            "incomplete",
+            "cus_same",
+            t,
+        ))
+        .await;
+
+    assert_eq!(late["outcome"], "stale");
+    assert_eq!(
+        w.scalar::<String>("select status from subscriptions").await,
+        "active"
+    );
+    // And deleted is final, also within the second.
+    w.deliver(&subscription_event(
+        "customer.subscription.deleted",
+        "canceled",
+        "cus_same",
+        t + 5,
+    ))
+    .await;
+    w.deliver(&subscription_event(
+        "customer.subscription.updated",
+        "active",
+        "cus_same",
+        t + 5,
+    ))
+    .await;
+    assert_eq!(
+        w.scalar::<String>("select status from subscriptions").await,
+        "canceled"
+    );
+    assert!(
+        !w.scalar::<bool>("select active from entitlements where product = 'subscription'")
+            .await
+    );
+}
+
+// ---- Issue 12, defect 6: owners learned late --------------------------------------------------
+
+#[tokio::test]
+async fn subscriptions_and_invoices_that_came_first_get_their_owner() {
+    let w = world().await;
+    let user = w.user().await;
+    let t = fixtures::now() - 60;
+    let sub = subscription_event("customer.subscription.created", "active", "cus_late", t);
+    let mut invoice = fixtures::load("stripe/invoice.paid.dahlia.json");
+    fixtures::set(&mut invoice, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut invoice, "/created", json!(t));
+    fixtures::set(&mut invoice, "/data/object/id", json!("in_late"));
+    fixtures::set(&mut invoice, "/data/object/customer", json!("cus_late"));
+    assert_eq!(w.deliver(&sub).await.0, 200);
+    assert_eq!(w.deliver(&invoice).await.0, 200);
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from subscriptions where user_id is null")
+            .await,
+        1
+    );
+
+    // The subscription's checkout session names the user and the customer.
+    let mut session = fixtures::checkout_event(
+        "checkout.session.completed",
+        "cs_test_sub",
+        "",
+        &user,
+        "paid",
+    );
+    fixtures::set(&mut session, "/data/object/mode", json!("subscription"));
+    fixtures::set(&mut session, "/data/object/customer", json!("cus_late"));
+    assert_eq!(w.deliver(&session).await.0, 200);
+
+    assert_eq!(
+        w.scalar::<String>("select user_id::text from subscriptions")
+            .await,
+        user
+    );
+    assert_eq!(
+        w.scalar::<String>("select user_id::text from invoices")
+            .await,
+        user
+    );
+    assert!(
+        w.scalar::<bool>("select active from entitlements where product = 'subscription'")
+            .await
+    );
+}
+
+// ---- Issue 12, defect 7: two events of one order-less session at once ------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_events_of_one_orderless_session_at_once_are_no_500() {
+    let w = world().await;
+    let user = w.user().await;
+    let ours = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay_async(&ours).unwrap();
+    w.stripe.settle_async(&ours, true).unwrap();
+    let mut events = w.stripe.take_events();
+    // Both pay (completed with the payment already settled, and async_payment_succeeded).
+    fixtures::set(&mut events[0], "/data/object/payment_status", json!("paid"));
+    // Both see no order, then both insert one: the window, widened.
+    w.sql
+        .batch_execute(
+            "create function public.test_hold_insert() returns trigger language plpgsql as $$
+             begin perform pg_sleep(0.3); return new; end $$;
+             create trigger test_hold_insert before insert on public.orders for each row
+             execute function public.test_hold_insert();",
+        )
+        .await
+        .unwrap();
+
+    let (a, b) = tokio::join!(w.deliver(&events[0]), w.deliver(&events[1]));
+
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
+    assert_eq!(w.scalar::<i64>("select count(*) from orders").await, 1);
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from payment_audit where kind = 'order_paid'")
+            .await,
+        1
+    );
+    assert!(w.owns(&user).await);
+}
+
+// ---- Issue 12, defect 8: idempotency that cannot lock anyone out -----------------------------
+
+#[tokio::test]
+async fn a_changed_email_does_not_change_the_idempotent_create() {
+    let w = world().await;
+    let user = w.user().await;
+    w.stripe
+        .script((0..3).map(|_| testkit::stripe_fake::FakeStripe::server_error()));
+    let (status, _) = w.click(&user).await;
+    assert_eq!(
+        status, 503,
+        "Stripe down: the lease is released, the order stays"
+    );
+
+    // The user changes their e-mail; the next token carries the new one.
+    let mut claims = testkit::tokens::user_claims(&user, None);
+    claims["email"] = json!("new-address@example.com");
+    let token = testkit::tokens::hs256(&claims, apps::JWT_SECRET.as_bytes());
+    let response = checkout::handle(
+        &w.checkouts[0],
+        fixtures::FunctionUrlRequest::post("/", b"")
+            .bearer(&token)
+            .into_request()
+            .unwrap(),
+    )
+    .await;
+
+    assert_eq!(response.status(), 200, "{}", fixtures::json_body(&response));
+    let creates = w.stripe.create_requests().await;
+    let emails: std::collections::BTreeSet<_> = creates
+        .iter()
+        .map(|(_, form)| {
+            form.iter()
+                .find(|(k, _)| k == "customer_email")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert_eq!(
+        emails.len(),
+        1,
+        "every try sent the order's e-mail: {emails:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_error_replayed_for_the_orders_key_retires_the_order() {
+    let w = world().await;
+    let user = w.user().await;
+    w.stripe.script_stored_error(
+        400,
+        "invalid_request_error",
+        Some("account_invalid"),
+        "The account is not set up for this.",
+    );
+    let (status, body) = w.click(&user).await;
+    assert_eq!(status, 502, "{body}");
+
+    let (status, body) = w.click(&user).await;
+
+    assert_eq!(status, 200, "a fresh order, a fresh key: {body}");
+    assert_eq!(
+        w.scalar::<String>("select string_agg(status || '/' || coalesce(closed_reason, '-'), ',' order by created_at) from orders").await,
+        "expired/retired,pending/-"
+    );
+    assert_eq!(w.checkout_metric("OrdersRetired"), 1.0);
+}
+
+#[tokio::test]
+async fn an_order_too_old_for_its_session_is_retired_and_replaced() {
+    let w = World::new(Setup {
+        session_ttl_s: 1860,
+        ..Setup::default()
+    })
+    .await;
+    let user = w.user().await;
+    w.stripe
+        .script((0..3).map(|_| testkit::stripe_fake::FakeStripe::server_error()));
+    assert_eq!(w.click(&user).await.0, 503);
+    // Time passes: the order's expires_at is now less than 30 minutes ahead.
+    w.sql
+        .execute(
+            "update orders set created_at = created_at - interval '10 minutes',
+                               checkout_expires_at = checkout_expires_at - interval '10 minutes'",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let (status, body) = w.click(&user).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from orders where closed_reason = 'retired'")
+            .await,
+        1
+    );
+    assert_eq!(w.open_sessions_of(&user).len(), 1);
+}
+
+// ---- I3: duplicates refunded automatically ---------------------------------------------------
+
+#[tokio::test]
+async fn a_second_payment_is_refunded_once_and_the_report_stays() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    // The user also bought through a Payment Link in another tab, and then paid our session.
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let link_pi = w.stripe.pay(&link).unwrap();
+    let pi = w.stripe.pay(&session).unwrap();
+    let events = w.stripe.take_events();
+
+    for event in &events {
+        assert_eq!(w.deliver(event).await.0, 200);
+    }
+    // Redelivered: nothing more happens.
+    assert_eq!(w.deliver(&events[1]).await.1["outcome"], "duplicate");
+    w.deliver_all().await;
+
+    assert!(w.owns(&user).await, "the first payment stands");
+    let refunds = w.stripe.refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["payment_intent"], json!(pi));
+    assert_eq!(refunds[0]["reason"], "duplicate");
+    assert_eq!(w.stripe.charge(&link_pi).unwrap()["refunded"], false);
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+    assert_eq!(w.webhook_metric("DuplicateRefunds"), 1.0);
+    let keys: Vec<String> = w
+        .stripe
+        .requests_to("POST", "/v1/refunds")
+        .await
+        .iter()
+        .filter_map(|r| {
+            r.headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(keys, vec![format!("refund-duplicate-{pi}")]);
+    let health: Value = w.scalar("select public.payment_health(1)").await;
+    assert_eq!(
+        (
+            health["duplicate_payments"].clone(),
+            health["duplicates_unrefunded"].clone()
+        ),
+        (json!(1), json!(0))
+    );
+}
+
+#[tokio::test]
+async fn a_refund_stripe_refuses_for_now_is_retried_by_the_redelivery() {
+    let w = world().await;
+    let user = w.user().await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&second).unwrap();
+    let events = w.stripe.take_events();
+    assert_eq!(w.deliver(&events[0]).await.0, 200);
+    w.stripe.fail_next_refunds(2);
+
+    let (status, body) = w.deliver(&events[1]).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (503, json!("payment_provider_unavailable"))
+    );
+    let (status, body) = w.deliver(&events[1]).await;
+
+    assert_eq!(
+        (status, body["outcome"].clone()),
+        (200, json!("duplicate")),
+        "{body}"
+    );
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(w.stripe.refunds().len(), 1);
+    assert_eq!(w.order_of(&second).await["status"], "refunded");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_made_but_not_recorded_is_recorded_by_the_redelivery() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    w.stripe.pay(&session).unwrap();
+    let events = w.stripe.take_events();
+    assert_eq!(w.deliver(&events[0]).await.0, 200);
+    // The refund call takes 600 ms; the database goes away while it is in flight.
+    w.stripe.delay(Some(Duration::from_millis(600)));
+    let cut = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.proxy.down();
+    };
+
+    let ((status, _), ()) = tokio::join!(w.deliver(&events[1]), cut);
+    assert!(status >= 500, "{status}");
+    assert_eq!(w.stripe.refunds().len(), 1, "the refund was made at Stripe");
+    w.proxy.up();
+    let (status, body) = w.deliver(&events[1]).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        w.stripe.refunds().len(),
+        1,
+        "the retry was answered from the idempotency key"
+    );
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from payment_audit where kind = 'duplicate_refunded'")
+            .await,
+        1
+    );
+    w.stripe.delay(None);
+    w.deliver_all().await;
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn without_a_key_a_duplicate_is_audited_and_alarmed() {
+    let w = World::new(Setup {
+        webhook_key: false,
+        ..Setup::default()
+    })
+    .await;
+    let user = w.user().await;
+    let (_, a) = w.click(&user).await;
+    let first = a["session_id"].as_str().unwrap().to_owned();
+    // A second order of the user whose session was paid too (an old tab).
+    let pi = w.stripe.pay(&first).unwrap();
+    w.deliver_all().await;
+    let second_order: String = w
+        .sql
+        .query_one(
+            "insert into orders (user_id, status, stripe_checkout_session_id) values ($1::text::uuid, 'expired', 'cs_test_second') returning id::text",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut event = fixtures::checkout_event(
+        "checkout.session.completed",
+        "cs_test_second",
+        &second_order,
+        &user,
+        "paid",
+    );
+    fixtures::set(
+        &mut event,
+        "/data/object/payment_intent",
+        json!("pi_second"),
+    );
+
+    assert_eq!(w.deliver(&event).await.0, 200);
+
+    assert!(w.stripe.refunds().is_empty());
+    assert_eq!(w.webhook_metric("DuplicatePayments"), 1.0);
+    let health: Value = w.scalar("select public.payment_health(1)").await;
+    assert_eq!(health["duplicates_unrefunded"], 1);
+    assert_ne!(pi, "pi_second");
+}

@@ -1,0 +1,629 @@
+//! A fake Stripe API at the HTTP level, with Stripe's documented shapes and semantics:
+//! Checkout Sessions (create with `Idempotency-Key`, retrieve, expire, line items), refunds, and
+//! the money side tests drive (the customer pays, refunds from the Dashboard, disputes). Every
+//! change emits the event Stripe would send; tests take the events from the outbox and deliver
+//! them when and how they like (late, twice, concurrently). Local runs (`start_local`) deliver
+//! them to the webhook at once, signed, as Stripe would.
+//!
+//! Idempotency as Stripe documents it: the first result of a key is kept (also an error, once
+//! the endpoint ran) and replayed with `Idempotent-Replayed: true`; other parameters under the
+//! same key are an `idempotency_error`; validation errors are not kept.
+
+mod state;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use state::{error, missing, FakeState, Stored};
+pub use state::{Scripted, AMOUNT, CURRENCY};
+
+/// The secret key the fake accepts.
+pub const KEY: &str = "sk_test_fake_key_for_tests";
+
+/// A running fake.
+pub struct FakeStripe {
+    pub server: MockServer,
+    state: Arc<Mutex<FakeState>>,
+    /// Local runs: where events are delivered, and the secret they are signed with.
+    sink: Option<Arc<(String, String)>>,
+}
+
+type Shared = Arc<Mutex<FakeState>>;
+/// A route's answer from the fake's state.
+type Handler = fn(&mut FakeState, &Request) -> ResponseTemplate;
+
+fn with_delay(state: &FakeState, template: ResponseTemplate) -> ResponseTemplate {
+    match state.delay {
+        Some(d) => template.set_delay(d),
+        None => template,
+    }
+}
+
+fn json_response(status: u16, body: Value) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_json(body)
+}
+
+fn last_segments(request: &Request) -> Vec<String> {
+    request
+        .url
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn form(request: &Request) -> Vec<(String, String)> {
+    serde_urlencoded::from_bytes(&request.body).unwrap_or_default()
+}
+
+fn check_headers(request: &Request) -> Option<ResponseTemplate> {
+    let auth = request
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {KEY}")) {
+        return Some(error(
+            401,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided: sk_test_****",
+        ));
+    }
+    if request.headers.get("stripe-version").is_none() {
+        return Some(error(
+            400,
+            "invalid_request_error",
+            None,
+            "the fake requires a pinned Stripe-Version",
+        ));
+    }
+    None
+}
+
+fn idempotency_key(request: &Request) -> Option<String> {
+    request
+        .headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Runs `op` under Stripe's idempotency rules for `(endpoint, key)`.
+fn idempotent(
+    state: &mut FakeState,
+    endpoint: &str,
+    key: Option<String>,
+    params: Vec<(String, String)>,
+    op: impl FnOnce(&mut FakeState) -> (u16, Value, bool),
+) -> ResponseTemplate {
+    if let Some(key) = &key {
+        if let Some(stored) = state.idempotency.get(&(endpoint.to_owned(), key.clone())) {
+            if stored.params != params {
+                return error(400, "idempotency_error", None,
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{key}' if you meant to execute a different request.");
+            }
+            return json_response(stored.status, stored.body.clone())
+                .insert_header("idempotent-replayed", "true");
+        }
+    }
+    let (status, body, keep) = op(state);
+    if let (Some(key), true) = (key, keep) {
+        state.idempotency.insert(
+            (endpoint.to_owned(), key),
+            Stored {
+                params,
+                status,
+                body: body.clone(),
+            },
+        );
+    }
+    json_response(status, body)
+}
+
+/// Answers every route; events emitted by the change are delivered in local runs.
+struct Route {
+    state: Shared,
+    sink: Option<Arc<(String, String)>>,
+    handler: Handler,
+}
+
+impl Respond for Route {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if let Some(refused) = check_headers(request) {
+            return refused;
+        }
+        let Ok(mut state) = self.state.lock() else {
+            return error(500, "api_error", None, "poisoned");
+        };
+        let template = (self.handler)(&mut state, request);
+        let template = with_delay(&state, template);
+        deliver_outbox(&mut state, self.sink.as_deref());
+        template
+    }
+}
+
+fn create_session(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let Some(key) = idempotency_key(request) else {
+        return error(
+            400,
+            "invalid_request_error",
+            None,
+            "the fake requires an Idempotency-Key",
+        );
+    };
+    let params = form(request);
+    let endpoint = "POST /v1/checkout/sessions";
+    if !state
+        .idempotency
+        .contains_key(&(endpoint.to_owned(), key.clone()))
+    {
+        match state.scripted.pop_front() {
+            Some(Scripted::Transient(template)) => return template,
+            Some(Scripted::Stored(status, body)) => {
+                state.idempotency.insert(
+                    (endpoint.to_owned(), key),
+                    Stored {
+                        params,
+                        status,
+                        body: body.clone(),
+                    },
+                );
+                return json_response(status, body);
+            }
+            None => {}
+        }
+    }
+    idempotent(state, endpoint, Some(key), params.clone(), |s| {
+        s.create_session(&params)
+    })
+}
+
+fn retrieve_session(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let id = last_segments(request).pop().unwrap_or_default();
+    match state.sessions.get(&id) {
+        Some(session) => json_response(200, session.clone()),
+        None => json_response(404, missing("checkout.session", &id)),
+    }
+}
+
+fn expire_session(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let segments = last_segments(request);
+    let id = segments
+        .get(segments.len().saturating_sub(2))
+        .cloned()
+        .unwrap_or_default();
+    let endpoint = format!("POST /v1/checkout/sessions/{id}/expire");
+    idempotent(
+        state,
+        &endpoint,
+        idempotency_key(request),
+        form(request),
+        |s| {
+            let (status, body) = s.expire(&id);
+            (status, body, status == 200)
+        },
+    )
+}
+
+fn line_items(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let segments = last_segments(request);
+    let id = segments
+        .get(segments.len().saturating_sub(2))
+        .cloned()
+        .unwrap_or_default();
+    match state.line_items.get(&id) {
+        Some(items) => json_response(
+            200,
+            json!({"object": "list", "data": items, "has_more": false,
+                   "url": format!("/v1/checkout/sessions/{id}/line_items")}),
+        ),
+        None => json_response(404, missing("checkout.session", &id)),
+    }
+}
+
+fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let params = form(request);
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let metadata: Map<String, Value> = params
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("metadata[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(|m| (m.to_owned(), json!(v)))
+        })
+        .collect();
+    if state.refund_failures > 0 {
+        state.refund_failures -= 1;
+        return error(500, "api_error", None, "An unknown error occurred");
+    }
+    let pi = get("payment_intent");
+    let amount = get("amount").and_then(|a| a.parse::<i64>().ok());
+    let reason = get("reason");
+    idempotent(
+        state,
+        "POST /v1/refunds",
+        idempotency_key(request),
+        params.clone(),
+        |s| {
+            let Some(pi) = pi else {
+                let (status, body) =
+                    state::param_error("payment_intent", "Missing required param: payment_intent.");
+                return (status, body, false);
+            };
+            let (status, body) = s.refund(&pi, amount, reason.as_deref(), metadata);
+            (status, body, true)
+        },
+    )
+}
+
+/// Delivers the outbox to the webhook (local runs only), each event signed and posted from a
+/// thread of its own, as Stripe delivers independently of the API call that caused it.
+fn deliver_outbox(state: &mut FakeState, sink: Option<&(String, String)>) {
+    let Some((url, secret)) = sink else {
+        return;
+    };
+    for event in std::mem::take(&mut state.outbox) {
+        let body = crate::fixtures::body(&event);
+        let signature = crate::fixtures::sign(&body, secret);
+        let url = url.clone();
+        let type_ = event["type"].as_str().unwrap_or_default().to_owned();
+        std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let result = reqwest::Client::new()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("stripe-signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+                match result {
+                    Ok(r) => println!("fake-stripe: delivered {type_}: {}", r.status()),
+                    Err(e) => println!("fake-stripe: delivery of {type_} failed: {e}"),
+                }
+            });
+        });
+    }
+}
+
+/// The local pay page: completes and pays the session, as Stripe Checkout would, and redirects
+/// to its success URL; the webhook gets `checkout.session.completed`.
+struct PayPage {
+    state: Shared,
+    sink: Option<Arc<(String, String)>>,
+}
+
+impl Respond for PayPage {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id = last_segments(request).pop().unwrap_or_default();
+        let Ok(mut state) = self.state.lock() else {
+            return ResponseTemplate::new(500);
+        };
+        if let Err(why) = state.pay(&id, true) {
+            let status = if state.sessions.contains_key(&id) {
+                410
+            } else {
+                404
+            };
+            return ResponseTemplate::new(status).set_body_string(why);
+        }
+        let success = state.sessions[&id]["success_url"]
+            .as_str()
+            .unwrap_or_default()
+            .replace("{CHECKOUT_SESSION_ID}", &id);
+        deliver_outbox(&mut state, self.sink.as_deref());
+        ResponseTemplate::new(303).insert_header("location", success.as_str())
+    }
+}
+
+impl FakeStripe {
+    /// Starts a fake on a loopback port; events stay in the outbox for the test.
+    pub async fn start() -> FakeStripe {
+        Self::start_with(MockServer::start().await, None).await
+    }
+
+    /// Starts a fake for local runs on `listener`: session URLs open a pay page on the fake,
+    /// and every event is delivered to `webhook_url`, signed with `secret`.
+    pub async fn start_local(
+        listener: std::net::TcpListener,
+        webhook_url: &str,
+        secret: &str,
+    ) -> FakeStripe {
+        let server = MockServer::builder().listener(listener).start().await;
+        let sink = Arc::new((webhook_url.to_owned(), secret.to_owned()));
+        let fake = Self::start_with(server, Some(sink)).await;
+        fake.with(|s| s.pay_base = Some(fake.server.uri()));
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/pay/[A-Za-z0-9_]+$"))
+            .respond_with(PayPage {
+                state: fake.state.clone(),
+                sink: fake.sink.clone(),
+            })
+            .mount(&fake.server)
+            .await;
+        fake
+    }
+
+    async fn start_with(server: MockServer, sink: Option<Arc<(String, String)>>) -> FakeStripe {
+        let state: Shared = Arc::new(Mutex::new(FakeState::default()));
+        let routes: [(&str, &str, Handler); 5] = [
+            ("POST", r"^/v1/checkout/sessions$", create_session),
+            (
+                "GET",
+                r"^/v1/checkout/sessions/[A-Za-z0-9_]+$",
+                retrieve_session,
+            ),
+            (
+                "POST",
+                r"^/v1/checkout/sessions/[A-Za-z0-9_]+/expire$",
+                expire_session,
+            ),
+            (
+                "GET",
+                r"^/v1/checkout/sessions/[A-Za-z0-9_]+/line_items$",
+                line_items,
+            ),
+            ("POST", r"^/v1/refunds$", create_refund),
+        ];
+        for (verb, pattern, handler) in routes {
+            Mock::given(method(verb))
+                .and(path_regex(pattern))
+                .respond_with(Route {
+                    state: state.clone(),
+                    sink: sink.clone(),
+                    handler,
+                })
+                .mount(&server)
+                .await;
+        }
+        FakeStripe {
+            server,
+            state,
+            sink,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = f(&mut state);
+        deliver_outbox(&mut state, self.sink.as_deref());
+        out
+    }
+
+    /// The base URL (`STRIPE_API_BASE`).
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// Answers the next create calls with these responses (not kept under the key).
+    pub fn script(&self, responses: impl IntoIterator<Item = ResponseTemplate>) {
+        self.with(|s| {
+            s.scripted
+                .extend(responses.into_iter().map(Scripted::Transient))
+        });
+    }
+
+    /// Answers the next create call with this error, kept under its idempotency key as Stripe
+    /// keeps the result of a request whose endpoint ran.
+    pub fn script_stored_error(&self, status: u16, type_: &str, code: Option<&str>, message: &str) {
+        let body = state::error_body(type_, code, message);
+        self.with(|s| s.scripted.push_back(Scripted::Stored(status, body)));
+    }
+
+    /// Answers the next `n` refund requests with a 500 (not kept under their key).
+    pub fn fail_next_refunds(&self, n: u32) {
+        self.with(|s| s.refund_failures = n);
+    }
+
+    /// A Stripe 500 (`api_error`).
+    pub fn server_error() -> ResponseTemplate {
+        error(500, "api_error", None, "An unknown error occurred")
+    }
+
+    /// A Stripe 429 (`rate_limit_error`).
+    pub fn rate_limited() -> ResponseTemplate {
+        error(
+            429,
+            "invalid_request_error",
+            Some("rate_limit"),
+            "Too many requests",
+        )
+        .insert_header("retry-after", "0")
+    }
+
+    /// Delays every answer (to provoke client timeouts).
+    pub fn delay(&self, delay: Option<Duration>) {
+        self.with(|s| s.delay = delay);
+    }
+
+    /// Marks a session complete (paid or unpaid), as after the customer's payment (emits
+    /// `checkout.session.completed`). Returns the payment intent.
+    pub fn complete(&self, id: &str, paid: bool) -> Option<String> {
+        self.with(|s| s.pay(id, paid).ok())
+    }
+
+    /// The customer pays an open session; `Err` says why they cannot (not open, unknown).
+    pub fn pay(&self, id: &str) -> Result<String, String> {
+        self.with(|s| s.pay(id, true))
+    }
+
+    /// The customer starts an async payment (bank debit): complete, unpaid.
+    pub fn pay_async(&self, id: &str) -> Result<String, String> {
+        self.with(|s| s.pay(id, false))
+    }
+
+    /// The async payment of a session settles.
+    pub fn settle_async(&self, id: &str, succeeded: bool) -> Result<(), String> {
+        self.with(|s| s.settle_async(id, succeeded))
+    }
+
+    /// Stripe expires a session (its time ran out); emits `checkout.session.expired`.
+    pub fn expire(&self, id: &str) -> bool {
+        self.with(|s| s.expire(id).0 == 200)
+    }
+
+    /// A session made outside our API calls (a Payment Link) for `user`, selling `price`.
+    pub fn foreign_session(&self, user: &str, price: &str, amount: i64) -> String {
+        self.with(|s| s.foreign_session(user, price, amount))
+    }
+
+    /// A refund from the Dashboard: `amount` defaults to all that remains.
+    pub fn refund(&self, pi: &str, amount: Option<i64>) -> Result<Value, Value> {
+        self.with(
+            |s| match s.refund(pi, amount, Some("requested_by_customer"), Map::new()) {
+                (200, refund) => Ok(refund),
+                (_, error) => Err(error),
+            },
+        )
+    }
+
+    /// The cardholder disputes a payment; returns the dispute id.
+    pub fn dispute(&self, pi: &str) -> Result<String, String> {
+        self.with(|s| s.dispute(pi))
+    }
+
+    /// A dispute is decided.
+    pub fn close_dispute(&self, id: &str, won: bool) -> Result<(), String> {
+        self.with(|s| s.close_dispute(id, won))
+    }
+
+    /// `created` of the events emitted from now on (`None`: the clock).
+    pub fn set_event_time(&self, created: Option<i64>) {
+        self.with(|s| s.event_time = created);
+    }
+
+    /// Takes every event emitted so far, oldest first.
+    pub fn take_events(&self) -> Vec<Value> {
+        self.with(|s| std::mem::take(&mut s.outbox))
+    }
+
+    /// Every session the fake holds, in creation order.
+    pub fn sessions(&self) -> Vec<Value> {
+        self.with(|s| {
+            s.session_order
+                .iter()
+                .filter_map(|id| s.sessions.get(id).cloned())
+                .collect()
+        })
+    }
+
+    /// A session as the fake holds it.
+    pub fn session(&self, id: &str) -> Option<Value> {
+        self.with(|s| s.sessions.get(id).cloned())
+    }
+
+    /// The charge of a payment intent.
+    pub fn charge(&self, pi: &str) -> Option<Value> {
+        self.with(|s| s.charges.get(pi).cloned())
+    }
+
+    /// Every charge, by payment intent.
+    pub fn charges(&self) -> Vec<(String, Value)> {
+        self.with(|s| {
+            s.charges
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+    }
+
+    /// Every dispute, by id.
+    pub fn disputes(&self) -> Vec<Value> {
+        self.with(|s| s.disputes.values().cloned().collect())
+    }
+
+    /// The price ids of a session's line items.
+    pub fn line_item_prices(&self, session: &str) -> Vec<String> {
+        self.with(|s| {
+            s.line_items
+                .get(session)
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|i| i["price"]["id"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    /// Forgets everything: sessions, payments, keys, scripts, the outbox (requests already
+    /// received stay in the mock server's journal).
+    pub fn reset(&self) {
+        self.with(|s| {
+            let pay_base = s.pay_base.take();
+            *s = FakeState::default();
+            s.pay_base = pay_base;
+        });
+    }
+
+    /// Every refund made, oldest first.
+    pub fn refunds(&self) -> Vec<Value> {
+        self.with(|s| s.refunds.clone())
+    }
+
+    /// Every create request received: (idempotency key, form).
+    pub async fn create_requests(&self) -> Vec<(String, Vec<(String, String)>)> {
+        self.requests_to("POST", "/v1/checkout/sessions")
+            .await
+            .into_iter()
+            .map(|r| {
+                let key = idempotency_key(&r).unwrap_or_default();
+                (key, form(&r))
+            })
+            .collect()
+    }
+
+    /// How many session retrieve calls were received.
+    pub async fn retrieve_count(&self) -> usize {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| {
+                r.method.as_str() == "GET"
+                    && r.url.path().starts_with("/v1/checkout/sessions/")
+                    && !r.url.path().ends_with("/line_items")
+            })
+            .count()
+    }
+
+    /// Every request received with this method.
+    pub async fn requests(&self, verb: &str) -> Vec<Request> {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.method.as_str() == verb)
+            .collect()
+    }
+
+    /// Every request received with this method and exact path.
+    pub async fn requests_to(&self, verb: &str, exact_path: &str) -> Vec<Request> {
+        self.requests(verb)
+            .await
+            .into_iter()
+            .filter(|r| r.url.path() == exact_path)
+            .collect()
+    }
+}

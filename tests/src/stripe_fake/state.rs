@@ -1,0 +1,401 @@
+//! What the fake Stripe holds and how it changes, without HTTP: Checkout Sessions with their
+//! line items, the payments (charges) they make, refunds, disputes, idempotency keys, and the
+//! events every change emits, in Stripe's own shapes.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use wiremock::ResponseTemplate;
+
+/// The price and amount every session of the fake sells, unless a test says otherwise.
+pub const AMOUNT: i64 = 1900;
+/// The currency of every payment.
+pub const CURRENCY: &str = "usd";
+
+/// A scripted answer to a create call.
+pub enum Scripted {
+    /// Not kept under the key (a 5xx before the endpoint ran): a retry runs anew.
+    Transient(ResponseTemplate),
+    /// Kept under the key as Stripe keeps a result once the endpoint ran: every later request
+    /// with that key gets it again, `Idempotent-Replayed: true`.
+    Stored(u16, Value),
+}
+
+/// A stored answer under an idempotency key: the parameters first sent and the response.
+pub struct Stored {
+    pub params: Vec<(String, String)>,
+    pub status: u16,
+    pub body: Value,
+}
+
+/// Everything the fake holds.
+#[derive(Default)]
+pub struct FakeState {
+    pub sessions: HashMap<String, Value>,
+    /// Creation order of sessions, for tests that look at them in order.
+    pub session_order: Vec<String>,
+    pub line_items: HashMap<String, Vec<Value>>,
+    /// Charges by payment intent.
+    pub charges: HashMap<String, Value>,
+    pub refunds: Vec<Value>,
+    pub disputes: HashMap<String, Value>,
+    /// `(endpoint, key)` -> first result, as Stripe keeps it.
+    pub idempotency: HashMap<(String, String), Stored>,
+    /// Answers to give to the next create calls instead of creating.
+    pub scripted: VecDeque<Scripted>,
+    pub delay: Option<Duration>,
+    /// The next refund requests answered 500 (not kept under their key).
+    pub refund_failures: u32,
+    pub counter: u64,
+    /// Local runs: session URLs point at the fake's own pay page.
+    pub pay_base: Option<String>,
+    /// Events emitted and not taken yet, oldest first.
+    pub outbox: Vec<Value>,
+    /// `created` of the events emitted from now on (default: the clock).
+    pub event_time: Option<i64>,
+    customers: HashMap<String, String>,
+}
+
+/// Stripe's error body.
+pub fn error(status: u16, type_: &str, code: Option<&str>, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .set_body_json(error_body(type_, code, message))
+        .insert_header("request-id", "req_fake")
+}
+
+/// Stripe's error JSON.
+pub fn error_body(type_: &str, code: Option<&str>, message: &str) -> Value {
+    json!({"error": {"type": type_, "code": code, "message": message,
+        "request_log_url": "https://dashboard.stripe.com/test/logs/req_fake"}})
+}
+
+/// A Stripe error with a `param`.
+pub fn param_error(param: &str, message: &str) -> (u16, Value) {
+    let mut body = error_body("invalid_request_error", Some("parameter_invalid"), message);
+    body["error"]["param"] = json!(param);
+    (400, body)
+}
+
+fn now() -> i64 {
+    crate::fixtures::now()
+}
+
+impl FakeState {
+    fn next_id(&mut self, prefix: &str) -> String {
+        self.counter += 1;
+        format!(
+            "{prefix}_fake{:05}{}",
+            self.counter,
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        )
+    }
+
+    /// Appends an event of `type_` about `object` to the outbox.
+    pub fn emit(&mut self, type_: &str, object: Value) {
+        let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+        self.outbox.push(json!({
+            "id": id, "object": "event", "api_version": shared::stripe::API_VERSION,
+            "created": self.event_time.unwrap_or_else(now), "livemode": false,
+            "pending_webhooks": 1, "request": {"id": null, "idempotency_key": null},
+            "type": type_, "data": {"object": object},
+        }));
+    }
+
+    /// `POST /v1/checkout/sessions` after the idempotency check: a session, or an error. The
+    /// `bool` says whether Stripe would store the answer under the key (validation errors are
+    /// not stored: the endpoint never started).
+    pub fn create_session(&mut self, form: &[(String, String)]) -> (u16, Value, bool) {
+        let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let (Some(price), Some(success), Some(expires_at)) = (
+            get("line_items[0][price]"),
+            get("success_url"),
+            get("expires_at"),
+        ) else {
+            let body = error_body(
+                "invalid_request_error",
+                Some("parameter_missing"),
+                "Missing required param.",
+            );
+            return (400, body, false);
+        };
+        let Ok(expires_at) = expires_at.parse::<i64>() else {
+            let (status, body) = param_error("expires_at", "Invalid integer");
+            return (status, body, false);
+        };
+        // Stripe: "The `expires_at` timestamp must be between 30 minutes and 24 hours from
+        // Checkout Session creation."
+        let ahead = expires_at - now();
+        if !(1800..=86_400).contains(&ahead) {
+            let (status, body) = param_error(
+                "expires_at",
+                "The `expires_at` timestamp must be between 30 minutes and 24 hours from Checkout Session creation.",
+            );
+            return (status, body, false);
+        }
+        if !price.starts_with("price_") {
+            let body = error_body(
+                "invalid_request_error",
+                Some("resource_missing"),
+                &format!("No such price: '{price}'"),
+            );
+            return (400, body, true);
+        }
+        let quantity = get("line_items[0][quantity]")
+            .and_then(|q| q.parse::<i64>().ok())
+            .unwrap_or(1);
+        let id = self.next_id("cs_test");
+        let metadata: Map<String, Value> = form
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("metadata[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .map(|m| (m.to_owned(), json!(v)))
+            })
+            .collect();
+        let url = match &self.pay_base {
+            Some(base) => format!("{base}/pay/{id}"),
+            None => {
+                format!("https://checkout.stripe.com/c/pay/{id}#fidkdWxOYHwnPyd1blpxYHZxWjA0")
+            }
+        };
+        let session = json!({
+            "id": id, "object": "checkout.session", "mode": get("mode"), "status": "open",
+            "payment_status": "unpaid", "amount_total": AMOUNT * quantity, "currency": CURRENCY,
+            "client_reference_id": get("client_reference_id"), "customer": null,
+            "customer_email": get("customer_email"), "metadata": metadata,
+            "success_url": success, "cancel_url": get("cancel_url"),
+            "expires_at": expires_at, "created": now(), "livemode": false,
+            "payment_intent": null, "url": url,
+        });
+        self.add_session(session.clone(), &price, quantity);
+        (200, session, true)
+    }
+
+    fn add_session(&mut self, session: Value, price: &str, quantity: i64) {
+        let id = session["id"].as_str().unwrap_or_default().to_owned();
+        let item = json!({
+            "id": self.next_id("li"), "object": "item", "amount_discount": 0,
+            "amount_subtotal": AMOUNT * quantity, "amount_tax": 0,
+            "amount_total": AMOUNT * quantity, "currency": CURRENCY, "description": "Full report",
+            "price": {"id": price, "object": "price", "currency": CURRENCY,
+                      "unit_amount": AMOUNT, "type": "one_time", "active": true},
+            "quantity": quantity,
+        });
+        self.line_items.insert(id.clone(), vec![item]);
+        self.sessions.insert(id.clone(), session);
+        self.session_order.push(id);
+    }
+
+    /// A session made outside our API calls, e.g. by a Payment Link: no order metadata,
+    /// `client_reference_id` as the buyer set it. Returns its id.
+    pub fn foreign_session(&mut self, user: &str, price: &str, amount: i64) -> String {
+        let id = self.next_id("cs_test");
+        let session = json!({
+            "id": id, "object": "checkout.session", "mode": "payment", "status": "open",
+            "payment_status": "unpaid", "amount_total": amount, "currency": CURRENCY,
+            "client_reference_id": user, "customer": null, "metadata": {},
+            "payment_link": "plink_fake", "expires_at": now() + 86_400, "created": now(),
+            "livemode": false, "payment_intent": null, "url": null,
+        });
+        self.add_session(session, price, 1);
+        id
+    }
+
+    /// `POST /v1/checkout/sessions/{id}/expire`.
+    pub fn expire(&mut self, id: &str) -> (u16, Value) {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return (404, missing("checkout.session", id));
+        };
+        if session["status"] != "open" {
+            let message = format!(
+                "Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout Session has a status of {}.",
+                session["status"]
+            );
+            return (400, error_body("invalid_request_error", None, &message));
+        }
+        session["status"] = json!("expired");
+        session["url"] = Value::Null;
+        let session = session.clone();
+        self.emit("checkout.session.expired", session.clone());
+        (200, session)
+    }
+
+    /// The customer pays the session: complete, and paid (card) or unpaid (an async method in
+    /// flight). Emits `checkout.session.completed`. Returns the payment intent, or why not.
+    pub fn pay(&mut self, id: &str, paid: bool) -> Result<String, String> {
+        let Some(session) = self.sessions.get(id).cloned() else {
+            return Err(format!("no such session {id}"));
+        };
+        if session["status"] != "open" {
+            return Err(format!("the session is {}", session["status"]));
+        }
+        let user = session["client_reference_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let customer = match self.customers.get(&user) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.next_id("cus");
+                self.customers.insert(user, c.clone());
+                c
+            }
+        };
+        let pi = self.next_id("pi");
+        let amount = session["amount_total"].as_i64().unwrap_or(AMOUNT);
+        let charge = json!({
+            "id": self.next_id("ch"), "object": "charge", "amount": amount,
+            "amount_captured": if paid { amount } else { 0 }, "amount_refunded": 0,
+            "currency": CURRENCY, "customer": customer, "disputed": false, "paid": paid,
+            "payment_intent": pi, "refunded": false, "status": if paid { "succeeded" } else { "pending" },
+            "refunds": {"object": "list", "data": [], "has_more": false},
+            "metadata": session["metadata"].clone(), "livemode": false, "created": now(),
+        });
+        self.charges.insert(pi.clone(), charge);
+        let session = self.sessions.get_mut(id).expect("present");
+        session["status"] = json!("complete");
+        session["payment_status"] = json!(if paid { "paid" } else { "unpaid" });
+        session["payment_intent"] = json!(pi);
+        session["customer"] = json!(customer);
+        session["url"] = Value::Null;
+        let session = session.clone();
+        self.emit("checkout.session.completed", session);
+        Ok(pi)
+    }
+
+    /// An async payment of a completed, unpaid session settles.
+    pub fn settle_async(&mut self, id: &str, succeeded: bool) -> Result<(), String> {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return Err(format!("no such session {id}"));
+        };
+        if session["status"] != "complete" || session["payment_status"] != "unpaid" {
+            return Err("not an async payment in flight".into());
+        }
+        if succeeded {
+            session["payment_status"] = json!("paid");
+        }
+        let session = session.clone();
+        let pi = session["payment_intent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(charge) = self.charges.get_mut(&pi) {
+            charge["paid"] = json!(succeeded);
+            charge["status"] = json!(if succeeded { "succeeded" } else { "failed" });
+            charge["amount_captured"] = charge["amount"].clone();
+        }
+        self.emit(
+            if succeeded {
+                "checkout.session.async_payment_succeeded"
+            } else {
+                "checkout.session.async_payment_failed"
+            },
+            session,
+        );
+        Ok(())
+    }
+
+    /// `POST /v1/refunds` (and refunds from the Dashboard): `amount` defaults to what remains.
+    pub fn refund(
+        &mut self,
+        pi: &str,
+        amount: Option<i64>,
+        reason: Option<&str>,
+        metadata: Map<String, Value>,
+    ) -> (u16, Value) {
+        let Some(charge) = self.charges.get(pi).cloned() else {
+            return (404, missing("payment_intent", pi));
+        };
+        if charge["paid"] != true {
+            return (
+                400,
+                error_body(
+                    "invalid_request_error",
+                    Some("charge_not_refundable"),
+                    "This charge has not succeeded.",
+                ),
+            );
+        }
+        let total = charge["amount"].as_i64().unwrap_or_default();
+        let refunded = charge["amount_refunded"].as_i64().unwrap_or_default();
+        let amount = amount.unwrap_or(total - refunded);
+        if refunded >= total {
+            return (
+                400,
+                error_body(
+                    "invalid_request_error",
+                    Some("charge_already_refunded"),
+                    &format!(
+                        "Charge {} has already been refunded.",
+                        charge["id"].as_str().unwrap_or_default()
+                    ),
+                ),
+            );
+        }
+        if amount <= 0 || refunded + amount > total {
+            let (status, body) = param_error(
+                "amount",
+                "Refund amount is greater than the unrefunded amount.",
+            );
+            return (status, body);
+        }
+        let refund = json!({
+            "id": self.next_id("re"), "object": "refund", "amount": amount,
+            "charge": charge["id"], "payment_intent": pi, "currency": CURRENCY,
+            "reason": reason, "status": "succeeded", "metadata": metadata, "created": now(),
+        });
+        self.refunds.push(refund.clone());
+        let charge = self.charges.get_mut(pi).expect("present");
+        charge["amount_refunded"] = json!(refunded + amount);
+        charge["refunded"] = json!(refunded + amount >= total);
+        if let Some(list) = charge["refunds"]["data"].as_array_mut() {
+            list.push(refund.clone());
+        }
+        let charge = charge.clone();
+        self.emit("charge.refunded", charge);
+        (200, refund)
+    }
+
+    /// The cardholder disputes the payment: Stripe withdraws the amount.
+    pub fn dispute(&mut self, pi: &str) -> Result<String, String> {
+        let Some(charge) = self.charges.get_mut(pi) else {
+            return Err(format!("no such payment {pi}"));
+        };
+        charge["disputed"] = json!(true);
+        let charge = charge.clone();
+        let id = self.next_id("dp");
+        let dispute = json!({
+            "id": id, "object": "dispute", "amount": charge["amount"], "charge": charge["id"],
+            "payment_intent": pi, "currency": CURRENCY, "status": "needs_response",
+            "reason": "fraudulent", "is_charge_refundable": false, "livemode": false,
+            "created": now(), "metadata": {},
+        });
+        self.disputes.insert(id.clone(), dispute.clone());
+        self.emit("charge.dispute.created", dispute);
+        Ok(id)
+    }
+
+    /// The dispute is decided.
+    pub fn close_dispute(&mut self, id: &str, won: bool) -> Result<(), String> {
+        let Some(dispute) = self.disputes.get_mut(id) else {
+            return Err(format!("no such dispute {id}"));
+        };
+        if matches!(dispute["status"].as_str(), Some("won" | "lost")) {
+            return Err("already closed".into());
+        }
+        dispute["status"] = json!(if won { "won" } else { "lost" });
+        let dispute = dispute.clone();
+        self.emit("charge.dispute.closed", dispute);
+        Ok(())
+    }
+}
+
+/// Stripe's 404 body.
+pub fn missing(object: &str, id: &str) -> Value {
+    error_body(
+        "invalid_request_error",
+        Some("resource_missing"),
+        &format!("No such {object}: '{id}'"),
+    )
+}
