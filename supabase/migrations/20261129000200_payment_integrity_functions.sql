@@ -14,9 +14,9 @@
 --   I8 no 5xx from races        upserts and `on conflict` wherever two events can meet.
 --
 -- Lock order, the same in every function, so that two writers never wait on each other in a
--- cycle: the purchase lock (user, product) -> the payment's row in `payments` (it stands for the
--- payment intent: a payment, its refunds and its disputes meet there) -> order rows -> the
--- entitlement row.
+-- cycle: the purchase lock (user, product) -> the customer lock -> the payment's row in
+-- `payments` (it stands for the payment intent: a payment, its refunds and its disputes meet
+-- there) -> order rows -> the entitlement row.
 
 -- I2: serializes everything that decides whether a user owns a product. Transaction-scoped, so
 -- it is safe behind a transaction pooler; taken before any order row lock, always.
@@ -24,6 +24,15 @@ create or replace function billing.lock_purchase(p_user uuid, p_product text) re
 language sql set search_path = ''
 as $$
   select pg_advisory_xact_lock(hashtextextended('purchase/' || p_user::text || '/' || p_product, 0))
+$$;
+
+-- I7: serializes what reads or writes a customer's owner: mapping the customer to a user, and
+-- storing its subscriptions and invoices. Without it an invoice stored while its customer is
+-- being mapped would keep no owner (each transaction misses the other's uncommitted row).
+create or replace function billing.lock_customer(p_customer text) returns void
+language sql set search_path = ''
+as $$
+  select pg_advisory_xact_lock(hashtextextended('customer/' || coalesce(p_customer, ''), 0))
 $$;
 
 -- I4: an order that took money is paid, refunded (fully refunded, or a dispute lost) or disputed
@@ -119,6 +128,7 @@ begin
   if p_customer is null or p_user is null then
     return null;
   end if;
+  perform billing.lock_customer(p_customer);
   insert into public.stripe_customers (stripe_customer_id, user_id)
   values (p_customer, p_user)
   on conflict (stripe_customer_id) do nothing;
@@ -531,6 +541,7 @@ declare
   v_rank smallint := case p_effect ->> 'transition'
     when 'created' then 0 when 'deleted' then 2 else 1 end;
 begin
+  perform billing.lock_customer(p_effect ->> 'customer_id');
   -- The app puts user_id in the subscription's metadata when it creates one: that maps the
   -- customer for this and every later event (I7).
   v_user := coalesce(
@@ -590,6 +601,19 @@ begin
 end
 $$;
 
+-- invoice.paid / invoice.payment_succeeded / invoice.payment_failed, under the customer lock
+-- (I7), otherwise as in 20261125000200_apply_stripe_event.sql.
+create or replace function billing.apply_invoice_owned(p_event_id text, p_created timestamptz, p_effect jsonb)
+returns jsonb
+language plpgsql set search_path = ''
+as $$
+begin
+  perform billing.lock_customer(coalesce(p_effect ->> 'customer_id',
+    (select stripe_customer_id from public.subscriptions where id = p_effect ->> 'subscription_id')));
+  return billing.apply_invoice(p_event_id, p_created, p_effect);
+end
+$$;
+
 -- checkout.session.*, customer.subscription.*, invoice.*, charge.refunded, charge.dispute.*:
 -- the one entry point. A paid session without an order of ours answers `needs_verification`
 -- without recording anything: the caller reads its line items at Stripe and calls again with
@@ -638,7 +662,7 @@ begin
   v_result := case p_effect ->> 'kind'
     when 'checkout_session' then billing.apply_checkout_session(v_id, p_effect)
     when 'subscription' then billing.apply_subscription(v_id, v_created, p_effect)
-    when 'invoice' then billing.apply_invoice(v_id, v_created, p_effect)
+    when 'invoice' then billing.apply_invoice_owned(v_id, v_created, p_effect)
     when 'charge' then billing.apply_charge(v_id, p_effect)
     when 'dispute' then billing.apply_dispute(v_id, p_effect)
     else jsonb_build_object('outcome', 'ignored', 'detail', 'event type not handled')

@@ -36,7 +36,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ExpireLeases),
         1 => (1u8..=120).prop_map(|minutes| Op::AgeOrders { minutes }),
         1 => user.clone().prop_map(|user| Op::CrashMidCreate { user }),
-        1 => user.clone().prop_map(|user| Op::ClickDuringPayment { user }),
+        2 => user.clone().prop_map(|user| Op::ClickDuringPayment { user }),
+        2 => user.clone().prop_map(|user| Op::ClickRacesPayment { user }),
         1 => (user, any::<u8>()).prop_map(|(user, pick)| Op::DatabaseCut { user, pick }),
     ]
 }

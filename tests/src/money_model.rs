@@ -68,6 +68,8 @@ pub enum Op {
     CrashMidCreate { user: u8 },
     /// A click lands inside the transaction that applies the user's payment (held open).
     ClickDuringPayment { user: u8 },
+    /// A click is creating its session at Stripe (slow) while a payment of the user's arrives.
+    ClickRacesPayment { user: u8 },
     /// The database goes away for one click and one delivery, then comes back.
     DatabaseCut { user: u8, pick: u8 },
 }
@@ -275,6 +277,7 @@ impl<'w> Run<'w> {
             }
             Op::CrashMidCreate { user } => self.crash_mid_create(*user).await?,
             Op::ClickDuringPayment { user } => self.click_during_payment(*user).await?,
+            Op::ClickRacesPayment { user } => self.click_races_payment(*user).await?,
             Op::DatabaseCut { user, pick } => {
                 let (_, id) = self.user(*user);
                 let id = id.to_owned();
@@ -514,23 +517,58 @@ impl<'w> Run<'w> {
     async fn click_during_payment(&mut self, user: u8) -> Result<(), String> {
         let (i, id) = self.user(user);
         let id = id.to_owned();
-        let Some(at) = self.pending.iter().position(|e| {
-            e["data"]["object"]["client_reference_id"] == json!(id)
-                && e["data"]["object"]["payment_status"] == "paid"
-                && e["type"]
-                    .as_str()
-                    .is_some_and(|t| t.starts_with("checkout.session."))
-        }) else {
+        let paying = |pending: &[Value]| {
+            pending.iter().position(|e| {
+                e["data"]["object"]["client_reference_id"] == json!(id)
+                    && e["data"]["object"]["payment_status"] == "paid"
+                    && e["type"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("checkout.session."))
+            })
+        };
+        if paying(&self.pending).is_none() {
+            // No payment of theirs in flight: the user pays their newest session now.
+            if let Some(session) = self.handed[i].last().cloned() {
+                let paid = self.w.stripe.pay(&session);
+                self.note(format!("pay {session}: {paid:?}"));
+                self.take_events();
+            }
+        }
+        let Some(at) = paying(&self.pending) else {
             return Ok(());
         };
         let event = self.pending.remove(at);
         hold_payments(self.w, 300).await;
-        let t0 = self.db_clock().await;
-        let (delivery, click) = tokio::join!(self.w.deliver(&event), async {
+        let (delivery, (t0, click)) = tokio::join!(self.w.deliver(&event), async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            self.w.click(&id).await
+            // The click starts now: the payment's transaction is open (held), not committed.
+            (self.db_clock().await, self.w.click(&id).await)
         });
         hold_payments(self.w, 0).await;
+        self.delivered(&event, &[delivery], false)?;
+        self.click_answer(i, &t0, &click, false)
+    }
+
+    async fn click_races_payment(&mut self, user: u8) -> Result<(), String> {
+        let (i, id) = self.user(user);
+        let id = id.to_owned();
+        let Some(at) = self.pending.iter().position(|e| {
+            e["data"]["object"]["client_reference_id"] == json!(id)
+                && e["data"]["object"]["payment_status"] == "paid"
+                && e["type"] == "checkout.session.completed"
+        }) else {
+            return Ok(());
+        };
+        let event = self.pending.remove(at);
+        self.w
+            .stripe
+            .delay_creates(Some(Duration::from_millis(400)));
+        let t0 = self.db_clock().await;
+        let (click, delivery) = tokio::join!(self.w.click(&id), async {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            self.w.deliver(&event).await
+        });
+        self.w.stripe.delay_creates(None);
         self.delivered(&event, &[delivery], false)?;
         self.click_answer(i, &t0, &click, false)
     }
@@ -551,6 +589,12 @@ impl<'w> Run<'w> {
             }
             if !self.setup.webhook_key {
                 continue;
+            }
+            // Paid means paid: a user who owns the report holds nothing left to pay.
+            if !open.is_empty() && w.owns(&self.users[i]).await {
+                return Err(format!(
+                    "I1/I2: user {i} owns the report and holds open {open:?}"
+                ));
             }
             for session in open {
                 let row = query_json(

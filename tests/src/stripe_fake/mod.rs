@@ -148,6 +148,14 @@ impl Respond for Route {
 }
 
 fn create_session(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let template = create_session_now(state, request);
+    match state.create_delay {
+        Some(d) => template.set_delay(d),
+        None => template,
+    }
+}
+
+fn create_session_now(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let Some(key) = idempotency_key(request) else {
         return error(
             400,
@@ -447,6 +455,11 @@ impl FakeStripe {
             "Too many requests",
         )
         .insert_header("retry-after", "0")
+    }
+
+    /// Delays the answers to session creates only.
+    pub fn delay_creates(&self, delay: Option<Duration>) {
+        self.with(|s| s.create_delay = delay);
     }
 
     /// Delays every answer (to provoke client timeouts).

@@ -45,6 +45,8 @@ pub struct FakeState {
     /// Answers to give to the next create calls instead of creating.
     pub scripted: VecDeque<Scripted>,
     pub delay: Option<Duration>,
+    /// Delays the answers to session creates only.
+    pub create_delay: Option<Duration>,
     /// The next refund requests answered 500 (not kept under their key).
     pub refund_failures: u32,
     pub counter: u64,
