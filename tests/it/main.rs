@@ -6,6 +6,7 @@
 mod auth;
 mod chat;
 mod checkout;
+mod db_tls;
 mod faults;
 mod hostile;
 mod pooler;
