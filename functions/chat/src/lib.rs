@@ -63,6 +63,9 @@ pub struct Config {
     pub rules: RuleBook,
 }
 
+/// The stream idle timeout's default, shortened to `LLM_TIMEOUT_MS` when that is smaller.
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 15_000;
+
 const DEFAULT_SYSTEM_PROMPT: &str =
     "You are the helpful assistant of this app. Answer briefly and \
 in the language of the user. For payments and accounts, point users to the app's own pages.";
@@ -96,13 +99,18 @@ impl Config {
         }
         let timeout = Duration::from_millis(env.integer("LLM_TIMEOUT_MS", 30_000, 100..=600_000));
         let max_retries = env.integer("LLM_MAX_RETRIES", 2, 0..=5) as u32;
+        // Neither stream timeout waits longer than LLM_TIMEOUT_MS unless configured on purpose.
+        let timeout_ms = timeout.as_millis() as u64;
         let first_token_timeout = Duration::from_millis(env.integer(
             "LLM_FIRST_TOKEN_TIMEOUT_MS",
-            timeout.as_millis() as u64,
+            timeout_ms,
             100..=600_000,
         ));
-        let idle_timeout =
-            Duration::from_millis(env.integer("LLM_STREAM_IDLE_TIMEOUT_MS", 15_000, 100..=600_000));
+        let idle_timeout = Duration::from_millis(env.integer(
+            "LLM_STREAM_IDLE_TIMEOUT_MS",
+            DEFAULT_IDLE_TIMEOUT_MS.min(timeout_ms),
+            100..=600_000,
+        ));
         let total_budget =
             Duration::from_millis(env.integer("LLM_TOTAL_BUDGET_MS", 55_000, 500..=900_000));
         let deadline_reserve =
