@@ -5,6 +5,7 @@
 
 mod auth;
 mod chat;
+mod chat_limits;
 mod checkout;
 mod db_tls;
 mod faults;
