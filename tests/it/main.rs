@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod anonymous_checkout;
 mod auth;
 mod chat;
 mod chat_limits;

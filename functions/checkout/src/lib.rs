@@ -184,6 +184,8 @@ pub enum CheckoutError {
     RateLimited(u64),
     #[error("unknown user")]
     UnknownUser,
+    #[error("anonymous session")]
+    SignInRequired,
     #[error("already paid")]
     AlreadyPaid,
     #[error("payment processing")]
@@ -229,6 +231,13 @@ impl CheckoutError {
                 S::FORBIDDEN,
                 "unknown_user",
                 "the token's user does not exist in this project",
+            ),
+            // An anonymous account can be lost (signed out, cleared browser) and what it bought
+            // with it: buying needs a real account.
+            CheckoutError::SignInRequired => ApiError::new(
+                S::FORBIDDEN,
+                "sign_in_required",
+                "sign in with an account before buying; a guest session cannot keep a purchase",
             ),
             CheckoutError::AlreadyPaid => ApiError::new(
                 S::CONFLICT,
@@ -391,6 +400,9 @@ async fn post(
         .verifier
         .verify_request(request.headers(), unix_now())
         .await?;
+    if user.is_anonymous {
+        return Err(CheckoutError::SignInRequired);
+    }
     parse_body(request)?;
     let config = &state.config;
     let mut limits = BeginLimits {
