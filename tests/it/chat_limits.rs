@@ -227,6 +227,17 @@ async fn over_budget_is_429_until_the_next_utc_day_without_an_upstream_call() {
 async fn rule_answers_cost_nothing_and_zero_turns_the_budget_off() {
     let app = spawn(None, &[("CHAT_DAILY_TOKEN_BUDGET", "1")]).await;
     let user = app.user().await;
+    // Spent earlier today, when an LLM was configured: rule answers are still free.
+    app.db
+        .client()
+        .await
+        .execute(
+            "insert into chat_usage (user_id, day, prompt_tokens, completion_tokens) \
+             values ($1::text::uuid, (now() at time zone 'utc')::date, 500, 500)",
+            &[&user],
+        )
+        .await
+        .unwrap();
     for i in 0..3 {
         let answer = app.ask(&user, &format!("refund {i}")).await;
         assert_eq!((answer.status, answer.source()), (200, "rules"));

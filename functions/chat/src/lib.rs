@@ -375,11 +375,15 @@ async fn admit(
     } else {
         None
     };
-    let limits = state.config.budgets.limits(
+    let mut limits = state.config.budgets.limits(
         user.is_anonymous,
         state.config.rate_limit_per_min,
         RATE_WINDOW_S,
     );
+    if state.llm.is_none() {
+        // Rules only: every answer is free, so no budget applies.
+        limits.daily_tokens = None;
+    }
     // The limits and the cache share one round trip. If the database is down the request is
     // still answered (uncached, unlimited): the chat must never fail for want of bookkeeping.
     let admission = state
