@@ -111,14 +111,13 @@ fn webhook_without_database(c: &mut Criterion) {
     let (metrics, _) = shared::telemetry::Metrics::in_memory("webhook");
     c.bench_function("webhook_pipeline_without_db", |b| {
         b.iter(|| {
-            // As shared::lambda::run: the function-URL shape read directly, in one pass.
-            let lambda: lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequest =
+            // As shared::lambda::run: the function-URL shape read directly, in one pass, headers
+            // and URI checked.
+            let lambda: shared::function_url::FunctionUrlEvent =
                 serde_json::from_str(black_box(&event)).unwrap();
-            let request = shared::lambda::into_request(
-                lambda_http::request::LambdaRequest::ApiGatewayV2(lambda),
-                lambda_http::Context::default(),
-            )
-            .unwrap();
+            let request =
+                shared::lambda::event_into_request(lambda, lambda_http::Context::default())
+                    .unwrap();
             let body = request.body().as_ref();
             let sig = request.headers()["stripe-signature"].to_str().unwrap();
             signature::verify(
@@ -144,5 +143,34 @@ fn webhook_without_database(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, signatures, parsing, webhook_without_database);
+/// The adapter's event reading: `lambda_http`'s own types (which fail or panic on odd headers and
+/// URIs) against `shared::function_url` (lenient headers, URI checked first), same event.
+fn function_url_event(c: &mut Criterion) {
+    let event = testkit::fixtures::FunctionUrlRequest::post("/", br#"{"a":1}"#)
+        .header("authorization", "Bearer x.y.z")
+        .event()
+        .to_string();
+    c.bench_function("function_url_event_lambda_http_alone", |b| {
+        b.iter(|| {
+            let v2: lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequest =
+                serde_json::from_str(black_box(&event)).unwrap();
+            lambda_http::Request::from(lambda_http::request::LambdaRequest::ApiGatewayV2(v2))
+        })
+    });
+    c.bench_function("function_url_event_checked", |b| {
+        b.iter(|| {
+            let event: shared::function_url::FunctionUrlEvent =
+                serde_json::from_str(black_box(&event)).unwrap();
+            shared::lambda::event_into_request(event, lambda_http::Context::default()).unwrap()
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    signatures,
+    parsing,
+    webhook_without_database,
+    function_url_event
+);
 criterion_main!(benches);

@@ -4,7 +4,9 @@
 //! ES256/RS256 tokens signed with the project's asymmetric keys, published as a JWKS at
 //! `{SUPABASE_URL}/auth/v1/.well-known/jwks.json`. The JWKS is fetched once per cold start and
 //! again when a token names an unknown `kid`, at most once per refetch floor. Checks `exp`, `nbf`,
-//! `aud` (`authenticated`), `iss` (when the project URL is known) and `sub` (a user uuid).
+//! `iat`, `aud` (`authenticated`), `iss` (when the project URL is known) and `sub` (a user uuid).
+//! The time claims allow 30 s of clock skew, as PostgREST (Supabase's data API) does: a token
+//! expired or issued more than 30 s ago / ahead is refused there too.
 //!
 //! Verification uses ring, already linked for TLS, rather than a JWT crate that would bring a
 //! second crypto implementation (see docs/decisions.md). An HS256 token is only ever checked
@@ -27,8 +29,8 @@ use crate::error::ApiError;
 
 /// Longest token accepted (Supabase tokens are ~1 KB).
 const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// Clock skew tolerated on `exp` and `nbf`.
-const LEEWAY_S: i64 = 30;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`: PostgREST's 30 s.
+pub const LEEWAY_S: i64 = 30;
 /// The audience of Supabase user sessions.
 pub const AUDIENCE: &str = "authenticated";
 
@@ -57,6 +59,8 @@ pub enum AuthError {
     Expired,
     #[error("the token is not valid yet")]
     NotYetValid,
+    #[error("the token was issued in the future")]
+    IssuedInFuture,
     #[error("the token is not for this audience")]
     InvalidAudience,
     #[error("the token was issued by another project")]
@@ -76,6 +80,7 @@ impl AuthError {
             AuthError::InvalidSignature => "invalid_token_signature",
             AuthError::Expired => "token_expired",
             AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::IssuedInFuture => "token_issued_in_future",
             AuthError::InvalidAudience => "invalid_token_audience",
             AuthError::InvalidIssuer => "invalid_token_issuer",
             AuthError::InvalidSubject => "invalid_token_subject",
@@ -155,6 +160,8 @@ struct Claims {
     exp: Option<i64>,
     #[serde(default)]
     nbf: Option<i64>,
+    #[serde(default)]
+    iat: Option<i64>,
     #[serde(default)]
     iss: Option<String>,
     #[serde(default)]
@@ -287,6 +294,9 @@ impl Verifier {
         }
         if claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_S) {
             return Err(AuthError::NotYetValid);
+        }
+        if claims.iat.is_some_and(|iat| iat > now + LEEWAY_S) {
+            return Err(AuthError::IssuedInFuture);
         }
         let audience_ok = match &claims.aud {
             Some(Audience::One(a)) => a == AUDIENCE,

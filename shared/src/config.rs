@@ -254,13 +254,6 @@ impl StoreConfig {
     /// `DATABASE_URL` wins; otherwise both Supabase variables are required.
     pub fn read(env: &mut EnvReader<'_>, app_env: AppEnv) -> Option<StoreConfig> {
         if let Some(url) = env.optional("DATABASE_URL") {
-            if url.parse::<tokio_postgres::Config>().is_err() {
-                env.problem(
-                    "DATABASE_URL",
-                    "is not a valid PostgreSQL connection string (postgres://user:password@host:port/db)",
-                );
-                return None;
-            }
             let ca_pem = match env.optional("DATABASE_CA_CERT") {
                 Some(pem) if pem.starts_with("-----BEGIN") => Some(pem),
                 Some(path) => match std::fs::read_to_string(&path) {
@@ -275,6 +268,19 @@ impl StoreConfig {
                 },
                 None => None,
             };
+            // libpq's sslmode and sslrootcert are read here too (tokio-postgres knows neither
+            // verify-ca nor verify-full), and the certificates they name must load.
+            let checked = crate::store::database_url::DatabaseUrl::parse(&url, ca_pem.is_some())
+                .map_err(|e| ("DATABASE_URL", e.0))
+                .and_then(|parsed| {
+                    crate::store::tls::client_config(&parsed.tls, ca_pem.as_deref())
+                        .map(|_| ())
+                        .map_err(|e| (e.variable, e.what))
+                });
+            if let Err((variable, what)) = checked {
+                env.problem(variable, what);
+                return None;
+            }
             return Some(StoreConfig::Postgres {
                 url: Secret::new(url),
                 ca_pem,
@@ -576,6 +582,38 @@ mod tests {
         let store = StoreConfig::read(&mut env, AppEnv::Production);
         assert!(matches!(store, Some(StoreConfig::Postgres { .. })));
         assert!(env.finish(()).is_ok());
+    }
+
+    #[test]
+    fn libpq_tls_parameters_are_accepted_and_checked() {
+        let cases = [
+            ("postgres://u:p@db.x.supabase.co:5432/postgres?sslmode=verify-full", None),
+            ("postgres://u:p@db.x.supabase.co:5432/postgres?sslmode=verify-ca", Some("DATABASE_URL")),
+            ("postgres://u:p@db.x.supabase.co:5432/postgres?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", Some("DATABASE_URL")),
+            ("postgres://u:p@db.x.supabase.co:5432/postgres?sslmode=bogus", Some("DATABASE_URL")),
+        ];
+        for (url, problem) in cases {
+            let mut env = reader(&[("DATABASE_URL", url)]);
+            let store = StoreConfig::read(&mut env, AppEnv::Production);
+            let got = env.finish(()).err().map(|e| e.problems[0].variable);
+            assert_eq!(got, problem, "{url}");
+            assert_eq!(store.is_some(), problem.is_none());
+        }
+        let mut env = reader(&[
+            (
+                "DATABASE_URL",
+                "postgres://u@db.example.com/x?sslmode=verify-ca",
+            ),
+            (
+                "DATABASE_CA_CERT",
+                "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----",
+            ),
+        ]);
+        StoreConfig::read(&mut env, AppEnv::Development);
+        assert_eq!(
+            env.finish(()).unwrap_err().problems[0].variable,
+            "DATABASE_CA_CERT"
+        );
     }
 
     #[test]

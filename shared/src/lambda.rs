@@ -6,7 +6,8 @@
 //! `RequestExt` accessor keeps working) and turns the handler's response into the function-URL
 //! response shape. Events are read straight into the function-URL (HTTP API v2) shape in one
 //! JSON pass; `lambda_http`'s own `LambdaRequest` deserializer copies each event into a
-//! `RawValue` first and parses it a second time (see README, Benchmarks).
+//! `RawValue` first and parses it a second time (see README, Benchmarks). Headers and the request
+//! URI are checked first too ([`crate::function_url`]): no request reaches a panic.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,11 +20,12 @@ use lambda_http::lambda_runtime::{MetadataPrelude, StreamResponse};
 
 use base64::Engine;
 use http::{Response, StatusCode};
-use lambda_http::aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpResponse;
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Body, Context, LambdaEvent, Request, RequestExt};
 
 use crate::error::ApiError;
+use crate::function_url::{check_uri, FunctionUrlEvent};
 
 /// Runs the Lambda runtime loop with `handler` answering every function-URL request.
 pub async fn run<H, F>(handler: H) -> Result<(), lambda_http::lambda_runtime::Error>
@@ -33,18 +35,20 @@ where
 {
     let handler = &handler;
     lambda_http::lambda_runtime::run(lambda_http::lambda_runtime::service_fn(
-        move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
-            Ok::<_, Infallible>(into_function_url_response(
-                dispatch(
-                    handler,
-                    LambdaRequest::ApiGatewayV2(event.payload),
-                    event.context,
-                )
-                .await,
-            ))
+        move |event: LambdaEvent<FunctionUrlEvent>| async move {
+            let response = match event.payload.into_v2() {
+                Ok(v2) => dispatch(handler, LambdaRequest::ApiGatewayV2(v2), event.context).await,
+                Err(error) => error.into_response(&event.context.request_id),
+            };
+            Ok::<_, Infallible>(into_function_url_response(response))
         },
     ))
     .await
+}
+
+/// The request for a function-URL event as the runtime delivers it, or the adapter's own 4xx.
+pub fn event_into_request(event: FunctionUrlEvent, context: Context) -> Result<Request, ApiError> {
+    into_request(LambdaRequest::ApiGatewayV2(event.into_v2()?), context)
 }
 
 /// Converts one event into a request and runs `handler`, answering 400 for an invalid body.
@@ -59,7 +63,8 @@ where
     }
 }
 
-/// The request `lambda_http` would build, or 400 when the body claims base64 but is not. A base64
+/// The request `lambda_http` would build, or 400 when the body claims base64 but is not, or when
+/// Host, X-Forwarded-Proto, path and query do not form a URI (`lambda_http` would panic). A base64
 /// body is decoded once, here (`lambda_http` would decode it again, with `expect`), and becomes the
 /// `Body::Binary` that `lambda_http` itself makes of it.
 pub fn into_request(event: LambdaRequest, context: Context) -> Result<Request, ApiError> {
@@ -68,6 +73,7 @@ pub fn into_request(event: LambdaRequest, context: Context) -> Result<Request, A
     else {
         return Ok(Request::from(event).with_lambda_context(context));
     };
+    check_uri(&v2)?;
     let decoded = match (v2.is_base64_encoded, v2.body.take()) {
         (true, Some(body)) => Some(
             base64::engine::general_purpose::STANDARD
@@ -159,13 +165,12 @@ where
 {
     let handler = &handler;
     lambda_http::lambda_runtime::run(lambda_http::lambda_runtime::service_fn(
-        move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
+        move |event: LambdaEvent<FunctionUrlEvent>| async move {
             let request_id = event.context.request_id.clone();
-            let response =
-                match into_request(LambdaRequest::ApiGatewayV2(event.payload), event.context) {
-                    Ok(request) => handler(request).await,
-                    Err(error) => error_stream(error, &request_id),
-                };
+            let response = match event_into_request(event.payload, event.context) {
+                Ok(request) => handler(request).await,
+                Err(error) => error_stream(error, &request_id),
+            };
             Ok::<_, Infallible>(into_stream_response(response))
         },
     ))

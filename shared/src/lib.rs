@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod function_url;
 pub mod http_client;
 pub mod lambda;
 pub mod llm;

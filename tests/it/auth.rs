@@ -49,6 +49,33 @@ async fn hs256_token_names_the_user() {
 }
 
 #[tokio::test]
+async fn time_claims_allow_thirty_seconds_of_skew_like_postgrest() {
+    let v = hs_verifier();
+    let at = now();
+    let token = |claim: &str, value: i64| {
+        let mut claims = tokens::user_claims(USER, None);
+        claims[claim] = json!(value);
+        tokens::hs256(&claims, SECRET)
+    };
+    let cases = [
+        ("iat", at + 30, None),
+        ("iat", at + 31, Some(AuthError::IssuedInFuture)),
+        ("nbf", at + 30, None),
+        ("nbf", at + 31, Some(AuthError::NotYetValid)),
+        ("exp", at - 29, None),
+        ("exp", at - 30, Some(AuthError::Expired)),
+    ];
+    for (claim, value, want) in cases {
+        let got = v.verify(&token(claim, value), at).await.err();
+        assert_eq!(got, want, "{claim} = now {:+}", value - at);
+    }
+    assert_eq!(
+        AuthError::IssuedInFuture.to_api_error().code,
+        "token_issued_in_future"
+    );
+}
+
+#[tokio::test]
 async fn hs256_attacks_are_refused() {
     let v = hs_verifier();
     let good = tokens::user_claims(USER, None);
@@ -89,6 +116,11 @@ async fn hs256_attacks_are_refused() {
             "not yet valid",
             with(&|c| c["nbf"] = json!(now() + 600)),
             AuthError::NotYetValid,
+        ),
+        (
+            "issued an hour ahead",
+            with(&|c| c["iat"] = json!(now() + 3600)),
+            AuthError::IssuedInFuture,
         ),
         (
             "wrong audience",

@@ -57,6 +57,7 @@ fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
         },
         system_prompt: "You are the test assistant.".into(),
         rate_limit_per_min: 1000,
+        budgets: chat::budget::Budgets::default(),
         cache_ttl_s: 3600,
         max_body_bytes: 64 * 1024,
         rules: RuleBook::embedded(),

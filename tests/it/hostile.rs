@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use shared::auth::{AuthConfig, Verifier};
 use shared::config::Secret;
+use shared::function_url::FunctionUrlEvent;
 use shared::stripe::signature::{self, SignatureError, DEFAULT_TOLERANCE};
 use testkit::fixtures::FunctionUrlRequest;
 
@@ -106,6 +108,217 @@ proptest! {
         let request = FunctionUrlRequest::post("/", b"").raw_body(&body, base64);
         let _ = request.into_request();
     }
+
+    #[test]
+    fn lambda_adapter_answers_4xx_for_any_host_proto_path_query_or_stage(
+        host in prop_oneof![Just(None), "\\PC{0,30}".prop_map(Some), "[a-z0-9.:\\[\\]@%-]{0,30}".prop_map(Some)],
+        proto in prop_oneof![Just(None), "\\PC{0,10}".prop_map(Some), "[a-z+.:-]{0,8}".prop_map(Some)],
+        domain in prop_oneof![Just(None), "\\PC{0,20}".prop_map(Some)],
+        path in prop_oneof!["\\PC{0,30}", "/[a-z0-9/%?#@:. -]{0,30}"],
+        query in "\\PC{0,30}",
+        stage in prop_oneof![Just(None), Just(Some("$default".to_owned())), "\\PC{0,10}".prop_map(Some)],
+    ) {
+        let mut event = base_event();
+        let headers = event["headers"].as_object_mut().unwrap();
+        headers.remove("host");
+        headers.remove("x-forwarded-proto");
+        if let Some(host) = host {
+            headers.insert("host".into(), host.into());
+        }
+        if let Some(proto) = proto {
+            headers.insert("x-forwarded-proto".into(), proto.into());
+        }
+        event["requestContext"]["domainName"] = domain.map_or(serde_json::Value::Null, Into::into);
+        event["requestContext"]["stage"] = stage.map_or(serde_json::Value::Null, Into::into);
+        event["rawPath"] = path.into();
+        event["rawQueryString"] = query.into();
+        if let Err(status) = adapt(&event) {
+            prop_assert!(status.is_client_error(), "{status}");
+        }
+    }
+
+    #[test]
+    fn lambda_adapter_answers_4xx_for_any_header_set(
+        headers in proptest::collection::vec(("\\PC{0,12}", any_json()), 0..40),
+        copies in 0usize..3,
+    ) {
+        let mut event = base_event();
+        let map = event["headers"].as_object_mut().unwrap();
+        for (i, (name, value)) in headers.iter().enumerate() {
+            for copy in 0..=copies {
+                map.insert(format!("{name}{}", i * 3 + copy), value.clone());
+            }
+        }
+        if let Err(status) = adapt(&event) {
+            prop_assert!(status.is_client_error(), "{status}");
+        }
+    }
+}
+
+/// A real function-URL event (POST /, JSON body).
+fn base_event() -> serde_json::Value {
+    FunctionUrlRequest::post("/", br#"{"a":1}"#).event().clone()
+}
+
+/// As the runtime delivers an event: JSON text into the runtime's event type, then the adapter.
+/// `Err` is the status of the adapter's own answer.
+fn adapt(event: &serde_json::Value) -> Result<lambda_http::Request, http::StatusCode> {
+    let text = serde_json::to_vec(event).unwrap();
+    let event: FunctionUrlEvent = serde_json::from_slice(&text).expect("any headers deserialize");
+    shared::lambda::event_into_request(event, lambda_http::Context::default()).map_err(|e| e.status)
+}
+
+/// Runs `f`, catching a panic without printing its message.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    result
+}
+
+/// What `lambda_http` alone does with the same event: `true` if its conversion panics.
+fn lambda_http_alone_panics(event: &serde_json::Value) -> bool {
+    let Ok(v2) = serde_json::from_value::<ApiGatewayV2httpRequest>(event.clone()) else {
+        return false;
+    };
+    quietly(|| lambda_http::Request::from(lambda_http::request::LambdaRequest::ApiGatewayV2(v2)))
+        .is_err()
+}
+
+/// `true` if `aws_lambda_events`' own event type refuses the event, or panics reading it.
+fn aws_events_alone_fail(event: &serde_json::Value) -> bool {
+    let text = serde_json::to_vec(event).unwrap();
+    !matches!(
+        quietly(move || serde_json::from_slice::<ApiGatewayV2httpRequest>(&text).is_err()),
+        Ok(false)
+    )
+}
+
+#[test]
+fn hostile_function_url_events_get_4xx_where_lambda_http_would_panic() {
+    let with_header = |name: &str, value: serde_json::Value| {
+        let mut event = base_event();
+        event["headers"][name] = value;
+        event
+    };
+    let with = |pointer: &str, value: serde_json::Value| {
+        let mut event = base_event();
+        *event.pointer_mut(pointer).unwrap() = value;
+        event
+    };
+    let uri_cases = [
+        (
+            "Host with a space",
+            with_header("host", "exa mple.com".into()),
+        ),
+        (
+            "Host with a bad port",
+            with_header("host", "example.com:port".into()),
+        ),
+        ("Host an unclosed IPv6", with_header("host", "[::1".into())),
+        (
+            "X-Forwarded-Proto not a scheme",
+            with_header("x-forwarded-proto", "h t t p".into()),
+        ),
+        (
+            "X-Forwarded-Proto empty",
+            with_header("x-forwarded-proto", "".into()),
+        ),
+        (
+            "X-Forwarded-Proto a quote",
+            with_header("x-forwarded-proto", "a\"b".into()),
+        ),
+        (
+            "query with a space",
+            with("/rawQueryString", "a=1 2".into()),
+        ),
+        (
+            "query with a quote",
+            with("/rawQueryString", "a=\"x\"".into()),
+        ),
+    ];
+    for (name, event) in &uri_cases {
+        assert!(
+            lambda_http_alone_panics(event),
+            "{name}: lambda_http alone panics"
+        );
+        assert_eq!(
+            adapt(event).err(),
+            Some(http::StatusCode::BAD_REQUEST),
+            "{name}"
+        );
+    }
+
+    let header_cases: Vec<(&str, serde_json::Value, u16)> = vec![
+        (
+            "a control character in a value",
+            with_header("x-note", "a\u{1}b".into()),
+            400,
+        ),
+        (
+            "a name with a space",
+            with_header("bad name", "x".into()),
+            400,
+        ),
+        ("an empty name", with_header("", "x".into()), 400),
+        ("a number for a value", with_header("x-n", 42.into()), 400),
+        (
+            "an object for a value",
+            with_header("x-o", serde_json::json!({"a": 1})),
+            400,
+        ),
+        (
+            "a list with a number",
+            with_header("x-l", serde_json::json!(["a", 1])),
+            400,
+        ),
+        ("600 headers", many_headers(600), 431),
+        (
+            "40,000 headers (HeaderMap's limit is 32,768)",
+            many_headers(40_000),
+            431,
+        ),
+    ];
+    for (name, event, status) in &header_cases {
+        assert!(
+            *status == 431 && event["headers"].as_object().unwrap().len() < 32_768
+                || aws_events_alone_fail(event),
+            "{name}: aws_lambda_events alone fails (or panics on) the whole event"
+        );
+        assert_eq!(
+            adapt(event).err().map(|s| s.as_u16()),
+            Some(*status),
+            "{name}"
+        );
+    }
+
+    // What a real client sends still passes: odd but valid values, multi-value headers, a huge one.
+    let fine = [
+        with_header("host", "abc.lambda-url.us-east-1.on.aws:443".into()),
+        with_header("x-forwarded-proto", "http".into()),
+        with_header("x-list", serde_json::json!(["a", "b"])),
+        with_header("x-name", "Zoë 张".into()),
+        with_header("x-big", "v".repeat(1 << 20).into()),
+        with("/rawQueryString", "session_id=cs_test_1&x=%20".into()),
+        with("/rawQueryString", "name=Zoë".into()),
+        many_headers(400),
+    ];
+    for event in &fine {
+        let request = adapt(event).unwrap();
+        assert_eq!(request.method(), http::Method::POST);
+    }
+    let multi = adapt(&fine[2]).unwrap();
+    assert_eq!(multi.headers().get_all("x-list").iter().count(), 2);
+}
+
+fn many_headers(n: usize) -> serde_json::Value {
+    let mut event = base_event();
+    let map = event["headers"].as_object_mut().unwrap();
+    for i in 0..n {
+        map.insert(format!("x-h{i}"), "v".into());
+    }
+    event
 }
 
 fn any_json() -> impl Strategy<Value = serde_json::Value> {

@@ -3,9 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod anonymous_checkout;
 mod auth;
 mod chat;
+mod chat_limits;
 mod checkout;
+mod db_tls;
 mod faults;
 mod hostile;
 mod payments;

@@ -5,7 +5,7 @@
 
 use futures::future::join_all;
 use serde_json::json;
-use shared::store::chat::{Admission, Recorded};
+use shared::store::chat::{Admission, AdmitLimits, Recorded};
 use shared::store::{Outcome, Store};
 use shared::stripe::events;
 use testkit::db::TestDb;
@@ -50,11 +50,16 @@ async fn concurrent_calls_through_a_transaction_pooler_are_each_applied_once() {
         }
     }))
     .await;
+    let limits = AdmitLimits {
+        per_window: 100,
+        window_s: 60,
+        daily_tokens: Some(1_000),
+    };
     let admitted = join_all(users.iter().enumerate().map(|(i, user)| {
         let store = &stores[i % stores.len()];
         async move {
             let key = format!("key-{i}");
-            let before = store.chat_admit(*user, Some(&key), 100, 60).await.unwrap();
+            let before = store.chat_admit(*user, Some(&key), limits).await.unwrap();
             let answer = json!({"answer": i});
             store
                 .chat_record(
@@ -65,11 +70,13 @@ async fn concurrent_calls_through_a_transaction_pooler_are_each_applied_once() {
                         llm: true,
                         prompt_tokens: Some(3),
                         completion_tokens: Some(5),
+                        usage_estimated: false,
+                        anonymous: false,
                     },
                 )
                 .await
                 .unwrap();
-            let after = store.chat_admit(*user, Some(&key), 100, 60).await.unwrap();
+            let after = store.chat_admit(*user, Some(&key), limits).await.unwrap();
             (before, after, answer)
         }
     }))

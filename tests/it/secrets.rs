@@ -211,3 +211,154 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
     // Bodies and personal data stay out of the logs too.
     assert!(!logs.contains("张伟") && !logs.contains("zhang.wei@example.com"));
 }
+
+/// The hardening paths with the same recognisable secrets: a database connection refused by a
+/// downgrading proxy and one failing certificate verification (the URL holds the password), a
+/// chat over its token budget, an anonymous session refused at checkout and rate-limited in chat.
+#[tokio::test]
+async fn no_secret_reaches_logs_on_the_refusal_paths() {
+    use testkit::pg_tls::{Mode, PgTlsProxy, TestCa};
+
+    let logs = Capture(Arc::new(Mutex::new(Vec::new())));
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(move || writer.clone())
+            .with_filter(shared::telemetry::log_filter("trace")),
+    );
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let db = TestDb::new().await;
+    let sql = db.client().await;
+    let user = db.create_user(&sql).await.to_string();
+    let mut responses = String::new();
+
+    // Webhook: the database behind a downgrading proxy, then behind TLS from an unknown CA.
+    let target: std::net::SocketAddr = {
+        let config: tokio_postgres::Config = db.url.parse().unwrap();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        format!("127.0.0.1:{port}").parse().unwrap()
+    };
+    let user_part = format!("postgres:{DB_PASSWORD}");
+    let downgrade = PgTlsProxy::start(target, Mode::Downgrade).await;
+    let unknown_ca = PgTlsProxy::start(
+        target,
+        Mode::Terminate(TestCa::new("unknown CA").server_config(&["db.secrets.test"])),
+    )
+    .await;
+    for proxy in [&downgrade, &unknown_ca] {
+        let url = proxy.url(&user_part, "db.secrets.test", &db.name, "");
+        let env = [
+            ("DATABASE_URL", url),
+            ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+        ];
+        let config = webhook::Config::read(shared::config::EnvReader::new(|k| {
+            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        }))
+        .unwrap();
+        let mut state = webhook::State::new(config).unwrap();
+        state.metrics = Metrics::in_memory("webhook").0;
+        let event =
+            fixtures::checkout_event("checkout.session.completed", "cs_test_t", "", &user, "paid");
+        let body = fixtures::body(&event);
+        let request = FunctionUrlRequest::post("/", &body)
+            .header("stripe-signature", &fixtures::sign(&body, WEBHOOK_SECRET))
+            .into_request()
+            .unwrap();
+        let response = webhook::handle(&state, request).await;
+        assert_eq!(response.status(), 503);
+        responses.push_str(&String::from_utf8_lossy(response.body().as_ref()));
+    }
+
+    // Checkout: an anonymous session.
+    let env = [
+        ("DATABASE_URL", db.url.clone()),
+        ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("STRIPE_SECRET_KEY", STRIPE_KEY.to_owned()),
+        ("STRIPE_API_BASE", "http://127.0.0.1:9".to_owned()),
+        ("STRIPE_FULL_REPORT_PRICE_ID", "price_1".to_owned()),
+    ];
+    let config = checkout::Config::read(shared::config::EnvReader::new(|k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    }))
+    .unwrap();
+    let mut checkout_state = checkout::State::new(config).unwrap();
+    let (metrics, checkout_lines) = Metrics::in_memory("checkout");
+    checkout_state.metrics = metrics;
+    let guest = db.create_user(&sql).await.to_string();
+    let mut anonymous = tokens::user_claims(&guest, None);
+    anonymous["is_anonymous"] = json!(true);
+    let anonymous = tokens::hs256(&anonymous, JWT_SECRET.as_bytes());
+    let request = FunctionUrlRequest::post("/", b"").bearer(&anonymous);
+    let response = checkout::handle(&checkout_state, request.into_request().unwrap()).await;
+    assert_eq!(response.status(), 403);
+    responses.push_str(&String::from_utf8_lossy(response.body().as_ref()));
+
+    // Chat: a budget spent by the first answer, then an anonymous session over its rate.
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(testkit::llm_fake::completion("fine")),
+        )
+        .mount(&upstream)
+        .await;
+    let base = format!("{}/v1", upstream.uri());
+    let env = [
+        ("DATABASE_URL", db.url.clone()),
+        ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("OPENAI_API_KEY", OPENAI_KEY.to_owned()),
+        ("OPENAI_BASE_URL", base),
+        ("CHAT_DAILY_TOKEN_BUDGET", "1".to_owned()),
+        ("CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN", "1".to_owned()),
+    ];
+    let chat_config = chat::Config::read(shared::config::EnvReader::new(|k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    }))
+    .unwrap();
+    let (metrics, chat_lines) = Metrics::in_memory("chat");
+    let chat_state = Arc::new(chat::State {
+        store: Store::postgres(&db.url, 1).unwrap(),
+        llm: Some(LlmClient::new(&chat_config.openai_base_url, Secret::new(OPENAI_KEY)).unwrap()),
+        verifier: Verifier::new(chat_config.auth.clone()),
+        config: chat_config,
+        metrics,
+    });
+    let member = tokens::hs256(&tokens::user_claims(&user, None), JWT_SECRET.as_bytes());
+    let mut statuses = Vec::new();
+    for (token, question) in [
+        (&member, "first"),
+        (&member, "second"),
+        (&anonymous, "third"),
+        (&anonymous, "fourth"),
+    ] {
+        let body = json!({"messages": [{"role": "user", "content": question}]}).to_string();
+        let request = FunctionUrlRequest::post("/", body.as_bytes())
+            .bearer(token)
+            .into_request()
+            .unwrap();
+        let response = chat::handle(chat_state.clone(), request).await;
+        statuses.push(response.status().as_u16());
+        responses.push_str(&String::from_utf8_lossy(
+            &response.into_body().collect().await,
+        ));
+    }
+    assert_eq!(statuses, [200, 429, 200, 429]);
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let metrics: String = [checkout_lines, chat_lines]
+        .iter()
+        .flat_map(|l| l.lock().unwrap().clone())
+        .collect();
+    for expected in [
+        "the database server refused TLS",
+        "TLS with the database failed",
+        "daily token budget reached",
+    ] {
+        assert!(logs.contains(expected), "{expected} not logged:\n{logs}");
+    }
+    for secret in SECRETS {
+        assert!(!logs.contains(secret), "{secret} in logs");
+        assert!(!metrics.contains(secret), "{secret} in metrics");
+        assert!(!responses.contains(secret), "{secret} in responses");
+    }
+}

@@ -2,10 +2,10 @@
 //! (`tests/fixtures/lambda/`), turned into the `http::Request` the handlers receive.
 
 use base64::Engine;
-use lambda_http::request::LambdaRequest;
 use lambda_http::{Body, Context, Request};
 use serde_json::{json, Value};
 use shared::config::Secret;
+use shared::function_url::FunctionUrlEvent;
 use shared::stripe::signature;
 
 /// A fixture file parsed as JSON.
@@ -210,10 +210,12 @@ impl FunctionUrlRequest {
     /// The request the handler gets, or the adapter's own 4xx answer.
     #[allow(clippy::result_large_err)]
     pub fn into_request(self) -> Result<Request, http::Response<Body>> {
-        let lambda: LambdaRequest = serde_json::from_value(self.event).expect("function URL event");
+        // Read from JSON text into the runtime's own event type, as `shared::lambda::run` does.
+        let text = serde_json::to_vec(&self.event).expect("event JSON");
+        let event: FunctionUrlEvent = serde_json::from_slice(&text).expect("function URL event");
         let mut context = Context::default();
         context.request_id = uuid::Uuid::new_v4().to_string();
-        shared::lambda::into_request(lambda, context.clone())
+        shared::lambda::event_into_request(event, context.clone())
             .map_err(|e| e.into_response(&context.request_id))
     }
 }

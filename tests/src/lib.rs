@@ -1,5 +1,6 @@
 //! The test harness: fresh databases with the migrations applied, Stripe fixtures signed like
-//! Stripe signs them, real function-URL events, and a TCP proxy that can cut the database off.
+//! Stripe signs them, real function-URL events, a TCP proxy that can cut the database off, and TLS
+//! in front of the database (a test CA, a TLS-terminating and a downgrading proxy).
 
 pub mod apps;
 pub mod db;
@@ -7,6 +8,7 @@ pub mod fixtures;
 pub mod llm_fake;
 pub mod money;
 pub mod money_model;
+pub mod pg_tls;
 pub mod postgrest;
 pub mod proxy;
 pub mod runtime_api;

@@ -70,6 +70,7 @@ pub fn fix_for(variable: &str) -> &'static str {
         "DATABASE_URL" | "DATABASE_CA_CERT" => "Supabase Dashboard > Connect > Transaction pooler (port 6543) URI; SSL certificate from Project Settings > Database",
         "OPENAI_API_KEY" => "an API key of the OpenAI-compatible provider, or CHAT_RULES_ONLY=true to answer from rules on purpose",
         "CHECKOUT_SUCCESS_URL" | "CHECKOUT_CANCEL_URL" => "your app's https pages for a finished or cancelled checkout",
+        "CHAT_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN" => "tokens per user and UTC day (0 turns a budget off) and the anonymous sessions' requests per minute: README, Configuration",
         _ => "see README, Configuration",
     }
 }
@@ -165,6 +166,7 @@ pub async fn run(lookup: &(dyn Fn(&str) -> Option<String> + Sync), online: bool)
         (None, _) => Check::fail("LLM key or rules-only", "no OPENAI_API_KEY and CHAT_RULES_ONLY is not true: every chat answer would come from rules", fix_for("OPENAI_API_KEY")),
     });
     checks.push(timeouts(&get));
+    checks.push(database_tls(&get, production));
 
     if !online {
         for name in [
@@ -477,5 +479,82 @@ async fn database(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) -> Check {
             format!("the database did not answer: {e}"),
             "check DATABASE_URL / SUPABASE_URL and that schema_status exists (supabase db push)",
         ),
+    }
+}
+
+/// A production database that is not loopback must not be reached in plain text: TLS is the
+/// default, so only an explicit `sslmode=disable` fails this item.
+fn database_tls(get: &dyn Fn(&str) -> Option<String>, production: bool) -> Check {
+    use shared::store::database_url::{DatabaseUrl, TlsPolicy};
+    const NAME: &str = "database connection encrypted";
+    let Some(url) = get("DATABASE_URL") else {
+        return Check::skip(NAME, "no DATABASE_URL (PostgREST over https)");
+    };
+    match DatabaseUrl::parse(&url, get("DATABASE_CA_CERT").is_some()) {
+        Err(_) => Check::skip(
+            NAME,
+            "DATABASE_URL is refused by the configuration check above",
+        ),
+        Ok(parsed)
+            if parsed.tls == TlsPolicy::Plain
+                && !shared::store::database_url::is_loopback(&parsed.config) =>
+        {
+            if production {
+                Check::fail(NAME, "DATABASE_URL has sslmode=disable for a host that is not loopback: the session, passwords and data go in plain text", "remove sslmode=disable (verified TLS is the default) or use sslmode=verify-full with sslrootcert=<Supabase's CA>")
+            } else {
+                Check::pass(NAME, "sslmode=disable on purpose (not production)")
+            }
+        }
+        Ok(parsed) => Check::pass(
+            NAME,
+            match parsed.tls {
+                TlsPolicy::Plain => "loopback host, plain text",
+                TlsPolicy::Verified {
+                    check_host: true, ..
+                } => "TLS required, certificate and host name verified",
+                TlsPolicy::Verified {
+                    check_host: false, ..
+                } => "TLS required, certificate chain verified (sslmode=verify-ca)",
+            },
+        ),
+    }
+}
+
+#[cfg(test)]
+mod database_tls_tests {
+    use super::*;
+
+    fn check(url: &str, production: bool) -> Status {
+        let url = url.to_owned();
+        database_tls(
+            &move |k: &str| (k == "DATABASE_URL").then(|| url.clone()),
+            production,
+        )
+        .status
+    }
+
+    #[test]
+    fn plain_text_to_a_remote_database_fails_only_in_production() {
+        let remote = "postgres://u:p@aws-0-eu-west-1.pooler.supabase.com:6543/postgres";
+        assert_eq!(check(remote, true), Status::Pass, "TLS by default");
+        assert_eq!(
+            check(&format!("{remote}?sslmode=verify-full"), true),
+            Status::Pass
+        );
+        assert_eq!(
+            check(&format!("{remote}?sslmode=disable"), true),
+            Status::Fail
+        );
+        assert_eq!(
+            check(&format!("{remote}?sslmode=disable"), false),
+            Status::Pass
+        );
+        assert_eq!(
+            check("postgres://postgres@127.0.0.1:5432/x?sslmode=disable", true),
+            Status::Pass,
+            "loopback"
+        );
+        let none = database_tls(&|_: &str| None, true);
+        assert_eq!(none.status, Status::Skip);
     }
 }

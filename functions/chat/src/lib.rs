@@ -5,6 +5,8 @@
 //! per-user cache, or by the rule engine when the LLM fails for good or is not configured. The
 //! source is in the `x-chat-source` header and the `x_source` body field.
 
+pub mod budget;
+pub mod cache_key;
 pub mod reply;
 pub mod request;
 pub mod rules;
@@ -20,12 +22,13 @@ use shared::auth::{AuthConfig, AuthError, Verifier};
 use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig};
 use shared::error::ApiError;
 use shared::lambda::{error_stream, StreamBody};
-use shared::llm::{self, sse::Event, LlmClient, LlmError, Usage};
+use shared::llm::{self, sse::Event, LlmClient, LlmError, Message, Usage};
 use shared::retry::RetryPolicy;
 use shared::store::chat::{Admission, Recorded};
 use shared::store::Store;
 use shared::telemetry::{self, MetricSet, Metrics};
 
+use budget::Budgets;
 use reply::{Meta, Source};
 use request::{Chat, Limits};
 use rules::RuleBook;
@@ -58,10 +61,15 @@ pub struct Config {
     pub limits: Limits,
     pub system_prompt: String,
     pub rate_limit_per_min: u32,
+    /// Token budgets and the limits of anonymous sessions.
+    pub budgets: Budgets,
     pub cache_ttl_s: u32,
     pub max_body_bytes: usize,
     pub rules: RuleBook,
 }
+
+/// The stream idle timeout's default, shortened to `LLM_TIMEOUT_MS` when that is smaller.
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 15_000;
 
 const DEFAULT_SYSTEM_PROMPT: &str =
     "You are the helpful assistant of this app. Answer briefly and \
@@ -96,13 +104,18 @@ impl Config {
         }
         let timeout = Duration::from_millis(env.integer("LLM_TIMEOUT_MS", 30_000, 100..=600_000));
         let max_retries = env.integer("LLM_MAX_RETRIES", 2, 0..=5) as u32;
+        // Neither stream timeout waits longer than LLM_TIMEOUT_MS unless configured on purpose.
+        let timeout_ms = timeout.as_millis() as u64;
         let first_token_timeout = Duration::from_millis(env.integer(
             "LLM_FIRST_TOKEN_TIMEOUT_MS",
-            timeout.as_millis() as u64,
+            timeout_ms,
             100..=600_000,
         ));
-        let idle_timeout =
-            Duration::from_millis(env.integer("LLM_STREAM_IDLE_TIMEOUT_MS", 15_000, 100..=600_000));
+        let idle_timeout = Duration::from_millis(env.integer(
+            "LLM_STREAM_IDLE_TIMEOUT_MS",
+            DEFAULT_IDLE_TIMEOUT_MS.min(timeout_ms),
+            100..=600_000,
+        ));
         let total_budget =
             Duration::from_millis(env.integer("LLM_TOTAL_BUDGET_MS", 55_000, 500..=900_000));
         let deadline_reserve =
@@ -140,6 +153,7 @@ impl Config {
             .optional("CHAT_SYSTEM_PROMPT")
             .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into());
         let rate_limit_per_min = env.integer("CHAT_RATE_LIMIT_PER_MIN", 20, 1..=100_000) as u32;
+        let budgets = Budgets::read(&mut env);
         let cache_ttl_s = env.integer("CHAT_CACHE_TTL_S", 3600, 0..=30 * 86_400) as u32;
         let max_body_bytes =
             env.integer("CHAT_MAX_BODY_BYTES", 256 * 1024, 1024..=6 << 20) as usize;
@@ -178,6 +192,7 @@ impl Config {
             limits,
             system_prompt,
             rate_limit_per_min,
+            budgets,
             cache_ttl_s,
             max_body_bytes,
             rules,
@@ -233,6 +248,8 @@ pub enum ChatError {
     Invalid(request::Invalid),
     #[error("rate limited")]
     RateLimited(u64),
+    #[error("daily token budget exceeded")]
+    BudgetExceeded(u64),
     #[error("unknown user")]
     UnknownUser,
 }
@@ -263,6 +280,12 @@ impl ChatError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 "too many chat requests; try again shortly",
+            )
+            .retry_after(*after),
+            ChatError::BudgetExceeded(after) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "token_budget_exceeded",
+                "you have used today's chat allowance; it renews at midnight UTC",
             )
             .retry_after(*after),
             ChatError::UnknownUser => ApiError::new(
@@ -307,10 +330,19 @@ fn is_chat_path(path: &str) -> bool {
 }
 
 struct Admitted {
-    user: uuid::Uuid,
+    user: Asker,
     chat: Chat,
+    /// The messages sent upstream (the server's system prompt first).
+    messages: Vec<Message>,
     cache_key: Option<String>,
     cached: Option<Value>,
+}
+
+/// Who asked, as the bookkeeping needs it.
+#[derive(Clone, Copy, Debug)]
+struct Asker {
+    id: uuid::Uuid,
+    anonymous: bool,
 }
 
 async fn admit(
@@ -337,22 +369,43 @@ async fn admit(
         return Err(ChatError::UnsupportedMediaType);
     }
     let chat = request::parse(body, &state.config.limits).map_err(ChatError::Invalid)?;
-    let cache_key =
-        (state.config.cache_ttl_s > 0).then(|| chat.cache_key(&state.config.system_prompt));
-    // The limit and the cache share one round trip. If the database is down the request is
+    let messages = chat.upstream_messages(&state.config.system_prompt);
+    let cache_key = if state.config.cache_ttl_s > 0 {
+        cache_key::cache_key(&chat.upstream(&messages))
+    } else {
+        None
+    };
+    let mut limits = state.config.budgets.limits(
+        user.is_anonymous,
+        state.config.rate_limit_per_min,
+        RATE_WINDOW_S,
+    );
+    if state.llm.is_none() {
+        // Rules only: every answer is free, so no budget applies.
+        limits.daily_tokens = None;
+    }
+    // The limits and the cache share one round trip. If the database is down the request is
     // still answered (uncached, unlimited): the chat must never fail for want of bookkeeping.
     let admission = state
         .store
-        .chat_admit(
-            user.id,
-            cache_key.as_deref(),
-            state.config.rate_limit_per_min,
-            RATE_WINDOW_S,
-        )
+        .chat_admit(user.id, cache_key.as_deref(), limits)
         .await;
     let cached = match admission {
         Ok(Admission::RateLimited { retry_after }) => {
             return Err(ChatError::RateLimited(retry_after))
+        }
+        Ok(Admission::BudgetExceeded {
+            retry_after,
+            used,
+            budget,
+        }) => {
+            tracing::info!(
+                used,
+                budget,
+                anonymous = user.is_anonymous,
+                "daily token budget reached"
+            );
+            return Err(ChatError::BudgetExceeded(retry_after));
         }
         Ok(Admission::UnknownUser) => return Err(ChatError::UnknownUser),
         Ok(Admission::Hit { response }) => Some(response),
@@ -364,8 +417,12 @@ async fn admit(
         }
     };
     Ok(Admitted {
-        user: user.id,
+        user: Asker {
+            id: user.id,
+            anonymous: user.is_anonymous,
+        },
         chat,
+        messages,
         cache_key,
         cached,
     })
@@ -390,6 +447,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                     tracing::warn!(request_id, reason = e.code(), "token refused");
                 }
                 ChatError::RateLimited(_) => metrics.count("RateLimited", 1),
+                ChatError::BudgetExceeded(_) => metrics.count("BudgetExceeded", 1),
                 ChatError::Invalid(i) => metrics.count_by("InvalidRequests", "Code", i.code, 1),
                 _ => {}
             }
@@ -416,6 +474,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let Admitted {
         user,
         chat,
+        messages,
         cache_key,
         cached,
     } = admitted;
@@ -436,18 +495,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let Some(llm) = state.llm.clone() else {
         return rules_answer(&state, &chat, "no_api_key", metrics, started, &request_id).await;
     };
-    let messages = chat.upstream_messages(&state.config.system_prompt);
-    let upstream = llm::Request {
-        model: &chat.model,
-        messages: &messages,
-        max_tokens: (!chat.uses_max_completion_tokens).then_some(chat.max_tokens),
-        max_completion_tokens: chat.uses_max_completion_tokens.then_some(chat.max_tokens),
-        temperature: chat.temperature,
-        stream: chat.stream,
-        stream_options: chat.stream.then_some(llm::StreamOptions {
-            include_usage: true,
-        }),
-    };
+    let upstream = chat.upstream(&messages);
 
     if !chat.stream {
         let config = &state.config;
@@ -462,6 +510,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                     &state,
                     user,
                     cache_key.as_deref(),
+                    &messages,
                     &completion.content,
                     &completion.finish_reason,
                     completion.usage,
@@ -501,6 +550,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let task = StreamTask {
         state: state.clone(),
         user,
+        messages,
         cache_key,
         include_usage: chat.include_usage,
         meta,
@@ -639,19 +689,26 @@ async fn rules_answer(
     response
 }
 
+/// Caches a complete answer and adds its tokens to the user's day: the upstream's count, or an
+/// estimate when it reported none (the budget must still see the spend).
+#[allow(clippy::too_many_arguments)]
 async fn record(
     state: &State,
-    user: uuid::Uuid,
+    user: Asker,
     cache_key: Option<&str>,
+    prompt: &[Message],
     content: &str,
     finish_reason: &str,
     usage: Option<Usage>,
     metrics: &mut MetricSet,
 ) {
-    if let Some(u) = usage {
-        metrics.count("PromptTokens", u64::from(u.prompt_tokens));
-        metrics.count("CompletionTokens", u64::from(u.completion_tokens));
-    }
+    let counted = usage.unwrap_or_else(|| {
+        metrics.count("UsageEstimated", 1);
+        tracing::warn!("the upstream reported no token usage; counting an estimate");
+        budget::estimate(prompt, content)
+    });
+    metrics.count("PromptTokens", u64::from(counted.prompt_tokens));
+    metrics.count("CompletionTokens", u64::from(counted.completion_tokens));
     // Only complete answers are cached.
     let cacheable = finish_reason == "stop" && !content.is_empty();
     let cached = json!({"content": content, "finish_reason": finish_reason, "usage": usage});
@@ -659,10 +716,12 @@ async fn record(
         cache_key,
         cache: cacheable.then_some((&cached, state.config.cache_ttl_s)),
         llm: true,
-        prompt_tokens: usage.map(|u| u.prompt_tokens),
-        completion_tokens: usage.map(|u| u.completion_tokens),
+        prompt_tokens: Some(counted.prompt_tokens),
+        completion_tokens: Some(counted.completion_tokens),
+        usage_estimated: usage.is_none(),
+        anonymous: user.anonymous,
     };
-    if let Err(e) = state.store.chat_record(user, &recorded).await {
+    if let Err(e) = state.store.chat_record(user.id, &recorded).await {
         metrics.count("StoreErrors", 1);
         tracing::error!(error = %e, "could not record the chat answer");
     }
@@ -696,7 +755,8 @@ async fn finish(
 /// The rest of a streamed LLM answer, relayed chunk by chunk.
 struct StreamTask {
     state: Arc<State>,
-    user: uuid::Uuid,
+    user: Asker,
+    messages: Vec<Message>,
     cache_key: Option<String>,
     include_usage: bool,
     meta: Meta,
@@ -797,6 +857,7 @@ impl StreamTask {
             &self.state,
             self.user,
             self.cache_key.as_deref(),
+            &self.messages,
             &content,
             reason,
             usage,

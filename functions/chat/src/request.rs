@@ -4,8 +4,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use shared::llm::Message;
+use shared::llm::{self, Message};
 
 /// Limits from config.
 #[derive(Clone, Debug)]
@@ -300,23 +299,20 @@ impl Chat {
         out
     }
 
-    /// The cache key: a hash of everything that determines the answer, normalised (trimmed
-    /// content), per user by the cache's own key.
-    pub fn cache_key(&self, system_prompt: &str) -> String {
-        let mut hasher = Sha256::new();
-        hasher.update(self.model.as_bytes());
-        hasher.update([0]);
-        hasher.update(system_prompt.trim().as_bytes());
-        for m in &self.messages {
-            hasher.update([0]);
-            hasher.update(m.role.as_bytes());
-            hasher.update([1]);
-            hasher.update(m.content.trim().as_bytes());
+    /// The upstream request for `messages` (from [`Chat::upstream_messages`]); usage is always
+    /// asked for on streams, since the token budget counts it.
+    pub fn upstream<'a>(&'a self, messages: &'a [Message]) -> llm::Request<'a> {
+        llm::Request {
+            model: &self.model,
+            messages,
+            max_tokens: (!self.uses_max_completion_tokens).then_some(self.max_tokens),
+            max_completion_tokens: self.uses_max_completion_tokens.then_some(self.max_tokens),
+            temperature: self.temperature,
+            stream: self.stream,
+            stream_options: self.stream.then_some(llm::StreamOptions {
+                include_usage: true,
+            }),
         }
-        hasher.update([0]);
-        hasher.update(self.max_tokens.to_le_bytes());
-        hasher.update(self.temperature.unwrap_or(-1.0).to_le_bytes());
-        hex::encode(hasher.finalize())
     }
 }
 
@@ -378,27 +374,5 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-    }
-
-    #[test]
-    fn cache_key_ignores_surrounding_whitespace_but_not_content() {
-        let a = parse(
-            br#"{"messages":[{"role":"user","content":"  hello "}]}"#,
-            &limits(),
-        )
-        .unwrap();
-        let b = parse(
-            br#"{"messages":[{"role":"user","content":"hello"}]}"#,
-            &limits(),
-        )
-        .unwrap();
-        let c = parse(
-            br#"{"messages":[{"role":"user","content":"hello!"}]}"#,
-            &limits(),
-        )
-        .unwrap();
-        assert_eq!(a.cache_key("sys"), b.cache_key("sys"));
-        assert_ne!(a.cache_key("sys"), c.cache_key("sys"));
-        assert_ne!(a.cache_key("sys"), a.cache_key("other system prompt"));
     }
 }

@@ -27,6 +27,8 @@ pub enum CheckoutError {
     RateLimited(u64),
     #[error("unknown user")]
     UnknownUser,
+    #[error("anonymous session")]
+    SignInRequired,
     #[error("already paid")]
     AlreadyPaid,
     #[error("payment disputed")]
@@ -74,6 +76,13 @@ impl CheckoutError {
                 S::FORBIDDEN,
                 "unknown_user",
                 "the token's user does not exist in this project",
+            ),
+            // An anonymous account can be lost (signed out, cleared browser) and what it bought
+            // with it: buying needs a real account.
+            CheckoutError::SignInRequired => ApiError::new(
+                S::FORBIDDEN,
+                "sign_in_required",
+                "sign in with an account before buying; a guest session cannot keep a purchase",
             ),
             CheckoutError::AlreadyPaid => ApiError::new(
                 S::CONFLICT,

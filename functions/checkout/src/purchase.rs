@@ -57,6 +57,9 @@ pub async fn post(
         .verifier
         .verify_request(request.headers(), now)
         .await?;
+    if user.is_anonymous {
+        return Err(CheckoutError::SignInRequired);
+    }
     request::parse_body(request)?;
     let config = &state.config;
     let mut limits = BeginLimits {

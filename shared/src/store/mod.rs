@@ -9,10 +9,12 @@
 //! The typed operations live here once, over [`Store::call`].
 
 pub mod chat;
+pub mod database_url;
 pub mod effect;
 pub mod orders;
 pub mod postgres;
 pub mod postgrest;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

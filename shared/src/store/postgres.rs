@@ -4,17 +4,21 @@
 //! statement, parameter types given up front), so nothing depends on a named prepared statement
 //! surviving between transactions, which Supabase's transaction pooler (port 6543) does not keep.
 //! It is also one round trip per call.
+//!
+//! TLS follows [`super::database_url`]: required and verified for every host that is not
+//! loopback unless `sslmode=disable` says otherwise, so a server (or a proxy in the middle) that
+//! answers the SSLRequest with `N` gets no connection instead of a plain-text session.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use serde_json::Value;
-use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::types::{Json, ToSql, Type};
 
-use super::{Arg, Call, StoreError};
+use super::database_url::{DatabaseUrl, SslMode, TlsPolicy};
+use super::{tls, Arg, Call, StoreError};
 
 /// Connections per function instance: Lambda sends one request at a time.
 pub const DEFAULT_POOL_SIZE: usize = 2;
@@ -29,6 +33,8 @@ pub struct PgBackend {
     /// Held while the connection opened at start-up ([`PgBackend::connect_early`]) is being
     /// made, so that the first call waits for it instead of opening a second one.
     opening: Arc<tokio::sync::Mutex<()>>,
+    /// The TLS requirement in words, for error messages.
+    tls_rule: Arc<str>,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -38,14 +44,31 @@ impl std::fmt::Debug for PgBackend {
 }
 
 impl PgBackend {
-    /// A lazily connecting pool. Loopback hosts without an explicit `sslmode=require` connect
-    /// in plain text; every other host uses TLS verified against the web PKI roots plus
-    /// `ca_pem` (Supabase's database CA).
+    /// A lazily connecting pool. Loopback hosts connect in plain text unless `sslmode` asks for
+    /// more; every other host needs TLS, verified against the web PKI roots plus `ca_pem`
+    /// (Supabase's database CA) or `sslrootcert`, unless `sslmode=disable`.
     pub fn new(url: &str, ca_pem: Option<&str>, pool_size: usize) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|_| StoreError::Database {
+        let config_error = |message: String| StoreError::Database {
             code: "config".into(),
-            message: "DATABASE_URL is not a valid connection string".into(),
-        })?;
+            message,
+        };
+        let DatabaseUrl {
+            mut config,
+            sslmode,
+            tls: policy,
+        } = DatabaseUrl::parse(url, ca_pem.is_some())
+            .map_err(|e| config_error(format!("DATABASE_URL {e}")))?;
+        let tls_rule: Arc<str> = match (&policy, sslmode) {
+            (TlsPolicy::Plain, _) => "sslmode disable".into(),
+            (_, Some(SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull)) => {
+                format!("sslmode={}", sslmode.map_or("", SslMode::as_str)).into()
+            }
+            (_, mode) => format!(
+                "verified TLS, required for a host that is not loopback unless sslmode=disable (sslmode={})",
+                mode.map_or("none", SslMode::as_str)
+            )
+            .into(),
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -55,14 +78,15 @@ impl PgBackend {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let plain = config.get_ssl_mode() == SslMode::Disable
-            || (config.get_ssl_mode() == SslMode::Prefer && is_loopback(&config));
-        let manager = if plain {
-            Manager::from_config(config, tokio_postgres::NoTls, manager_config)
-        } else {
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca_pem)?);
-            Manager::from_config(config, tls, manager_config)
-        };
+        let manager =
+            match tls::client_config(&policy, ca_pem).map_err(|e| config_error(e.to_string()))? {
+                None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+                Some(tls) => Manager::from_config(
+                    config,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    manager_config,
+                ),
+            };
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -73,6 +97,7 @@ impl PgBackend {
         Ok(Self {
             pool,
             opening: Arc::new(tokio::sync::Mutex::new(())),
+            tls_rule,
         })
     }
 
@@ -85,10 +110,12 @@ impl PgBackend {
             return;
         };
         let pool = self.pool.clone();
+        let tls_rule = self.tls_rule.clone();
         tokio::spawn(async move {
             // Dropping the pooled object returns the open connection to the pool.
             if let Err(e) = pool.get().await {
-                tracing::warn!(error = %e, "early database connection failed; the first call will retry");
+                let error = connect_error(&e, &tls_rule);
+                tracing::warn!(%error, "early database connection failed; the first call will retry");
             }
             drop(guard);
         });
@@ -113,11 +140,9 @@ impl PgBackend {
 
     async fn call_once(&self, call: &Call<'_>, round_trips: &AtomicU64) -> Result<Value, Retry> {
         drop(self.opening.lock().await);
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Retry::Final(StoreError::Unavailable(format!("connect: {e}"))))?;
+        let client = self.pool.get().await.map_err(|e| {
+            Retry::Final(StoreError::Unavailable(connect_error(&e, &self.tls_rule)))
+        })?;
         let sql = sql_for(call);
         // `&RawValue` and `Value` go through the `Json` wrapper to be sent as jsonb.
         let values: Vec<(Box<dyn ToSql + Sync + Send + '_>, Type)> = call
@@ -204,43 +229,29 @@ fn map_error(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn is_loopback(config: &tokio_postgres::Config) -> bool {
-    config.get_hosts().iter().all(|host| match host {
-        Host::Tcp(name) => {
-            name == "localhost"
-                || name
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
+/// Why a connection could not be made, saying so plainly when TLS was refused or failed.
+fn connect_error(error: &PoolError, tls_rule: &str) -> String {
+    // tokio-postgres keeps the cause (rustls's reason) out of its own message: follow the chain.
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
         }
-        Host::Unix(_) => true,
-    })
-}
-
-fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, StoreError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(pem) = ca_pem {
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|_| StoreError::Database {
-                code: "config".into(),
-                message: "DATABASE_CA_CERT holds no valid PEM certificate".into(),
-            })?;
-            roots.add(cert).map_err(|_| StoreError::Database {
-                code: "config".into(),
-                message: "DATABASE_CA_CERT holds an unusable certificate".into(),
-            })?;
-        }
+        source = cause.source();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
+    if text.contains("server does not support TLS") {
+        format!(
+            "connect: the database server refused TLS (it answered the SSLRequest with N) but \
+             {tls_rule} requires it; not connecting in plain text. A proxy may be stripping TLS"
+        )
+    } else if text.contains("TLS handshake") || text.contains("certificate") {
+        format!("connect: TLS with the database failed ({tls_rule}): {text}")
+    } else {
+        format!("connect: {text}")
+    }
 }
 
 #[cfg(test)]
@@ -268,7 +279,7 @@ mod tests {
     fn loopback_hosts_are_detected() {
         let local: tokio_postgres::Config = "postgres://u@127.0.0.1/db".parse().unwrap();
         let remote: tokio_postgres::Config = "postgres://u@db.x.supabase.co/db".parse().unwrap();
-        assert!(is_loopback(&local));
-        assert!(!is_loopback(&remote));
+        assert!(super::super::database_url::is_loopback(&local));
+        assert!(!super::super::database_url::is_loopback(&remote));
     }
 }
