@@ -4,10 +4,16 @@
 //! timeout, at most `LLM_MAX_RETRIES` retries with backoff while the deadline allows), by the
 //! per-user cache, or by the rule engine when the LLM fails for good or is not configured. The
 //! source is in the `x-chat-source` header and the `x_source` body field.
+//!
+//! The same URL speaks the AI SDK's UI message stream to `useChat` bodies (`ui_request`,
+//! `ui_stream`): the body decides, everything before the answer's bytes is shared (`wire`).
 
 pub mod reply;
 pub mod request;
 pub mod rules;
+pub mod ui_request;
+pub mod ui_stream;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +35,7 @@ use shared::telemetry::{self, MetricSet, Metrics};
 use reply::{Meta, Source};
 use request::{Chat, Limits};
 use rules::RuleBook;
+use wire::Wire;
 
 /// The route name in logs.
 pub const ROUTE: &str = "chat";
@@ -309,6 +316,7 @@ fn is_chat_path(path: &str) -> bool {
 struct Admitted {
     user: uuid::Uuid,
     chat: Chat,
+    wire: Wire,
     cache_key: Option<String>,
     cached: Option<Value>,
 }
@@ -336,16 +344,20 @@ async fn admit(
     if !shared::lambda::has_json_body(request.headers()) {
         return Err(ChatError::UnsupportedMediaType);
     }
-    let chat = request::parse(body, &state.config.limits).map_err(ChatError::Invalid)?;
+    let wire::Parsed { chat, wire, fresh } =
+        wire::parse(request.uri().path(), body, &state.config.limits)
+            .map_err(ChatError::Invalid)?;
     let cache_key =
         (state.config.cache_ttl_s > 0).then(|| chat.cache_key(&state.config.system_prompt));
+    // A fresh answer (a regenerate) is not looked up, but it is recorded.
+    let lookup = if fresh { None } else { cache_key.as_deref() };
     // The limit and the cache share one round trip. If the database is down the request is
     // still answered (uncached, unlimited): the chat must never fail for want of bookkeeping.
     let admission = state
         .store
         .chat_admit(
             user.id,
-            cache_key.as_deref(),
+            lookup,
             state.config.rate_limit_per_min,
             RATE_WINDOW_S,
         )
@@ -366,6 +378,7 @@ async fn admit(
     Ok(Admitted {
         user: user.id,
         chat,
+        wire,
         cache_key,
         cached,
     })
@@ -380,6 +393,10 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     metrics.property("request_id", request_id.as_str());
     metrics.count("Requests", 1);
     let deadline = deadline_for(&request, &state.config);
+    if ui_stream::is_resume_probe(request.method(), request.uri().path()) {
+        finish(metrics, started, 204, &request_id, "no_stream_to_resume").await;
+        return ui_stream::no_stream_to_resume();
+    }
 
     let admitted = match admit(&state, &request, &mut metrics).await {
         Ok(admitted) => admitted,
@@ -416,6 +433,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let Admitted {
         user,
         chat,
+        wire,
         cache_key,
         cached,
     } = admitted;
@@ -428,13 +446,22 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
             .to_owned();
         let usage = serde_json::from_value::<Usage>(cached["usage"].clone()).ok();
         let meta = Meta::new(&chat.model, Source::Cache, None);
-        let response = whole_answer(&chat, &meta, &content, &finish_reason, usage);
+        let response = whole_answer(wire, &chat, &meta, &content, &finish_reason, usage);
         done(metrics, started, &request_id, &meta).await;
         return response;
     }
 
     let Some(llm) = state.llm.clone() else {
-        return rules_answer(&state, &chat, "no_api_key", metrics, started, &request_id).await;
+        return rules_answer(
+            &state,
+            wire,
+            &chat,
+            "no_api_key",
+            metrics,
+            started,
+            &request_id,
+        )
+        .await;
     };
     let messages = chat.upstream_messages(&state.config.system_prompt);
     let upstream = llm::Request {
@@ -469,6 +496,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                 )
                 .await;
                 let response = whole_answer(
+                    wire,
                     &chat,
                     &meta,
                     &completion.content,
@@ -479,7 +507,16 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                 response
             }
             Err(error) => {
-                rules_answer(&state, &chat, error.class(), metrics, started, &request_id).await
+                rules_answer(
+                    &state,
+                    wire,
+                    &chat,
+                    error.class(),
+                    metrics,
+                    started,
+                    &request_id,
+                )
+                .await
             }
         };
     }
@@ -492,17 +529,29 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let (first, stream) = match opened {
         Ok(opened) => opened,
         Err(error) => {
-            return rules_answer(&state, &chat, error.class(), metrics, started, &request_id).await
+            return rules_answer(
+                &state,
+                wire,
+                &chat,
+                error.class(),
+                metrics,
+                started,
+                &request_id,
+            )
+            .await
         }
     };
     let meta = Meta::new(&chat.model, Source::Llm, None);
     let (tx, body) = StreamBody::channel(32);
-    let response = sse_response(&meta, body);
+    let response = match wire {
+        Wire::UiStream => ui_stream::response(&meta, body),
+        Wire::OpenAi { .. } => sse_response(&meta, body),
+    };
     let task = StreamTask {
         state: state.clone(),
         user,
         cache_key,
-        include_usage: chat.include_usage,
+        wire,
         meta,
         deadline,
         metrics,
@@ -570,7 +619,7 @@ where
     }
 }
 
-fn with_source(mut response: Response<StreamBody>, meta: &Meta) -> Response<StreamBody> {
+pub(crate) fn with_source(mut response: Response<StreamBody>, meta: &Meta) -> Response<StreamBody> {
     let headers = response.headers_mut();
     headers.insert(
         SOURCE_HEADER,
@@ -598,12 +647,17 @@ fn sse_response(meta: &Meta, body: StreamBody) -> Response<StreamBody> {
 
 /// An answer that exists at once (rules, cache, a complete LLM answer), in the format asked for.
 fn whole_answer(
+    wire: Wire,
     chat: &Chat,
     meta: &Meta,
     content: &str,
     finish_reason: &str,
     usage: Option<Usage>,
 ) -> Response<StreamBody> {
+    if wire == Wire::UiStream {
+        let events = ui_stream::whole(meta, content, finish_reason);
+        return ui_stream::response(meta, StreamBody::full(events));
+    }
     if chat.stream {
         let events = reply::whole_stream(meta, content, finish_reason, usage, chat.include_usage);
         return sse_response(meta, StreamBody::full(events));
@@ -619,6 +673,7 @@ fn whole_answer(
 
 async fn rules_answer(
     state: &State,
+    wire: Wire,
     chat: &Chat,
     reason: &str,
     mut metrics: MetricSet,
@@ -634,7 +689,7 @@ async fn rules_answer(
         "answered from rules"
     );
     let meta = Meta::new(&chat.model, Source::Rules, Some(reason.to_owned()));
-    let response = whole_answer(chat, &meta, answer.reply, "stop", None);
+    let response = whole_answer(wire, chat, &meta, answer.reply, "stop", None);
     done(metrics, started, request_id, &meta).await;
     response
 }
@@ -698,7 +753,7 @@ struct StreamTask {
     state: Arc<State>,
     user: uuid::Uuid,
     cache_key: Option<String>,
-    include_usage: bool,
+    wire: Wire,
     meta: Meta,
     deadline: Instant,
     metrics: MetricSet,
@@ -721,12 +776,7 @@ impl StreamTask {
         let mut finish_reason: Option<String> = None;
         let mut usage = None;
         let mut failure: Option<LlmError> = None;
-        let mut open = send(reply::chunk(
-            &self.meta,
-            json!({"role": "assistant", "content": ""}),
-            None,
-        ))
-        .await;
+        let mut open = send(self.wire.opening(&self.meta)).await;
         let mut pending: std::collections::VecDeque<Event> = first.into();
         let idle = self.state.config.idle_timeout;
         while open {
@@ -752,7 +802,7 @@ impl StreamTask {
                 Some(Event::Role) => {}
                 Some(Event::Delta(text)) => {
                     content.push_str(&text);
-                    open = send(reply::chunk(&self.meta, json!({"content": text}), None)).await;
+                    open = send(self.wire.delta(&self.meta, &text)).await;
                 }
                 Some(Event::Finish(reason)) => finish_reason = Some(reason),
                 Some(Event::Usage(u)) => usage = Some(u),
@@ -764,12 +814,7 @@ impl StreamTask {
                     .count_by("LlmErrors", "Class", error.class(), 1);
                 self.metrics.count("StreamInterrupted", 1);
                 tracing::warn!(request_id = %self.request_id, class = error.class(), "stream broke after it started");
-                send(reply::stream_error(
-                    error.class(),
-                    "the answer was interrupted; please retry",
-                ))
-                .await;
-                send(reply::DONE.to_owned()).await;
+                send(self.wire.broken(error.class())).await;
                 "stream_interrupted"
             }
             (_, false) => {
@@ -777,12 +822,8 @@ impl StreamTask {
                 "client_disconnected"
             }
             (None, true) => {
-                let reason = finish_reason.clone().unwrap_or_else(|| "stop".into());
-                send(reply::chunk(&self.meta, json!({}), Some(&reason))).await;
-                if self.include_usage {
-                    send(reply::usage_chunk(&self.meta, usage)).await;
-                }
-                send(reply::DONE.to_owned()).await;
+                let reason = finish_reason.as_deref().unwrap_or("stop");
+                send(self.wire.closing(&self.meta, reason, usage)).await;
                 "llm"
             }
         };
