@@ -5,6 +5,7 @@
 
 mod auth;
 mod chat;
+mod chat_ui;
 mod checkout;
 mod faults;
 mod hostile;
