@@ -7,8 +7,7 @@
 //! answers the conversation again without its last assistant message, and skips the cache.
 
 use serde::de::IgnoredAny;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::request::{self, Chat, Invalid, Limits};
 
@@ -68,6 +67,21 @@ struct RawUiPart {
     type_: String,
     #[serde(default)]
     text: Option<String>,
+}
+
+/// The conversation in the OpenAI request's shape, for the OpenAI parser.
+#[derive(Serialize)]
+struct OpenAiShaped<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    messages: Vec<OpenAiMessage>,
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct OpenAiMessage {
+    role: String,
+    content: String,
 }
 
 /// The top-level keys and message keys that tell a `useChat` body from an OpenAI one.
@@ -156,20 +170,27 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<UiChat, Invalid> {
                 }
             }
         }
-        openai.push(json!({"role": message.role, "content": text}));
+        openai.push(OpenAiMessage {
+            role: message.role,
+            content: text,
+        });
     }
-    let mut request = json!({"messages": openai, "stream": true});
-    if let Some(model) = raw.model {
-        request["model"] = Value::String(model);
-    }
+    let shaped = OpenAiShaped {
+        model: raw.model.as_deref(),
+        messages: openai,
+        stream: true,
+    };
     // The OpenAI parser owns every limit and role rule; the UI body is only another spelling.
-    let chat = request::parse(request.to_string().as_bytes(), limits)?;
+    let bytes = serde_json::to_vec(&shaped)
+        .map_err(|_| invalid("invalid_json", "the body is not a valid useChat request"))?;
+    let chat = request::parse(&bytes, limits)?;
     Ok(UiChat { chat, trigger })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn limits() -> Limits {
         Limits {
