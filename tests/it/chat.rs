@@ -20,7 +20,7 @@ use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 pub(crate) const JWT_SECRET: &str = "chat-tests-jwt-secret-at-least-32-characters";
-pub(crate) const OPENAI_KEY: &str = "sk-test-openai-key-for-tests";
+const OPENAI_KEY: &str = "sk-test-openai-key-for-tests";
 
 fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
     chat::Config {
@@ -65,8 +65,8 @@ fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
 
 pub(crate) struct App {
     pub(crate) db: TestDb,
-    pub(crate) state: Arc<chat::State>,
-    pub(crate) metrics: Arc<Mutex<Vec<String>>>,
+    state: Arc<chat::State>,
+    metrics: Arc<Mutex<Vec<String>>>,
     pub(crate) user: String,
 }
 
