@@ -82,6 +82,19 @@ fn parsing(c: &mut Criterion) {
     c.bench_function("chat_request_validate", |b| {
         b.iter(|| chat::request::parse(black_box(chat_body.as_bytes()), &limits))
     });
+    // The same conversation as useChat posts it to the root: probe, UIMessages, the OpenAI parse.
+    let ui_body = serde_json::json!({"id": "chat-1", "trigger": "submit-message", "messages": [
+        {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "How much is the full report?"}]},
+        {"id": "a1", "role": "assistant", "metadata": {"source": "llm", "model": "gpt-4o-mini"},
+         "parts": [{"type": "step-start"}, {"type": "text", "text": "It is a one-time purchase.", "state": "done"}]},
+        {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "我想购买完整报告，怎么支付？"}]}]})
+    .to_string();
+    c.bench_function("chat_request_validate_openai_on_root", |b| {
+        b.iter(|| chat::wire::parse("/", black_box(chat_body.as_bytes()), &limits))
+    });
+    c.bench_function("chat_request_validate_use_chat", |b| {
+        b.iter(|| chat::wire::parse("/", black_box(ui_body.as_bytes()), &limits))
+    });
     let book = chat::rules::RuleBook::embedded();
     c.bench_function("rules_match_english", |b| {
         b.iter(|| {

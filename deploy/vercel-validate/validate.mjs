@@ -35,6 +35,12 @@ for (const [source, target] of [["/api/llm/chat", "chat"], ["/api/pay/checkout",
   if (!rule) errors.push(`no rewrite for ${source} (the ${target} function)`);
   else if (!/^https:\/\/[a-z0-9-]+(\.[a-z0-9-]+)+\/$/.test(rule.destination)) errors.push(`${source}: destination must be an https function URL`);
 }
+// useChat's resume probe (GET /api/llm/chat/{chatId}/stream) must reach the chat function too.
+const chat = (config.rewrites ?? []).find((r) => r.source === "/api/llm/chat");
+const probe = (config.rewrites ?? []).find((r) => r.source === "/api/llm/chat/:path*");
+if (chat && (!probe || probe.destination !== `${chat.destination}:path*`)) {
+  errors.push("no rewrite of /api/llm/chat/:path* to the chat function URL + :path* (useChat's resume probe)");
+}
 if (errors.length) {
   console.error(`${file} is invalid:\n  ${errors.join("\n  ")}`);
   process.exit(1);

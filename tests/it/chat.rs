@@ -19,7 +19,7 @@ use testkit::tokens;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const JWT_SECRET: &str = "chat-tests-jwt-secret-at-least-32-characters";
+pub(crate) const JWT_SECRET: &str = "chat-tests-jwt-secret-at-least-32-characters";
 const OPENAI_KEY: &str = "sk-test-openai-key-for-tests";
 
 fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
@@ -64,14 +64,17 @@ fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
     }
 }
 
-struct App {
-    db: TestDb,
+pub(crate) struct App {
+    pub(crate) db: TestDb,
     state: Arc<chat::State>,
     metrics: Arc<Mutex<Vec<String>>>,
-    user: String,
+    pub(crate) user: String,
 }
 
-async fn spawn_app_with(base_url: Option<&str>, tweak: impl FnOnce(&mut chat::Config)) -> App {
+pub(crate) async fn spawn_app_with(
+    base_url: Option<&str>,
+    tweak: impl FnOnce(&mut chat::Config),
+) -> App {
     let db = TestDb::new().await;
     let sql = db.client().await;
     let user = db.create_user(&sql).await.to_string();
@@ -96,18 +99,18 @@ async fn spawn_app_with(base_url: Option<&str>, tweak: impl FnOnce(&mut chat::Co
     }
 }
 
-struct Answer {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 
-    fn source(&self) -> &str {
+    pub(crate) fn source(&self) -> &str {
         self.headers
             .get(chat::SOURCE_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -115,7 +118,7 @@ impl Answer {
     }
 
     /// The `data:` payloads of an event stream.
-    fn events(&self) -> Vec<String> {
+    pub(crate) fn events(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.body)
             .split("\n\n")
             .filter_map(|e| e.strip_prefix("data: ").map(str::to_owned))
@@ -148,7 +151,7 @@ impl App {
         .await
     }
 
-    async fn send(&self, request: FunctionUrlRequest) -> Answer {
+    pub(crate) async fn send(&self, request: FunctionUrlRequest) -> Answer {
         let response = match request.into_request() {
             Ok(request) => chat::handle(self.state.clone(), request).await,
             Err(response) => {
@@ -165,7 +168,7 @@ impl App {
         }
     }
 
-    fn metric_total(&self, name: &str) -> f64 {
+    pub(crate) fn metric_total(&self, name: &str) -> f64 {
         self.metrics
             .lock()
             .unwrap()
@@ -180,11 +183,11 @@ fn hello() -> Value {
     json!({"messages": [{"role": "user", "content": "Say hello"}]})
 }
 
-async fn upstream() -> MockServer {
+pub(crate) async fn upstream() -> MockServer {
     MockServer::start().await
 }
 
-fn completions() -> wiremock::MockBuilder {
+pub(crate) fn completions() -> wiremock::MockBuilder {
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
         .and(header(

@@ -74,6 +74,11 @@ proptest! {
         let _ = chat::request::parse(&body, &limits);
         let wrapped = serde_json::json!({"messages": [{"role": "user", "content": json}]}).to_string();
         let _ = chat::request::parse(wrapped.as_bytes(), &limits);
+        // The useChat body on the root, raw and with arbitrary parts.
+        let _ = chat::wire::parse("/", &body, &limits);
+        let ui = serde_json::json!({"id": "c", "trigger": "regenerate-message",
+            "messages": [{"id": "m", "role": "user", "parts": json}]}).to_string();
+        let _ = chat::wire::parse("/", ui.as_bytes(), &limits);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod anonymous_checkout;
 mod auth;
 mod chat;
 mod chat_limits;
+mod chat_ui;
 mod checkout;
 mod db_tls;
 mod faults;

@@ -1,9 +1,16 @@
-"""A fake OpenAI-compatible upstream for the SDK test: answers /v1/chat/completions, streamed or
-not, and fails with 500 when the last user message contains "FAIL" (to exercise the fallback)."""
+"""A fake OpenAI-compatible upstream for the SDK test and the browser journey: answers
+/v1/chat/completions, streamed or not, with "echo: <last message>"; with "recall: <first user
+message>" when the last message contains "RECALL" (proves the history arrived); fails with 500
+when it contains "FAIL" (to exercise the fallback). FAKE_OPENAI_CHUNK_DELAY_MS spaces the streamed
+chunks out, so a client can watch an answer grow."""
 import json
+import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+CHUNK_DELAY_S = int(os.environ.get("FAKE_OPENAI_CHUNK_DELAY_MS", "0")) / 1000
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -21,6 +28,9 @@ class Handler(BaseHTTPRequestHandler):
         if "FAIL" in last:
             return self.send_json(500, {"error": {"message": "boom", "type": "server_error", "code": None}})
         answer = f"echo: {last}"
+        if "RECALL" in last:
+            first = next(m["content"] for m in request["messages"] if m["role"] == "user")
+            answer = f"recall: {first}"
         if not request.get("stream"):
             return self.send_json(200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
@@ -39,6 +49,7 @@ class Handler(BaseHTTPRequestHandler):
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": request["model"]}
         chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
         for word in answer.split(" "):
+            time.sleep(CHUNK_DELAY_S)
             chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}))
         chunk(json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
         chunk(json.dumps({**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}))

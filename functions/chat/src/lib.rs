@@ -4,12 +4,18 @@
 //! timeout, at most `LLM_MAX_RETRIES` retries with backoff while the deadline allows), by the
 //! per-user cache, or by the rule engine when the LLM fails for good or is not configured. The
 //! source is in the `x-chat-source` header and the `x_source` body field.
+//!
+//! The same URL speaks the AI SDK's UI message stream to `useChat` bodies (`ui_request`,
+//! `ui_stream`): the body decides, everything before the answer's bytes is shared (`wire`).
 
 pub mod budget;
 pub mod cache_key;
 pub mod reply;
 pub mod request;
 pub mod rules;
+pub mod ui_request;
+pub mod ui_stream;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +38,7 @@ use budget::Budgets;
 use reply::{Meta, Source};
 use request::{Chat, Limits};
 use rules::RuleBook;
+use wire::Wire;
 
 /// The route name in logs.
 pub const ROUTE: &str = "chat";
@@ -334,6 +341,7 @@ struct Admitted {
     chat: Chat,
     /// The messages sent upstream (the server's system prompt first).
     messages: Vec<Message>,
+    wire: Wire,
     cache_key: Option<String>,
     cached: Option<Value>,
 }
@@ -368,13 +376,17 @@ async fn admit(
     if !shared::lambda::has_json_body(request.headers()) {
         return Err(ChatError::UnsupportedMediaType);
     }
-    let chat = request::parse(body, &state.config.limits).map_err(ChatError::Invalid)?;
+    let wire::Parsed { chat, wire, fresh } =
+        wire::parse(request.uri().path(), body, &state.config.limits)
+            .map_err(ChatError::Invalid)?;
     let messages = chat.upstream_messages(&state.config.system_prompt);
     let cache_key = if state.config.cache_ttl_s > 0 {
         cache_key::cache_key(&chat.upstream(&messages))
     } else {
         None
     };
+    // A fresh answer (a regenerate) is not looked up, but it is recorded.
+    let lookup = if fresh { None } else { cache_key.as_deref() };
     let mut limits = state.config.budgets.limits(
         user.is_anonymous,
         state.config.rate_limit_per_min,
@@ -388,7 +400,7 @@ async fn admit(
     // still answered (uncached, unlimited): the chat must never fail for want of bookkeeping.
     let admission = state
         .store
-        .chat_admit(user.id, cache_key.as_deref(), limits)
+        .chat_admit(user.id, lookup, limits)
         .await;
     let cached = match admission {
         Ok(Admission::RateLimited { retry_after }) => {
@@ -423,6 +435,7 @@ async fn admit(
         },
         chat,
         messages,
+        wire,
         cache_key,
         cached,
     })
@@ -437,6 +450,10 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     metrics.property("request_id", request_id.as_str());
     metrics.count("Requests", 1);
     let deadline = deadline_for(&request, &state.config);
+    if ui_stream::is_resume_probe(request.method(), request.uri().path()) {
+        finish(metrics, started, 204, &request_id, "no_stream_to_resume").await;
+        return ui_stream::no_stream_to_resume();
+    }
 
     let admitted = match admit(&state, &request, &mut metrics).await {
         Ok(admitted) => admitted,
@@ -475,6 +492,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
         user,
         chat,
         messages,
+        wire,
         cache_key,
         cached,
     } = admitted;
@@ -487,13 +505,22 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
             .to_owned();
         let usage = serde_json::from_value::<Usage>(cached["usage"].clone()).ok();
         let meta = Meta::new(&chat.model, Source::Cache, None);
-        let response = whole_answer(&chat, &meta, &content, &finish_reason, usage);
+        let response = whole_answer(wire, &chat, &meta, &content, &finish_reason, usage);
         done(metrics, started, &request_id, &meta).await;
         return response;
     }
 
     let Some(llm) = state.llm.clone() else {
-        return rules_answer(&state, &chat, "no_api_key", metrics, started, &request_id).await;
+        return rules_answer(
+            &state,
+            wire,
+            &chat,
+            "no_api_key",
+            metrics,
+            started,
+            &request_id,
+        )
+        .await;
     };
     let upstream = chat.upstream(&messages);
 
@@ -518,6 +545,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                 )
                 .await;
                 let response = whole_answer(
+                    wire,
                     &chat,
                     &meta,
                     &completion.content,
@@ -528,7 +556,16 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                 response
             }
             Err(error) => {
-                rules_answer(&state, &chat, error.class(), metrics, started, &request_id).await
+                rules_answer(
+                    &state,
+                    wire,
+                    &chat,
+                    error.class(),
+                    metrics,
+                    started,
+                    &request_id,
+                )
+                .await
             }
         };
     }
@@ -541,18 +578,30 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
     let (first, stream) = match opened {
         Ok(opened) => opened,
         Err(error) => {
-            return rules_answer(&state, &chat, error.class(), metrics, started, &request_id).await
+            return rules_answer(
+                &state,
+                wire,
+                &chat,
+                error.class(),
+                metrics,
+                started,
+                &request_id,
+            )
+            .await
         }
     };
     let meta = Meta::new(&chat.model, Source::Llm, None);
     let (tx, body) = StreamBody::channel(32);
-    let response = sse_response(&meta, body);
+    let response = match wire {
+        Wire::UiStream => ui_stream::response(&meta, body),
+        Wire::OpenAi { .. } => sse_response(&meta, body),
+    };
     let task = StreamTask {
         state: state.clone(),
         user,
         messages,
         cache_key,
-        include_usage: chat.include_usage,
+        wire,
         meta,
         deadline,
         metrics,
@@ -620,7 +669,7 @@ where
     }
 }
 
-fn with_source(mut response: Response<StreamBody>, meta: &Meta) -> Response<StreamBody> {
+pub(crate) fn with_source(mut response: Response<StreamBody>, meta: &Meta) -> Response<StreamBody> {
     let headers = response.headers_mut();
     headers.insert(
         SOURCE_HEADER,
@@ -648,12 +697,17 @@ fn sse_response(meta: &Meta, body: StreamBody) -> Response<StreamBody> {
 
 /// An answer that exists at once (rules, cache, a complete LLM answer), in the format asked for.
 fn whole_answer(
+    wire: Wire,
     chat: &Chat,
     meta: &Meta,
     content: &str,
     finish_reason: &str,
     usage: Option<Usage>,
 ) -> Response<StreamBody> {
+    if wire == Wire::UiStream {
+        let events = ui_stream::whole(meta, content, finish_reason);
+        return ui_stream::response(meta, StreamBody::full(events));
+    }
     if chat.stream {
         let events = reply::whole_stream(meta, content, finish_reason, usage, chat.include_usage);
         return sse_response(meta, StreamBody::full(events));
@@ -669,6 +723,7 @@ fn whole_answer(
 
 async fn rules_answer(
     state: &State,
+    wire: Wire,
     chat: &Chat,
     reason: &str,
     mut metrics: MetricSet,
@@ -684,7 +739,7 @@ async fn rules_answer(
         "answered from rules"
     );
     let meta = Meta::new(&chat.model, Source::Rules, Some(reason.to_owned()));
-    let response = whole_answer(chat, &meta, answer.reply, "stop", None);
+    let response = whole_answer(wire, chat, &meta, answer.reply, "stop", None);
     done(metrics, started, request_id, &meta).await;
     response
 }
@@ -758,7 +813,7 @@ struct StreamTask {
     user: Asker,
     messages: Vec<Message>,
     cache_key: Option<String>,
-    include_usage: bool,
+    wire: Wire,
     meta: Meta,
     deadline: Instant,
     metrics: MetricSet,
@@ -781,12 +836,7 @@ impl StreamTask {
         let mut finish_reason: Option<String> = None;
         let mut usage = None;
         let mut failure: Option<LlmError> = None;
-        let mut open = send(reply::chunk(
-            &self.meta,
-            json!({"role": "assistant", "content": ""}),
-            None,
-        ))
-        .await;
+        let mut open = send(self.wire.opening(&self.meta)).await;
         let mut pending: std::collections::VecDeque<Event> = first.into();
         let idle = self.state.config.idle_timeout;
         while open {
@@ -812,7 +862,7 @@ impl StreamTask {
                 Some(Event::Role) => {}
                 Some(Event::Delta(text)) => {
                     content.push_str(&text);
-                    open = send(reply::chunk(&self.meta, json!({"content": text}), None)).await;
+                    open = send(self.wire.delta(&self.meta, &text)).await;
                 }
                 Some(Event::Finish(reason)) => finish_reason = Some(reason),
                 Some(Event::Usage(u)) => usage = Some(u),
@@ -824,12 +874,7 @@ impl StreamTask {
                     .count_by("LlmErrors", "Class", error.class(), 1);
                 self.metrics.count("StreamInterrupted", 1);
                 tracing::warn!(request_id = %self.request_id, class = error.class(), "stream broke after it started");
-                send(reply::stream_error(
-                    error.class(),
-                    "the answer was interrupted; please retry",
-                ))
-                .await;
-                send(reply::DONE.to_owned()).await;
+                send(self.wire.broken(error.class())).await;
                 "stream_interrupted"
             }
             (_, false) => {
@@ -837,12 +882,8 @@ impl StreamTask {
                 "client_disconnected"
             }
             (None, true) => {
-                let reason = finish_reason.clone().unwrap_or_else(|| "stop".into());
-                send(reply::chunk(&self.meta, json!({}), Some(&reason))).await;
-                if self.include_usage {
-                    send(reply::usage_chunk(&self.meta, usage)).await;
-                }
-                send(reply::DONE.to_owned()).await;
+                let reason = finish_reason.as_deref().unwrap_or("stop");
+                send(self.wire.closing(&self.meta, reason, usage)).await;
                 "llm"
             }
         };

@@ -1,7 +1,8 @@
 //! Measures time to first byte and gaps between chunks of streamed chat answers through a local
-//! stand-in for the Lambda Runtime API, with the real release binary of the `chat` function.
+//! stand-in for the Lambda Runtime API, with the real release binary of the `chat` function, in
+//! both protocols it speaks (the OpenAI stream and the AI SDK's UI message stream).
 //!
-//! Usage: stream-ttfb [--binary target/release/chat] [--requests 50]
+//! Usage: stream-ttfb [--binary target/release/chat] [--requests 50]   (requests per protocol)
 //! Needs the local PostgreSQL (a fresh database is made and dropped).
 
 use std::process::Stdio;
@@ -11,6 +12,14 @@ use serde_json::json;
 use testkit::fixtures::{self, FunctionUrlRequest};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Milliseconds measured for one protocol.
+#[derive(Default)]
+struct Samples {
+    ttfb: Vec<f64>,
+    gaps: Vec<f64>,
+    totals: Vec<f64>,
+}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -79,56 +88,72 @@ async fn main() -> std::process::ExitCode {
         }
     };
 
-    let mut ttfb = Vec::new();
-    let mut gaps = Vec::new();
-    let mut totals = Vec::new();
-    for i in 0..requests {
-        let body = json!({"messages": [{"role": "user", "content": format!("question {i}")}], "stream": true});
-        let event = FunctionUrlRequest::post("/v1/chat/completions", body.to_string().as_bytes())
+    // Both protocols the function speaks, alternated request by request so they share the
+    // machine's ups and downs: the OpenAI format, and the AI SDK's UI message stream (useChat).
+    let protocols = [
+        (
+            "OpenAI `chat.completion.chunk`",
+            "/v1/chat/completions",
+            "Hello",
+        ),
+        ("AI SDK UI message stream", "/", "\"delta\":\"Hello\""),
+    ];
+    let mut samples: Vec<Samples> = protocols.iter().map(|_| Samples::default()).collect();
+    for i in 0..requests * protocols.len() {
+        let which = i % protocols.len();
+        let (_, path, expect) = protocols[which];
+        let question = format!("question {i}");
+        let body = if path == "/" {
+            json!({"id": format!("chat-{i}"), "trigger": "submit-message",
+                "messages": [{"id": format!("m-{i}"), "role": "user", "parts": [{"type": "text", "text": question}]}]})
+        } else {
+            json!({"messages": [{"role": "user", "content": question}], "stream": true})
+        };
+        let event = FunctionUrlRequest::post(path, body.to_string().as_bytes())
             .header("authorization", &format!("Bearer {token}"));
         api.invoke(event.event().to_string()).await;
         let Some(outcome) = api.outcome(Duration::from_secs(10)).await else {
             eprintln!("no answer to request {i}");
             return std::process::ExitCode::FAILURE;
         };
-        if i == 0 && !String::from_utf8_lossy(&outcome.body).contains("Hello") {
-            eprintln!(
-                "unexpected answer: {}",
-                String::from_utf8_lossy(&outcome.body)
-            );
-            return std::process::ExitCode::FAILURE;
-        }
-        if i < 3 {
+        if i < 2 * protocols.len() {
+            if !String::from_utf8_lossy(&outcome.body).contains(expect) {
+                eprintln!(
+                    "unexpected answer on {path}: {}",
+                    String::from_utf8_lossy(&outcome.body)
+                );
+                return std::process::ExitCode::FAILURE;
+            }
             continue; // warm-up: connections to the database and the upstream
         }
+        let s = &mut samples[which];
         if let Some(t) = outcome.time_to_first_byte() {
-            ttfb.push(t.as_secs_f64() * 1000.0);
+            s.ttfb.push(t.as_secs_f64() * 1000.0);
         }
         for pair in outcome.body_reads.windows(2) {
-            gaps.push(pair[1].0.duration_since(pair[0].0).as_secs_f64() * 1000.0);
+            s.gaps
+                .push(pair[1].0.duration_since(pair[0].0).as_secs_f64() * 1000.0);
         }
-        totals.push(outcome.total().as_secs_f64() * 1000.0);
+        s.totals.push(outcome.total().as_secs_f64() * 1000.0);
     }
     let _ = child.kill().await;
-    for v in [&mut ttfb, &mut gaps, &mut totals] {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    }
     println!(
-        "streamed chat through the Runtime API stand-in ({} measured requests, {binary})",
-        ttfb.len()
+        "streamed chat through the Runtime API stand-in ({} measured requests per protocol, {binary})",
+        samples[0].ttfb.len()
     );
-    println!("| metric | p50 ms | p95 ms | max ms |");
-    println!("|---|---|---|---|");
-    for (name, v) in [
-        ("time to first byte", &ttfb),
-        ("gap between chunks", &gaps),
-        ("whole answer", &totals),
-    ] {
+    println!("| stream | time to first byte p50 | p95 | max | gap between chunks p50 | whole answer p50 |");
+    println!("|---|---|---|---|---|---|");
+    for ((name, _, _), s) in protocols.iter().zip(&mut samples) {
+        for v in [&mut s.ttfb, &mut s.gaps, &mut s.totals] {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        }
         println!(
-            "| {name} | {:.2} | {:.2} | {:.2} |",
-            percentile(v, 50.0),
-            percentile(v, 95.0),
-            v.last().copied().unwrap_or(f64::NAN)
+            "| {name} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+            percentile(&s.ttfb, 50.0),
+            percentile(&s.ttfb, 95.0),
+            s.ttfb.last().copied().unwrap_or(f64::NAN),
+            percentile(&s.gaps, 50.0),
+            percentile(&s.totals, 50.0),
         );
     }
     let _ = fixtures::now();
