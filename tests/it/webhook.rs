@@ -379,6 +379,64 @@ async fn payment_after_local_expiry_still_pays() {
 }
 
 #[tokio::test]
+async fn refund_and_dispute_events_in_stripes_shape_settle_the_order() {
+    let app = spawn_app().await;
+    let user = app.user().await;
+    let order = app.pending_order(&user, "cs_test_money").await;
+    let paid = checkout_event(
+        "checkout.session.completed",
+        "cs_test_money",
+        &order,
+        &user,
+        "paid",
+    );
+    assert_eq!(app.deliver(&paid).await.0, 200);
+    let pi = "pi_test_money";
+    let status = || async {
+        app.scalar::<String>(&format!("select status from orders where id = '{order}'"))
+            .await
+    };
+
+    let (_, partial) = app
+        .deliver(&fixtures::charge_refunded_event(pi, 1900, 500))
+        .await;
+    assert_eq!(partial["outcome"], "applied");
+    assert_eq!(status().await, "paid");
+    app.deliver(&fixtures::dispute_event(
+        "charge.dispute.created",
+        "dp_1",
+        pi,
+        "needs_response",
+    ))
+    .await;
+    assert_eq!(status().await, "disputed");
+    app.deliver(&fixtures::dispute_event(
+        "charge.dispute.closed",
+        "dp_1",
+        pi,
+        "won",
+    ))
+    .await;
+    assert_eq!(status().await, "paid");
+    app.deliver(&fixtures::charge_refunded_event(pi, 1900, 1900))
+        .await;
+
+    assert_eq!(status().await, "refunded");
+    assert_eq!(
+        app.count("select count(*) from entitlements where active")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.scalar::<String>("select string_agg(kind, ',' order by id) from payment_audit")
+            .await,
+        "order_paid,order_partially_refunded,dispute_opened,dispute_won,order_refunded"
+    );
+    assert_eq!(app.metric_total("Refunds"), 2.0);
+    assert_eq!(app.metric_total("Disputes"), 1.0);
+}
+
+#[tokio::test]
 async fn paid_session_without_an_order_is_not_granted_without_verification() {
     // This webhook has no Stripe key: it cannot read the session's line items (I5).
     let app = spawn_app().await;

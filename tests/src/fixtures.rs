@@ -88,6 +88,58 @@ pub fn checkout_event(
     event
 }
 
+/// A `charge.refunded` event for the charge of `payment_intent`: `amount_refunded` of `amount`
+/// so far (fully refunded when equal).
+pub fn charge_refunded_event(payment_intent: &str, amount: i64, amount_refunded: i64) -> Value {
+    let mut event = load("stripe/charge.refunded.json");
+    set(&mut event, "/id", json!(event_id()));
+    set(&mut event, "/created", json!(now()));
+    set(
+        &mut event,
+        "/data/object/id",
+        json!(format!("ch_{}", payment_intent.trim_start_matches("pi_"))),
+    );
+    set(
+        &mut event,
+        "/data/object/payment_intent",
+        json!(payment_intent),
+    );
+    set(&mut event, "/data/object/amount", json!(amount));
+    set(
+        &mut event,
+        "/data/object/amount_refunded",
+        json!(amount_refunded),
+    );
+    set(
+        &mut event,
+        "/data/object/refunded",
+        json!(amount_refunded >= amount),
+    );
+    event
+}
+
+/// A `charge.dispute.created` or `charge.dispute.closed` event (`status`: `needs_response`,
+/// `won`, `lost`, ...) of dispute `id` on `payment_intent`.
+pub fn dispute_event(type_: &str, id: &str, payment_intent: &str, status: &str) -> Value {
+    let mut event = load("stripe/charge.dispute.created.json");
+    set(&mut event, "/id", json!(event_id()));
+    set(&mut event, "/type", json!(type_));
+    set(&mut event, "/created", json!(now()));
+    set(&mut event, "/data/object/id", json!(id));
+    set(
+        &mut event,
+        "/data/object/charge",
+        json!(format!("ch_{}", payment_intent.trim_start_matches("pi_"))),
+    );
+    set(
+        &mut event,
+        "/data/object/payment_intent",
+        json!(payment_intent),
+    );
+    set(&mut event, "/data/object/status", json!(status));
+    event
+}
+
 /// The bytes Stripe would send for `event`.
 pub fn body(event: &Value) -> Vec<u8> {
     serde_json::to_vec(event).expect("fixture serializes")

@@ -398,10 +398,7 @@ async fn admit(
     }
     // The limits and the cache share one round trip. If the database is down the request is
     // still answered (uncached, unlimited): the chat must never fail for want of bookkeeping.
-    let admission = state
-        .store
-        .chat_admit(user.id, lookup, limits)
-        .await;
+    let admission = state.store.chat_admit(user.id, lookup, limits).await;
     let cached = match admission {
         Ok(Admission::RateLimited { retry_after }) => {
             return Err(ChatError::RateLimited(retry_after))
