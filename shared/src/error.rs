@@ -1,7 +1,7 @@
 //! The JSON error every function answers with: `{"error":{"code","message","request_id"}}`.
 //!
 //! Each function keeps its own error enum and maps it to an [`ApiError`] in one place. `code` is
-//! stable and documented in the README; `message` is for humans; internals never go in either.
+//! stable and documented in docs/api.md; `message` is for humans; internals never go in either.
 
 use http::{header, HeaderValue, Response, StatusCode};
 use lambda_http::Body;

@@ -6,7 +6,7 @@
 //! `RequestExt` accessor keeps working) and turns the handler's response into the function-URL
 //! response shape. Events are read straight into the function-URL (HTTP API v2) shape in one
 //! JSON pass; `lambda_http`'s own `LambdaRequest` deserializer copies each event into a
-//! `RawValue` first and parses it a second time (see README, Benchmarks). Headers and the request
+//! `RawValue` first and parses it a second time (see docs/benchmarks.md). Headers and the request
 //! URI are checked first too ([`crate::function_url`]): no request reaches a panic.
 
 use std::convert::Infallible;

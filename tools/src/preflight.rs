@@ -70,8 +70,8 @@ pub fn fix_for(variable: &str) -> &'static str {
         "DATABASE_URL" | "DATABASE_CA_CERT" => "Supabase Dashboard > Connect > Transaction pooler (port 6543) URI; SSL certificate from Project Settings > Database",
         "OPENAI_API_KEY" => "an API key of the OpenAI-compatible provider, or CHAT_RULES_ONLY=true to answer from rules on purpose",
         "CHECKOUT_SUCCESS_URL" | "CHECKOUT_CANCEL_URL" => "your app's https pages for a finished or cancelled checkout",
-        "CHAT_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN" => "tokens per user and UTC day (0 turns a budget off) and the anonymous sessions' requests per minute: README, Configuration",
-        _ => "see README, Configuration",
+        "CHAT_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN" => "tokens per user and UTC day (0 turns a budget off) and the anonymous sessions' requests per minute: docs/configuration.md",
+        _ => "see docs/configuration.md",
     }
 }
 
@@ -386,7 +386,7 @@ async fn stripe_webhook_endpoint(get: &(dyn Fn(&str) -> Option<String> + Sync)) 
         .iter()
         .find(|e| e["url"].as_str().map(|u| u.trim_end_matches('/')) == Some(wanted))
     else {
-        return Check::fail(NAME, format!("no webhook endpoint for {url}"), "Stripe Dashboard > Developers > Webhooks > Add endpoint with this URL and the events in README (The webhook)");
+        return Check::fail(NAME, format!("no webhook endpoint for {url}"), "Stripe Dashboard > Developers > Webhooks > Add endpoint with this URL and every event in docs/api.md (Webhook)");
     };
     let events: Vec<&str> = endpoint["enabled_events"]
         .as_array()

@@ -1,4 +1,4 @@
-//! Runs webhook storms against the local PostgreSQL and prints the figures (README, "Reliability").
+//! Runs webhook storms against the local PostgreSQL and prints the figures (docs/testing.md).
 //!
 //! Usage: webhook-storm [--users 500] [--senders 8]
 //! Two storms: one undisturbed, one with every database connection cut for 1 s midway. Exit code
