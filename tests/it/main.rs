@@ -10,6 +10,7 @@ mod chat_limits;
 mod chat_ui;
 mod checkout;
 mod db_tls;
+mod docs;
 mod faults;
 mod hostile;
 mod payments;
