@@ -9,6 +9,8 @@ use testkit::apps;
 use testkit::fixtures;
 use testkit::money::{Setup, World};
 use testkit::stripe_fake::AMOUNT;
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, ResponseTemplate};
 
 async fn world() -> World {
     World::new(Setup::default()).await
@@ -679,22 +681,71 @@ async fn a_second_payment_is_refunded_once_and_the_report_stays() {
 }
 
 #[tokio::test]
-async fn a_refund_stripe_refuses_for_now_is_retried_by_the_redelivery() {
+async fn a_refund_key_holding_a_stored_500_gives_way_to_the_next_key() {
+    // Stripe keeps a 500 of an endpoint that ran under its idempotency key: every retry with
+    // that key gets the same 500, replayed. The refund must still be made, once.
     let w = world().await;
     let user = w.user().await;
     let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
     w.stripe.pay(&link).unwrap();
     let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&second).unwrap();
+    let pi = w.stripe.pay(&second).unwrap();
     let events = w.stripe.take_events();
     assert_eq!(w.deliver(&events[0]).await.0, 200);
-    w.stripe.fail_next_refunds(2);
+    w.stripe.fail_next_refunds(1);
+
+    let (status, body) = w.deliver(&events[1]).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(w.stripe.refunds().len(), 1);
+    assert_eq!(w.order_of(&second).await["status"], "refunded");
+    let keys: Vec<String> = w
+        .stripe
+        .requests_to("POST", "/v1/refunds")
+        .await
+        .iter()
+        .filter_map(|r| {
+            r.headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            format!("refund-duplicate-{pi}"),
+            format!("refund-duplicate-{pi}"),
+            format!("refund-duplicate-{pi}-2")
+        ],
+        "the 500, its replay, then the next key"
+    );
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn stripe_unreachable_for_a_refund_is_a_503_and_the_redelivery_refunds_once() {
+    let mut w = world().await;
+    w.webhook.config.stripe.as_mut().unwrap().timeout = Duration::from_millis(200);
+    w.webhook.stripe = w.webhook.config.stripe.as_ref().map(apps::stripe_client);
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    w.stripe.pay(&session).unwrap();
+    let events = w.stripe.take_events();
+    assert_eq!(w.deliver(&events[0]).await.0, 200);
+    // Stripe answers too late: the refund is made there, the webhook does not hear of it.
+    w.stripe.delay(Some(Duration::from_millis(500)));
 
     let (status, body) = w.deliver(&events[1]).await;
     assert_eq!(
         (status, body["error"]["code"].clone()),
         (503, json!("payment_provider_unavailable"))
     );
+    w.stripe.delay(None);
     let (status, body) = w.deliver(&events[1]).await;
 
     assert_eq!(
@@ -703,9 +754,290 @@ async fn a_refund_stripe_refuses_for_now_is_retried_by_the_redelivery() {
         "{body}"
     );
     assert!(w.deliver_all().await.is_empty());
-    assert_eq!(w.stripe.refunds().len(), 1);
+    assert_eq!(
+        w.stripe.refunds().len(),
+        1,
+        "one refund: the retry was replayed"
+    );
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn a_refund_waiting_for_the_customer_is_not_money_back_yet() {
+    let w = world().await;
+    let user = w.user().await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&second).unwrap();
+    w.stripe.next_refund_status(Some("requires_action"));
+
+    assert!(w.deliver_all().await.is_empty());
+
+    let health: Value = w.scalar("select public.payment_health(1)").await;
+    assert_eq!(
+        (
+            health["duplicate_refunds"].clone(),
+            health["duplicates_unrefunded"].clone()
+        ),
+        (json!(1), json!(1)),
+        "asked for, not back: {health}"
+    );
+    assert_eq!(w.order_of(&second).await["status"], "paid");
+    assert_eq!(w.stripe.refunds().len(), 1, "not asked twice");
+
+    let refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
+    w.stripe.complete_refund(&refund).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let health: Value = w.scalar("select public.payment_health(1)").await;
+    assert_eq!(health["duplicates_unrefunded"], 0, "back now: {health}");
     assert_eq!(w.order_of(&second).await["status"], "refunded");
     assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn a_refund_that_fails_gives_the_report_back() {
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+    let refund = w.stripe.refund(&pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert!(!w.owns(&user).await);
+
+    w.stripe
+        .fail_refund(refund["id"].as_str().unwrap())
+        .unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    assert!(w.owns(&user).await, "the money is the merchant's again");
+    let order = w.order_of(&session).await;
+    assert_eq!(
+        (order["status"].clone(), order["amount_refunded"].clone()),
+        (json!("paid"), json!(0))
+    );
+    assert_eq!(
+        w.scalar::<i64>("select count(*) from payment_audit where kind = 'refund_reversed'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_duplicates_refund_that_fails_is_made_again_under_the_next_key() {
+    let w = world().await;
+    let user = w.user().await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let pi = w.stripe.pay(&second).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let first_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
+
+    w.stripe.fail_refund(&first_refund).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    let refunds = w.stripe.refunds();
+    assert_eq!(refunds.len(), 2, "{refunds:?}");
+    assert_eq!(refunds[1]["status"], "succeeded");
+    let keys: Vec<String> = w
+        .stripe
+        .requests_to("POST", "/v1/refunds")
+        .await
+        .iter()
+        .filter_map(|r| {
+            r.headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(keys.last(), Some(&format!("refund-duplicate-{pi}-2")));
+    assert_eq!(w.order_of(&second).await["status"], "refunded");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn a_refund_that_fails_after_the_user_bought_again_refunds_that_payment() {
+    let w = world().await;
+    let user = w.user().await;
+    let (first, pi) = buy(&w, &user).await;
+    let refund = w.stripe.refund(&pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let (second, _) = buy(&w, &user).await;
+
+    // The first refund fails: that money is the merchant's again, and the user paid twice.
+    w.stripe
+        .fail_refund(refund["id"].as_str().unwrap())
+        .unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    assert_eq!(w.order_of(&second).await["status"], "paid");
+    assert_eq!(
+        w.order_of(&first).await["status"],
+        "refunded",
+        "refunded again"
+    );
+    let kept: Vec<_> = w
+        .stripe
+        .charges()
+        .into_iter()
+        .filter(|(_, c)| c["refunded"] == false)
+        .collect();
+    assert_eq!(kept.len(), 1, "one payment kept: {kept:?}");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn an_inquiry_keeps_the_report_until_it_becomes_a_chargeback() {
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+
+    let inquiry = w.stripe.inquiry(&pi).unwrap();
+    w.deliver_all().await;
+    assert!(w.owns(&user).await, "an inquiry withdraws nothing");
+    assert_eq!(w.order_of(&session).await["status"], "paid");
+
+    w.stripe.escalate(&inquiry).unwrap();
+    w.deliver_all().await;
+    assert!(!w.owns(&user).await, "a chargeback withdraws the money");
+    assert_eq!(w.order_of(&session).await["status"], "disputed");
+
+    w.stripe.close_dispute(&inquiry, true).unwrap();
+    w.deliver_all().await;
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn a_lost_dispute_that_names_only_the_charge_revokes_the_report() {
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+    let dispute = w.stripe.dispute(&pi).unwrap();
+    w.stripe.close_dispute(&dispute, false).unwrap();
+
+    for mut event in w.stripe.take_events() {
+        fixtures::set(&mut event, "/data/object/payment_intent", Value::Null);
+        assert_eq!(w.deliver(&event).await.0, 200);
+    }
+
+    assert!(
+        !w.owns(&user).await,
+        "the webhook asked Stripe for the charge's payment intent"
+    );
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+}
+
+#[tokio::test]
+async fn a_click_on_a_session_refunded_before_its_webhook_may_buy_again() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let pi = w.stripe.pay(&session).unwrap();
+    w.stripe.refund(&pi, None).unwrap();
+    let events = w.stripe.take_events();
+    assert_eq!(w.deliver(&events[1]).await.0, 200, "the refund first");
+
+    let (status, body) = w.click(&user).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["session_id"], json!(session));
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+}
+
+#[tokio::test]
+async fn an_email_stripe_refuses_gives_a_session_without_it() {
+    let w = world().await;
+    let user = w.user().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .and(body_string_contains("customer_email="))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error", "code": "email_invalid",
+            "param": "customer_email", "message": "Invalid email address"}})))
+        .with_priority(1)
+        .mount(&w.stripe.server)
+        .await;
+
+    let (status, body) = w.click(&user).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        w.scalar::<String>("select string_agg(status || '/' || coalesce(customer_email, '-'), ',' order by created_at) from orders").await,
+        format!("expired/{}@example.com,pending/-", &user[..8])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_while_a_payment_link_is_verified_is_a_payment_in_flight() {
+    let w = world().await;
+    let user = w.user().await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    let events = w.stripe.take_events();
+    Mock::given(method("GET"))
+        .and(path(format!("/v1/checkout/sessions/{link}/line_items")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "has_more": false, "data": [
+                    {"object": "item", "quantity": 1, "price": {"id": apps::PRICE, "object": "price"}}]}))
+                .set_delay(Duration::from_millis(800)),
+        )
+        .with_priority(1)
+        .mount(&w.stripe.server)
+        .await;
+
+    let click = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        w.click(&user).await
+    };
+    let ((delivered, _), (status, body)) = tokio::join!(w.deliver(&events[0]), click);
+
+    assert_eq!(delivered, 200);
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("payment_processing")),
+        "{body}"
+    );
+    assert!(w.owns(&user).await);
+    assert_eq!(w.stripe.sessions().len(), 1, "no session of ours was made");
+}
+
+#[tokio::test]
+async fn a_superseded_session_is_expired_before_a_new_one_is_made() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let old = first["session_id"].as_str().unwrap().to_owned();
+    // Stripe cannot expire that session for a while.
+    Mock::given(method("POST"))
+        .and(path(format!("/v1/checkout/sessions/{old}/expire")))
+        .respond_with(ResponseTemplate::new(503).set_body_json(json!({"error": {
+            "type": "api_error", "message": "Service unavailable"}})))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&w.stripe.server)
+        .await;
+    // The user buys through a Payment Link meanwhile; support refunds it; they buy again.
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let link_pi = w.stripe.pay(&link).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(
+        w.stripe.session(&old).unwrap()["status"],
+        "open",
+        "the expiry failed"
+    );
+    w.stripe.refund(&link_pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert!(!w.owns(&user).await);
+
+    let (status, second) = w.click(&user).await;
+
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(w.stripe.session(&old).unwrap()["status"], "expired");
+    assert_eq!(w.open_sessions_of(&user).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (user.clone(), any::<bool>()).prop_map(|(user, full)| Op::Refund { user, full }),
         1 => user.clone().prop_map(|user| Op::Dispute { user }),
         1 => (user.clone(), any::<bool>()).prop_map(|(user, won)| Op::CloseDispute { user, won }),
+        1 => user.clone().prop_map(|user| Op::Inquiry { user }),
+        1 => user.clone().prop_map(|user| Op::Escalate { user }),
+        1 => user.clone().prop_map(|user| Op::FailRefund { user }),
         1 => (user.clone(), any::<bool>(), any::<bool>())
             .prop_map(|(user, cancel, same_second)| Op::Subscribe { user, cancel, same_second }),
         6 => (any::<u8>(), any::<bool>()).prop_map(|(pick, twice)| Op::Deliver { pick, twice }),

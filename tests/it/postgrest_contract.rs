@@ -280,11 +280,23 @@ mod live {
         };
 
         let begun = store
-            .checkout_begin(user, shared::store::orders::FULL_REPORT, None, limits)
+            .checkout_begin(
+                user,
+                shared::store::orders::FULL_REPORT,
+                None,
+                uuid::Uuid::new_v4(),
+                limits,
+            )
             .await
             .unwrap();
         let again = store
-            .checkout_begin(user, shared::store::orders::FULL_REPORT, None, limits)
+            .checkout_begin(
+                user,
+                shared::store::orders::FULL_REPORT,
+                None,
+                uuid::Uuid::new_v4(),
+                limits,
+            )
             .await
             .unwrap();
 

@@ -434,6 +434,22 @@ async fn refund_and_dispute_events_in_stripes_shape_settle_the_order() {
     );
     assert_eq!(app.metric_total("Refunds"), 2.0);
     assert_eq!(app.metric_total("Disputes"), 1.0);
+
+    // The full refund fails (a closed card): the money is the merchant's again.
+    app.deliver(&fixtures::refund_event(
+        "refund.failed",
+        "re_full",
+        pi,
+        1900,
+        "failed",
+    ))
+    .await;
+    assert_eq!(status().await, "paid");
+    assert_eq!(
+        app.count("select count(*) from entitlements where active")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]

@@ -115,7 +115,34 @@ pub fn charge_refunded_event(payment_intent: &str, amount: i64, amount_refunded:
         "/data/object/refunded",
         json!(amount_refunded >= amount),
     );
+    // Since 2022-11-15 a charge no longer lists its refunds unless expanded.
+    if let Some(charge) = event["data"]["object"].as_object_mut() {
+        charge.remove("refunds");
+    }
     event
+}
+
+/// A refund event (`charge.refund.updated`, `refund.updated`, `refund.failed`) about refund
+/// `id` of `amount` on `payment_intent`, now `status` (`failed`, `canceled`, `succeeded`, ...).
+pub fn refund_event(
+    type_: &str,
+    id: &str,
+    payment_intent: &str,
+    amount: i64,
+    status: &str,
+) -> Value {
+    json!({
+        "id": event_id(), "object": "event", "api_version": shared::stripe::API_VERSION,
+        "created": now(), "livemode": false, "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null}, "type": type_,
+        "data": {"object": {
+            "id": id, "object": "refund", "amount": amount, "currency": "usd",
+            "charge": format!("ch_{}", payment_intent.trim_start_matches("pi_")),
+            "payment_intent": payment_intent, "reason": "requested_by_customer",
+            "status": status, "created": now(), "metadata": {},
+            "failure_reason": if status == "failed" { json!("expired_or_canceled_card") } else { Value::Null },
+        }},
+    })
 }
 
 /// A `charge.dispute.created` or `charge.dispute.closed` event (`status`: `needs_response`,

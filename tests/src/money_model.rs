@@ -45,6 +45,12 @@ pub enum Op {
     Dispute { user: u8 },
     /// The user's newest open dispute is decided.
     CloseDispute { user: u8, won: bool },
+    /// The cardholder's bank asks about the user's newest paid payment (nothing withdrawn).
+    Inquiry { user: u8 },
+    /// The user's newest inquiry becomes a chargeback.
+    Escalate { user: u8 },
+    /// The user's newest refund fails after it was made: the money is the merchant's again.
+    FailRefund { user: u8 },
     /// A subscription's life (created, active, maybe canceled), its invoice, and the checkout
     /// session that names its owner: events queued in Stripe's order, delivered by other ops.
     Subscribe {
@@ -215,14 +221,52 @@ impl<'w> Run<'w> {
                     self.note(format!("dispute {pi}: {dispute:?}"));
                 }
             }
+            Op::Inquiry { user } => {
+                if let Some(pi) = self.newest_payment(*user, |c| c["paid"] == true) {
+                    let inquiry = self.w.stripe.inquiry(&pi);
+                    self.note(format!("inquiry {pi}: {inquiry:?}"));
+                }
+            }
+            Op::Escalate { user } => {
+                let (_, id) = self.user(*user);
+                let pis = self.payments_of(id);
+                let inquiry = self.w.stripe.disputes().into_iter().find(|d| {
+                    d["status"] == "warning_needs_response"
+                        && d["payment_intent"]
+                            .as_str()
+                            .is_some_and(|p| pis.contains(p))
+                });
+                if let Some(d) = inquiry {
+                    let did = d["id"].as_str().unwrap_or_default();
+                    let escalated = self.w.stripe.escalate(did);
+                    self.note(format!("escalate {did}: {escalated:?}"));
+                }
+            }
+            Op::FailRefund { user } => {
+                let (_, id) = self.user(*user);
+                let pis = self.payments_of(id);
+                let refund = self.w.stripe.refunds().into_iter().rev().find(|r| {
+                    r["status"] == "succeeded"
+                        && r["payment_intent"]
+                            .as_str()
+                            .is_some_and(|p| pis.contains(p))
+                });
+                if let Some(r) = refund {
+                    let rid = r["id"].as_str().unwrap_or_default();
+                    let failed = self.w.stripe.fail_refund(rid);
+                    self.note(format!("refund {rid} fails: {failed:?}"));
+                }
+            }
             Op::CloseDispute { user, won } => {
                 let (_, id) = self.user(*user);
                 let pis = self.payments_of(id);
                 let open = self.w.stripe.disputes().into_iter().find(|d| {
-                    d["status"] == "needs_response"
-                        && d["payment_intent"]
-                            .as_str()
-                            .is_some_and(|p| pis.contains(p))
+                    matches!(
+                        d["status"].as_str(),
+                        Some("needs_response" | "warning_needs_response")
+                    ) && d["payment_intent"]
+                        .as_str()
+                        .is_some_and(|p| pis.contains(p))
                 });
                 if let Some(d) = open {
                     let did = d["id"].as_str().unwrap_or_default();
@@ -496,7 +540,7 @@ impl<'w> Run<'w> {
         let email = format!("{}@example.com", &id[..8]);
         let begun = state
             .store
-            .checkout_begin(uid, FULL_REPORT, Some(&email), limits)
+            .checkout_begin(uid, FULL_REPORT, Some(&email), uuid::Uuid::new_v4(), limits)
             .await
             .map_err(|e| e.to_string())?;
         if let Begin::CreateSession { order } = begun {
@@ -649,7 +693,7 @@ impl<'w> Run<'w> {
                 when coalesce(p.fully_refunded, false) or exists (select 1 from disputes d
                   where d.payment_intent_id = o.stripe_payment_intent_id and d.status = 'lost') then 'refunded'
                 when exists (select 1 from disputes d
-                  where d.payment_intent_id = o.stripe_payment_intent_id and not d.closed) then 'disputed'
+                  where d.payment_intent_id = o.stripe_payment_intent_id and not d.closed and d.funds_withdrawn) then 'disputed'
                 else 'paid' end as expected
               from orders o left join payments p on p.payment_intent_id = o.stripe_payment_intent_id
               where o.paid_at is not null) x where status <> expected").await;

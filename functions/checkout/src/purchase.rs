@@ -23,7 +23,7 @@ use shared::stripe::client::{CallStats, NewCheckoutSession, StripeError};
 use shared::stripe::events::{CheckoutSession, CheckoutTransition, SessionStatus};
 use shared::telemetry::MetricSet;
 
-use crate::session::{expire, reconcile, retrieve, unknown_status};
+use crate::session::{self, expire, reconcile, retrieve, unknown_status};
 use crate::{request, CheckoutError, State, RATE_WINDOW_S};
 
 /// How often one click starts over with a fresh order (an expired session, a retired order, an
@@ -44,6 +44,8 @@ enum Step {
     Answer(CheckoutAnswer),
     /// Ask `checkout_begin` again (a fresh order, or what a payment changed).
     Restart,
+    /// Stripe refused the order's e-mail: ask again for a fresh order without one.
+    RetireEmail,
 }
 
 /// Handles `POST`.
@@ -71,10 +73,14 @@ pub async fn post(
     let deadline = Instant::now() + config.max_wait;
     let mut waited = false;
     let mut restarts = 0;
+    // This request's claim on a creation lease: asking again with it resumes its own lease.
+    let claim = uuid::Uuid::new_v4();
+    // Cleared when Stripe refuses the e-mail: the next order lets Checkout ask for one.
+    let mut email = user.email.clone();
     loop {
         let begin = state
             .store
-            .checkout_begin(user.id, FULL_REPORT, user.email.as_deref(), limits)
+            .checkout_begin(user.id, FULL_REPORT, email.as_deref(), claim, limits)
             .await?;
         // Only the first look counts against the rate limit.
         limits.per_window = None;
@@ -88,14 +94,37 @@ pub async fn post(
                 return Err(CheckoutError::AlreadyPaid);
             }
             Begin::Disputed { .. } => return Err(CheckoutError::PaymentDisputed),
-            Begin::Processing { .. } => return Err(CheckoutError::PaymentProcessing),
+            Begin::Processing { .. } | Begin::Verifying => {
+                return Err(CheckoutError::PaymentProcessing)
+            }
+            Begin::ExpireFirst { sessions } => {
+                // Sessions of orders a payment closed that Stripe may still let someone pay:
+                // none is handed out, and no new one is made, before they are expired (I1).
+                let mut confirmed = Vec::new();
+                for id in &sessions {
+                    if session::expire(state, id, metrics).await {
+                        confirmed.push(id.clone());
+                    }
+                }
+                if confirmed.is_empty() {
+                    return Err(StripeError::Network { timeout: false }.into());
+                }
+                state.store.checkout_sessions_expired(&confirmed).await?;
+                continue;
+            }
             Begin::OpenSession { order } if waited => {
                 // A concurrent click created this session moments ago: it is open.
                 metrics.count("SessionsReused", 1);
                 Step::Answer(answer(order, None, true)?)
             }
             Begin::OpenSession { order } => resume(state, order, metrics).await?,
-            Begin::CreateSession { order } => create(state, &user, order, metrics).await?,
+            Begin::CreateSession { order } => {
+                let step = create(state, &user, order, metrics).await?;
+                if let Step::RetireEmail = step {
+                    email = None;
+                }
+                step
+            }
             Begin::InProgress { retry_ms, .. } => {
                 let pause = Duration::from_millis(retry_ms.clamp(20, 250));
                 if Instant::now() + pause > deadline {
@@ -108,8 +137,8 @@ pub async fn post(
         };
         match step {
             Step::Answer(answer) => return Ok(answer),
-            Step::Restart if restarts < MAX_RESTARTS => restarts += 1,
-            Step::Restart => return Err(CheckoutError::Busy),
+            Step::Restart | Step::RetireEmail if restarts < MAX_RESTARTS => restarts += 1,
+            Step::Restart | Step::RetireEmail => return Err(CheckoutError::Busy),
         }
     }
 }
@@ -131,14 +160,20 @@ async fn resume(
             let status = reconcile(state, CheckoutTransition::Completed, session, metrics)
                 .await?
                 .map(|o| o.status);
-            Err(match status {
+            match status {
                 Some(OrderStatus::Paid) => {
                     metrics.count("AlreadyPaid", 1);
-                    CheckoutError::AlreadyPaid
+                    Err(CheckoutError::AlreadyPaid)
                 }
-                Some(OrderStatus::Disputed) => CheckoutError::PaymentDisputed,
-                _ => CheckoutError::PaymentProcessing,
-            })
+                Some(OrderStatus::Disputed) => Err(CheckoutError::PaymentDisputed),
+                Some(OrderStatus::Pending | OrderStatus::Processing) | None => {
+                    Err(CheckoutError::PaymentProcessing)
+                }
+                // Refunded before its webhook came, failed, or expired: the user may buy again.
+                Some(OrderStatus::Refunded | OrderStatus::Failed | OrderStatus::Expired) => {
+                    Ok(Step::Restart)
+                }
+            }
         }
         Some(SessionStatus::Expired) => {
             reconcile(state, CheckoutTransition::Expired, session, metrics).await?;
@@ -158,16 +193,24 @@ async fn create(
     let created = create_at_stripe(state, user.id, &order, metrics).await;
     let session = match created {
         Ok(session) => session,
-        Err(error) if error.is_dead_key() || error.param() == Some("expires_at") => {
-            // Nothing was created under this key, and nothing ever will be: close the order so
-            // that the user is not locked out, and start a fresh one.
+        Err(error)
+            if error.is_dead_key()
+                || matches!(error.param(), Some("expires_at" | "customer_email")) =>
+        {
+            // Nothing was created under this key, and nothing ever will be (a parameter fixed on
+            // the order is refused): close the order so that the user is not locked out, and
+            // start a fresh one.
             tracing::warn!(order_id = %order.order_id, error = %error, "retiring an order whose session cannot be created");
             state
                 .store
                 .checkout_retire_order(order.order_id, error.class())
                 .await?;
             metrics.count("OrdersRetired", 1);
-            return Ok(Step::Restart);
+            return Ok(if error.param() == Some("customer_email") {
+                Step::RetireEmail
+            } else {
+                Step::Restart
+            });
         }
         Err(error) => {
             // Free the lease so the next click tries again at once (same idempotency key).

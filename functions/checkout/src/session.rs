@@ -45,9 +45,13 @@ pub async fn reconcile(
             "a second payment for a product the user already owns; the webhook refunds it"
         );
     }
+    let mut confirmed = Vec::new();
     for id in &reconciled.expire_sessions {
-        expire(state, id, metrics).await;
+        if expire(state, id, metrics).await {
+            confirmed.push(id.clone());
+        }
     }
+    state.store.checkout_sessions_expired(&confirmed).await?;
     Ok(reconciled.order)
 }
 
@@ -67,19 +71,25 @@ pub fn transition_for(order: OrderStatus, session: &CheckoutSession) -> Option<C
     }
 }
 
-/// Expires a session at Stripe so that nobody can pay it (I1). Failures are logged: the order
-/// behind it is closed, so checkout never hands it out, and a payment on it would be a
-/// duplicate, refunded by the webhook.
-pub async fn expire(state: &State, session_id: &str, metrics: &mut MetricSet) {
+/// Expires a session at Stripe so that nobody can pay it (I1); `true` when Stripe confirms it
+/// can no longer be paid (expired now, or found complete or expired). Failures are logged: the
+/// order behind it is closed, so checkout never hands it out, and the expiry stays due.
+pub async fn expire(state: &State, session_id: &str, metrics: &mut MetricSet) -> bool {
     let mut stats = CallStats::default();
-    match state.stripe.expire_if_open(session_id, &mut stats).await {
-        Ok(_) => metrics.count("SessionsExpired", 1),
+    let result = state.stripe.expire_if_open(session_id, &mut stats).await;
+    metrics.millis("StripeLatency", stats.elapsed);
+    match result {
+        Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {
+            metrics.count("SessionsExpired", 1);
+            true
+        }
+        Ok(_) => false,
         Err(e) => {
             metrics.count_by("StripeErrors", "Class", e.class(), 1);
             tracing::warn!(session_id, error = %e, "could not expire a session that must not be paid");
+            false
         }
     }
-    metrics.millis("StripeLatency", stats.elapsed);
 }
 
 /// An error for a session whose status this code does not know.

@@ -284,6 +284,7 @@ async fn process(
         });
     }
     let mut effect = parsed.event.effect();
+    stripe_calls::complete_dispute(state, &mut effect, metrics).await?;
     let store_started = Instant::now();
     let mut applied = apply(state, &parsed, &effect).await?;
     if applied.outcome == Outcome::NeedsVerification {
@@ -316,7 +317,13 @@ async fn process(
         metrics.count("Refunds", 1);
     }
     if let Some(status) = applied.dispute.as_deref() {
-        if !matches!(status, "won" | "lost" | "warning_closed") {
+        if matches!(
+            parsed.event,
+            Event::Dispute {
+                transition: events::DisputeTransition::Created,
+                ..
+            }
+        ) {
             metrics.count("Disputes", 1);
         }
         tracing::warn!(event_id = %parsed.id, status, detail = applied.detail.as_deref().unwrap_or(""), "dispute");

@@ -1,16 +1,20 @@
 //! What the webhook asks of Stripe around applying an event, when it has a key:
-//! - before: the line items of a paid session that matches no order of ours (I5);
+//! - before: the line items of a paid session that matches no order of ours (I5), and the
+//!   payment intent of a dispute that names only its charge;
 //! - after: the refund of a duplicate payment (I3) and the expiry of sessions whose orders a
 //!   payment closed (I1).
 //!
 //! A refund that fails for now answers 503, so Stripe redelivers the event and the redelivery
 //! (a `duplicate` outcome that still carries the refund) tries again under the same idempotency
-//! key. An expiry that fails is only logged: checkout never hands those sessions out again, and
-//! a payment on one would be a duplicate, refunded in turn.
+//! key. A key Stripe answers with a stored error (Stripe keeps a 500 under its key) or whose
+//! refund failed at once gives way to the next key of the payment (`-2`, `-3`): Stripe never
+//! refunds more than remains, so a new key cannot refund twice. An expiry stays due in the
+//! database until Stripe confirms it: the redelivery, and checkout before it opens a new order,
+//! try again.
 
 use shared::store::effect::{Verification, VerificationStatus};
-use shared::store::{ApplyOutcome, Effect};
-use shared::stripe::client::{CallStats, LineItem};
+use shared::store::{ApplyOutcome, Effect, RefundDue};
+use shared::stripe::client::{CallStats, LineItem, StripeError};
 use shared::telemetry::MetricSet;
 
 use crate::{State, WebhookError};
@@ -73,6 +77,43 @@ fn unavailable(detail: &str) -> Verification {
     }
 }
 
+/// How many idempotency keys one delivery may use for a duplicate's refund before it is left to
+/// a person.
+const REFUND_KEYS: u32 = 3;
+
+/// A dispute that names only its charge gets the charge's payment intent from Stripe, so that
+/// it can be matched to its order (Stripe's older charges and some dispute objects carry no
+/// payment intent). Without a key, or if Stripe does not know the charge, it stays as it is.
+pub async fn complete_dispute(
+    state: &State,
+    effect: &mut Effect,
+    metrics: &mut MetricSet,
+) -> Result<(), WebhookError> {
+    let Effect::Dispute {
+        payment_intent_id: payment_intent_id @ None,
+        charge_id: Some(charge),
+        ..
+    } = effect
+    else {
+        return Ok(());
+    };
+    let Some(stripe) = &state.stripe else {
+        return Ok(());
+    };
+    let mut stats = CallStats::default();
+    let found = stripe.charge_payment_intent(charge, &mut stats).await;
+    metrics.millis("StripeLatency", stats.elapsed);
+    match found {
+        Ok(pi) => *payment_intent_id = pi,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(e) => {
+            metrics.count_by("StripeErrors", "Class", e.class(), 1);
+            tracing::warn!(error = %e, "could not read the disputed charge");
+        }
+    }
+    Ok(())
+}
+
 /// Refunds a duplicate and expires closed orders' sessions, as the applied event asks.
 pub async fn follow_up(
     state: &State,
@@ -86,20 +127,7 @@ pub async fn follow_up(
         }
         return Ok(());
     };
-    for session in &applied.expire_sessions {
-        let mut stats = CallStats::default();
-        match stripe.expire_if_open(session, &mut stats).await {
-            Ok(s) => tracing::info!(
-                session,
-                status = s.status.map(|s| s.as_str()).unwrap_or("unknown"),
-                "expired the session of an order the payment closed"
-            ),
-            Err(e) => {
-                metrics.count_by("StripeErrors", "Class", e.class(), 1);
-                tracing::warn!(session, error = %e, "could not expire the session of a closed order");
-            }
-        }
-    }
+    expire_sessions(state, &applied.expire_sessions, metrics).await?;
     let Some(due) = &applied.refund else {
         return Ok(());
     };
@@ -108,37 +136,95 @@ pub async fn follow_up(
             "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
         return Ok(());
     }
-    let mut stats = CallStats::default();
-    let refund = stripe
-        .refund_duplicate(
-            &due.payment_intent_id,
-            &due.order_id.to_string(),
-            &mut stats,
-        )
-        .await;
-    metrics.millis("StripeLatency", stats.elapsed);
-    match refund {
-        Ok(refund) => {
-            state
-                .store
-                .record_duplicate_refund(due.order_id, &refund)
-                .await?;
-            metrics.count("DuplicateRefunds", 1);
-            tracing::warn!(order_id = %due.order_id, refund = %refund.id,
-                "refunded a duplicate payment");
-            Ok(())
-        }
-        Err(e) if e.is_transient() => Err(e.into()),
-        Err(e) => {
-            // A permanent refusal (already refunded in the Dashboard, a disputed charge): the
-            // audit keeps the duplicate open and payment_health reports it.
-            metrics.count("DuplicateRefundFailures", 1);
-            metrics.count_by("StripeErrors", "Class", e.class(), 1);
-            tracing::error!(order_id = %due.order_id, error = %e,
-                "Stripe refused to refund a duplicate payment; see the runbook");
-            Ok(())
+    let order = due.order_id.to_string();
+    for attempt in due.attempt..due.attempt + REFUND_KEYS {
+        let mut stats = CallStats::default();
+        let refund = stripe
+            .refund_duplicate(&due.payment_intent_id, &order, attempt, &mut stats)
+            .await;
+        metrics.millis("StripeLatency", stats.elapsed);
+        match refund {
+            Ok(refund) => {
+                let still_due = state
+                    .store
+                    .record_duplicate_refund(due.order_id, &refund)
+                    .await?;
+                if still_due {
+                    tracing::warn!(order_id = %due.order_id, refund = %refund.id,
+                        status = refund.status.as_deref().unwrap_or(""),
+                        "the duplicate's refund failed at once; trying the next key");
+                    continue;
+                }
+                metrics.count("DuplicateRefunds", 1);
+                tracing::warn!(order_id = %due.order_id, refund = %refund.id,
+                    status = refund.status.as_deref().unwrap_or(""), "refunded a duplicate payment");
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) if e.code() == Some("charge_already_refunded") => {
+                // Refunded meanwhile (in the Dashboard): charge.refunded settles the order.
+                tracing::warn!(order_id = %due.order_id, "the duplicate was already refunded");
+                return Ok(());
+            }
+            Err(e) if e.is_dead_key() => {
+                metrics.count_by("StripeErrors", "Class", e.class(), 1);
+                tracing::warn!(order_id = %due.order_id, attempt, error = %e,
+                    "the refund's key holds an error; trying the next key");
+            }
+            Err(e) => {
+                refund_failed(due, &e, metrics);
+                return Ok(());
+            }
         }
     }
+    refund_failed(
+        due,
+        &StripeError::Decode("every refund key was used".into()),
+        metrics,
+    );
+    Ok(())
+}
+
+/// A permanent refusal (a disputed charge, every key used): the audit keeps the duplicate open,
+/// payment_health reports it, and the alarm asks a person to refund it.
+fn refund_failed(due: &RefundDue, error: &StripeError, metrics: &mut MetricSet) {
+    metrics.count("DuplicateRefundFailures", 1);
+    metrics.count_by("StripeErrors", "Class", error.class(), 1);
+    tracing::error!(order_id = %due.order_id, error = %error,
+        "Stripe refused to refund a duplicate payment; see the runbook");
+}
+
+/// Expires sessions of closed orders and confirms each one Stripe no longer lets anyone pay
+/// (expired now, or found complete or expired). What is not confirmed stays due.
+pub async fn expire_sessions(
+    state: &State,
+    sessions: &[String],
+    metrics: &mut MetricSet,
+) -> Result<(), WebhookError> {
+    let Some(stripe) = &state.stripe else {
+        return Ok(());
+    };
+    let mut confirmed = Vec::new();
+    for session in sessions {
+        let mut stats = CallStats::default();
+        match stripe.expire_if_open(session, &mut stats).await {
+            Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {
+                tracing::info!(
+                    session,
+                    status = s.status.map(|s| s.as_str()).unwrap_or("unknown"),
+                    "the session of a closed order can no longer be paid"
+                );
+                confirmed.push(session.clone());
+            }
+            Ok(_) => tracing::warn!(session, "the session of a closed order is still open"),
+            Err(e) => {
+                metrics.count_by("StripeErrors", "Class", e.class(), 1);
+                tracing::warn!(session, error = %e, "could not expire the session of a closed order");
+            }
+        }
+    }
+    state.store.checkout_sessions_expired(&confirmed).await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! in `supabase/migrations/` read exactly these fields; this module is their contract.
 //!
 //! `kind` selects the SQL function: `checkout_session`, `subscription`, `invoice`, `charge`,
-//! `dispute`, or `ignored`. Amounts are integers in the smallest currency unit; times are Unix
+//! `refund`, `dispute`, or `ignored`. Amounts are integers in the smallest currency unit; times are Unix
 //! seconds.
 
 use serde::Serialize;
@@ -85,7 +85,7 @@ pub enum Effect {
         period_end: Option<i64>,
         next_payment_attempt: Option<i64>,
     },
-    /// `charge.refunded`: amounts are cumulative for the charge.
+    /// `charge.refunded`: amounts are cumulative for the charge; the refunds it lists, if any.
     Charge {
         charge_id: String,
         payment_intent_id: Option<String>,
@@ -93,7 +93,10 @@ pub enum Effect {
         amount_refunded: i64,
         refunded: bool,
         currency: Option<String>,
+        refunds: Vec<RefundEffect>,
     },
+    /// A refund's current state (`charge.refund.updated`, `refund.updated`, `refund.failed`).
+    Refund(RefundEffect),
     Dispute {
         transition: DisputeTransition,
         id: String,
@@ -105,6 +108,33 @@ pub enum Effect {
         reason: Option<String>,
     },
     Ignored,
+}
+
+/// A refund as the SQL functions read it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefundEffect {
+    pub id: String,
+    pub payment_intent_id: Option<String>,
+    pub charge_id: Option<String>,
+    pub amount: i64,
+    pub currency: Option<String>,
+    /// `pending`, `requires_action`, `succeeded`, `failed`, `canceled`.
+    pub status: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl From<&crate::stripe::events::Refund> for RefundEffect {
+    fn from(r: &crate::stripe::events::Refund) -> Self {
+        RefundEffect {
+            id: r.id.clone(),
+            payment_intent_id: id_of(&r.payment_intent),
+            charge_id: id_of(&r.charge),
+            amount: r.amount,
+            currency: r.currency.clone(),
+            status: r.status.clone(),
+            reason: r.reason.clone(),
+        }
+    }
 }
 
 impl Effect {
@@ -199,7 +229,13 @@ impl Event {
                 amount_refunded: c.amount_refunded,
                 refunded: c.refunded,
                 currency: c.currency.clone(),
+                refunds: c
+                    .refunds
+                    .as_ref()
+                    .map(|l| l.data.iter().map(RefundEffect::from).collect())
+                    .unwrap_or_default(),
             },
+            Event::RefundUpdated { refund } => Effect::Refund(RefundEffect::from(refund)),
             Event::Dispute {
                 transition,
                 dispute: d,
@@ -343,6 +379,7 @@ mod tests {
                 amount_refunded: 1900,
                 refunded: true,
                 currency: Some("usd".into()),
+                refunds: Vec::new(),
             }
         );
         let closed = event(

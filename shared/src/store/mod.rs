@@ -48,6 +48,8 @@ pub enum Arg<'a> {
     Bool(bool),
     /// A nullable `jsonb` argument.
     OptJson(Option<Value>),
+    /// A `text[]` argument.
+    TextArray(&'a [String]),
 }
 
 impl Arg<'_> {
@@ -60,6 +62,7 @@ impl Arg<'_> {
             Arg::Uuid(_) => "uuid",
             Arg::Int(_) => "integer",
             Arg::BigInt(_) => "bigint",
+            Arg::TextArray(_) => "text[]",
         }
     }
 }
@@ -280,4 +283,11 @@ pub struct RefundDue {
     pub amount: Option<i64>,
     #[serde(default)]
     pub currency: Option<String>,
+    /// The attempt to make it under: earlier attempts' keys hold refunds that failed.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
 }

@@ -83,6 +83,13 @@ pub enum Begin {
     Disputed {
         order: Order,
     },
+    /// A paid session of the user's is being verified at Stripe: a payment in flight.
+    Verifying,
+    /// Sessions of closed orders are not yet known to be expired at Stripe: expire them, confirm
+    /// with `checkout_sessions_expired`, ask again.
+    ExpireFirst {
+        sessions: Vec<String>,
+    },
     Processing {
         order: Order,
     },
@@ -156,12 +163,13 @@ fn int(v: u32) -> Arg<'static> {
 
 impl Store {
     /// Starts or resumes the user's checkout of `product`; a new order keeps `email` for its
-    /// session.
+    /// session. `claim` names this caller: a lease it already holds is resumed.
     pub async fn checkout_begin(
         &self,
         user: Uuid,
         product: &str,
         email: Option<&str>,
+        claim: Uuid,
         limits: BeginLimits,
     ) -> Result<Begin, StoreError> {
         decode(
@@ -171,6 +179,7 @@ impl Store {
                     ("p_user", Arg::Uuid(user)),
                     ("p_product", Arg::Text(product)),
                     ("p_email", Arg::OptText(email)),
+                    ("p_claim", Arg::Uuid(claim)),
                     (
                         "p_limit",
                         Arg::Int(
@@ -241,21 +250,34 @@ impl Store {
         )
     }
 
-    /// Records the automatic refund of a duplicate payment.
+    /// Records a refund of a duplicate payment as Stripe answered it; `true` when the refund is
+    /// still due (this one failed at once: try the next key).
     pub async fn record_duplicate_refund(
         &self,
         order: Uuid,
         refund: &crate::stripe::client::Refund,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let refund = serde_json::to_value(refund).map_err(|e| StoreError::Decode(e.to_string()))?;
+        let recorded = self
+            .call(Call {
+                function: "record_duplicate_refund",
+                args: vec![
+                    ("p_order", Arg::Uuid(order)),
+                    ("p_refund", Arg::Value(refund)),
+                ],
+            })
+            .await?;
+        Ok(recorded["refund_due"].as_bool().unwrap_or(false))
+    }
+
+    /// Stripe confirmed these sessions can no longer be paid.
+    pub async fn checkout_sessions_expired(&self, sessions: &[String]) -> Result<(), StoreError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
         self.call(Call {
-            function: "record_duplicate_refund",
-            args: vec![
-                ("p_order", Arg::Uuid(order)),
-                ("p_refund_id", Arg::Text(&refund.id)),
-                ("p_amount", Arg::BigInt(Some(refund.amount))),
-                ("p_currency", Arg::OptText(refund.currency.as_deref())),
-                ("p_status", Arg::OptText(refund.status.as_deref())),
-            ],
+            function: "checkout_sessions_expired",
+            args: vec![("p_session_ids", Arg::TextArray(sessions))],
         })
         .await
         .map(|_| ())

@@ -159,6 +159,7 @@ impl PgBackend {
                     Arg::BigInt(i) => (Box::new(*i), Type::INT8),
                     Arg::Bool(b) => (Box::new(*b), Type::BOOL),
                     Arg::OptJson(v) => (Box::new(v.as_ref().map(Json)), Type::JSONB),
+                    Arg::TextArray(a) => (Box::new(*a), Type::TEXT_ARRAY),
                 }
             })
             .collect();

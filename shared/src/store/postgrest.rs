@@ -106,6 +106,7 @@ fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
                 Arg::BigInt(i) => serde_json::to_writer(&mut body, i),
                 Arg::Bool(b) => serde_json::to_writer(&mut body, b),
                 Arg::OptJson(v) => serde_json::to_writer(&mut body, v),
+                Arg::TextArray(a) => serde_json::to_writer(&mut body, a),
             }
         });
         written.map_err(|e| StoreError::Decode(e.to_string()))?;

@@ -106,6 +106,14 @@ impl StripeError {
         matches!(self, StripeError::Api { replayed: true, .. })
     }
 
+    /// Stripe's error code (`charge_already_refunded`, `resource_missing`, ...), if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            StripeError::Api { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
     /// True when the request under this idempotency key can never succeed: Stripe refused the
     /// key (`idempotency_error`: other parameters) or replayed a stored error for it.
     pub fn is_dead_key(&self) -> bool {
@@ -139,8 +147,8 @@ impl LineItem {
     }
 }
 
-/// A refund, as far as the app reads it.
-#[derive(Clone, Debug, Deserialize)]
+/// A refund, as far as the app reads it (and hands to `record_duplicate_refund`).
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct Refund {
     pub id: String,
     #[serde(default)]
@@ -150,6 +158,21 @@ pub struct Refund {
     /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
     #[serde(default)]
     pub status: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Refund {
+    /// True when the refund can no longer return the money (it failed or was canceled).
+    pub fn is_dead(&self) -> bool {
+        matches!(self.status.as_deref(), Some("failed" | "canceled"))
+    }
+}
+
+#[derive(Deserialize)]
+struct ChargeRef {
+    #[serde(default)]
+    payment_intent: Option<super::events::Expandable>,
 }
 
 #[derive(Deserialize)]
@@ -319,12 +342,14 @@ impl StripeClient {
     }
 
     /// `POST /v1/refunds` for the whole of a payment intent, `reason=duplicate`, with an
-    /// idempotency key derived from the payment intent, so a refund is made once however often
-    /// it is asked for.
+    /// idempotency key derived from the payment intent and `attempt` (1, 2, ...), so a refund is
+    /// made once however often it is asked for. A later attempt is for a key Stripe answers with
+    /// a stored error: Stripe never refunds more than remains, so a new key cannot refund twice.
     pub async fn refund_duplicate(
         &self,
         payment_intent: &str,
         order_id: &str,
+        attempt: u32,
         stats: &mut CallStats,
     ) -> Result<Refund, StripeError> {
         let form = [
@@ -334,7 +359,10 @@ impl StripeClient {
             ("metadata[refunded_by]", "webhook"),
         ];
         let url = format!("{}/v1/refunds", self.base);
-        let key = format!("refund-duplicate-{payment_intent}");
+        let key = match attempt {
+            0 | 1 => format!("refund-duplicate-{payment_intent}"),
+            n => format!("refund-duplicate-{payment_intent}-{n}"),
+        };
         self.send(stats, || {
             self.http
                 .post(&url)
@@ -342,6 +370,23 @@ impl StripeClient {
                 .form(&form)
         })
         .await
+    }
+
+    /// `GET /v1/charges/{id}`: the charge's payment intent, for a dispute that names only the
+    /// charge.
+    pub async fn charge_payment_intent(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<Option<String>, StripeError> {
+        if !id.starts_with("ch_") && !id.starts_with("py_")
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(StripeError::Decode("not a charge id".into()));
+        }
+        let url = format!("{}/v1/charges/{id}", self.base);
+        let charge: ChargeRef = self.send(stats, || self.http.get(&url)).await?;
+        Ok(charge.payment_intent.map(|p| p.id().to_owned()))
     }
 
     fn session_url(&self, id: &str, suffix: &str) -> Result<String, StripeError> {

@@ -276,6 +276,28 @@ pub struct Charge {
     pub refunded: bool,
     #[serde(default)]
     pub currency: Option<String>,
+    /// The charge's refunds, when the event's API version still lists them.
+    #[serde(default)]
+    pub refunds: Option<List<Refund>>,
+}
+
+/// A refund, as far as the app reads it (`charge.refund.updated`, `refund.*`, a charge's list).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Refund {
+    pub id: String,
+    #[serde(default)]
+    pub amount: i64,
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub payment_intent: Option<Expandable>,
+    #[serde(default)]
+    pub charge: Option<Expandable>,
 }
 
 /// A dispute, as far as the app reads it (`charge.dispute.*`).
@@ -330,6 +352,8 @@ pub enum InvoiceTransition {
 #[serde(rename_all = "snake_case")]
 pub enum DisputeTransition {
     Created,
+    /// Stripe took the disputed amount (a chargeback opening, or an inquiry escalating).
+    FundsWithdrawn,
     Closed,
 }
 
@@ -350,6 +374,8 @@ pub enum Event {
     },
     /// `charge.refunded`: a full or partial refund.
     ChargeRefunded { charge: Charge },
+    /// A refund changed (it may have failed or been canceled: the money is back).
+    RefundUpdated { refund: Refund },
     Dispute {
         transition: DisputeTransition,
         dispute: Dispute,
@@ -365,6 +391,7 @@ pub enum Handled {
     Subscription(SubscriptionTransition),
     Invoice(InvoiceTransition),
     ChargeRefunded,
+    RefundUpdated,
     Dispute(DisputeTransition),
 }
 
@@ -409,9 +436,16 @@ pub const HANDLED: &[(&str, Handled)] = &[
         Handled::Invoice(InvoiceTransition::PaymentFailed),
     ),
     ("charge.refunded", Handled::ChargeRefunded),
+    ("charge.refund.updated", Handled::RefundUpdated),
+    ("refund.updated", Handled::RefundUpdated),
+    ("refund.failed", Handled::RefundUpdated),
     (
         "charge.dispute.created",
         Handled::Dispute(DisputeTransition::Created),
+    ),
+    (
+        "charge.dispute.funds_withdrawn",
+        Handled::Dispute(DisputeTransition::FundsWithdrawn),
     ),
     (
         "charge.dispute.closed",
@@ -474,6 +508,9 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent<'_>, EventError> {
         },
         Some(Handled::ChargeRefunded) => Event::ChargeRefunded {
             charge: typed(object, "charge")?,
+        },
+        Some(Handled::RefundUpdated) => Event::RefundUpdated {
+            refund: typed(object, "refund")?,
         },
         Some(Handled::Dispute(transition)) => Event::Dispute {
             transition,

@@ -234,6 +234,14 @@ fn line_items(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     }
 }
 
+fn retrieve_charge(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let id = last_segments(request).pop().unwrap_or_default();
+    match state.charges.values().find(|c| c["id"] == json!(id)) {
+        Some(charge) => json_response(200, charge.clone()),
+        None => json_response(404, missing("charge", &id)),
+    }
+}
+
 fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let params = form(request);
     let get = |name: &str| {
@@ -250,10 +258,6 @@ fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
                 .map(|m| (m.to_owned(), json!(v)))
         })
         .collect();
-    if state.refund_failures > 0 {
-        state.refund_failures -= 1;
-        return error(500, "api_error", None, "An unknown error occurred");
-    }
     let pi = get("payment_intent");
     let amount = get("amount").and_then(|a| a.parse::<i64>().ok());
     let reason = get("reason");
@@ -263,6 +267,11 @@ fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         idempotency_key(request),
         params.clone(),
         |s| {
+            if s.refund_failures > 0 {
+                s.refund_failures -= 1;
+                let body = state::error_body("api_error", None, "An unknown error occurred");
+                return (500, body, true);
+            }
             let Some(pi) = pi else {
                 let (status, body) =
                     state::param_error("payment_intent", "Missing required param: payment_intent.");
@@ -369,7 +378,7 @@ impl FakeStripe {
 
     async fn start_with(server: MockServer, sink: Option<Arc<(String, String)>>) -> FakeStripe {
         let state: Shared = Arc::new(Mutex::new(FakeState::default()));
-        let routes: [(&str, &str, Handler); 5] = [
+        let routes: [(&str, &str, Handler); 6] = [
             ("POST", r"^/v1/checkout/sessions$", create_session),
             (
                 "GET",
@@ -387,6 +396,7 @@ impl FakeStripe {
                 line_items,
             ),
             ("POST", r"^/v1/refunds$", create_refund),
+            ("GET", r"^/v1/charges/[A-Za-z0-9_]+$", retrieve_charge),
         ];
         for (verb, pattern, handler) in routes {
             Mock::given(method(verb))
@@ -436,9 +446,36 @@ impl FakeStripe {
         self.with(|s| s.scripted.push_back(Scripted::Stored(status, body)));
     }
 
-    /// Answers the next `n` refund requests with a 500 (not kept under their key).
+    /// Answers the next `n` refund requests with a 500, kept under their idempotency key as
+    /// Stripe keeps the result of an endpoint that ran (the same key replays the 500).
     pub fn fail_next_refunds(&self, n: u32) {
         self.with(|s| s.refund_failures = n);
+    }
+
+    /// Creates the next refunds with this status (`requires_action`, `pending`, `failed`, ...;
+    /// `None`: `succeeded`).
+    pub fn next_refund_status(&self, status: Option<&str>) {
+        self.with(|s| s.next_refund_status = status.map(str::to_owned));
+    }
+
+    /// A refund waiting for the customer's details succeeds.
+    pub fn complete_refund(&self, id: &str) -> Result<(), String> {
+        self.with(|s| s.complete_refund(id))
+    }
+
+    /// A refund fails after it was made: the money is the merchant's again.
+    pub fn fail_refund(&self, id: &str) -> Result<(), String> {
+        self.with(|s| s.fail_refund(id))
+    }
+
+    /// An inquiry escalates to a chargeback.
+    pub fn escalate(&self, dispute: &str) -> Result<(), String> {
+        self.with(|s| s.escalate(dispute))
+    }
+
+    /// The cardholder's bank opens an inquiry (nothing withdrawn yet).
+    pub fn inquiry(&self, pi: &str) -> Result<String, String> {
+        self.with(|s| s.dispute(pi, true))
     }
 
     /// A Stripe 500 (`api_error`).
@@ -508,9 +545,9 @@ impl FakeStripe {
         )
     }
 
-    /// The cardholder disputes a payment; returns the dispute id.
+    /// The cardholder disputes a payment (a chargeback); returns the dispute id.
     pub fn dispute(&self, pi: &str) -> Result<String, String> {
-        self.with(|s| s.dispute(pi))
+        self.with(|s| s.dispute(pi, false))
     }
 
     /// A dispute is decided.

@@ -47,8 +47,11 @@ pub struct FakeState {
     pub delay: Option<Duration>,
     /// Delays the answers to session creates only.
     pub create_delay: Option<Duration>,
-    /// The next refund requests answered 500 (not kept under their key).
+    /// The next refund requests answered 500, kept under their key as Stripe keeps an error
+    /// of an endpoint that ran (a retry with the key gets the same 500, replayed).
     pub refund_failures: u32,
+    /// The status the next refunds are created with (default `succeeded`).
+    pub next_refund_status: Option<String>,
     pub counter: u64,
     /// Local runs: session URLs point at the fake's own pay page.
     pub pay_base: Option<String>,
@@ -342,12 +345,21 @@ impl FakeState {
             );
             return (status, body);
         }
+        let status = self
+            .next_refund_status
+            .clone()
+            .unwrap_or_else(|| "succeeded".into());
         let refund = json!({
             "id": self.next_id("re"), "object": "refund", "amount": amount,
             "charge": charge["id"], "payment_intent": pi, "currency": CURRENCY,
-            "reason": reason, "status": "succeeded", "metadata": metadata, "created": now(),
+            "reason": reason, "status": status, "metadata": metadata, "created": now(),
         });
         self.refunds.push(refund.clone());
+        // A failed refund moved nothing; one waiting for the customer's details moves the money
+        // only when it succeeds (`complete_refund`).
+        if matches!(status.as_str(), "failed" | "canceled" | "requires_action") {
+            return (200, refund);
+        }
         let charge = self.charges.get_mut(pi).expect("present");
         charge["amount_refunded"] = json!(refunded + amount);
         charge["refunded"] = json!(refunded + amount >= total);
@@ -359,8 +371,63 @@ impl FakeState {
         (200, refund)
     }
 
-    /// The cardholder disputes the payment: Stripe withdraws the amount.
-    pub fn dispute(&mut self, pi: &str) -> Result<String, String> {
+    /// A refund waiting for the customer's details succeeds: the money goes back now.
+    pub fn complete_refund(&mut self, id: &str) -> Result<(), String> {
+        let Some(refund) = self.refunds.iter_mut().find(|r| r["id"] == json!(id)) else {
+            return Err(format!("no such refund {id}"));
+        };
+        if refund["status"] != "requires_action" {
+            return Err(format!("the refund is {}", refund["status"]));
+        }
+        refund["status"] = json!("succeeded");
+        let refund = refund.clone();
+        let pi = refund["payment_intent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let Some(charge) = self.charges.get_mut(&pi) else {
+            return Err(format!("no such payment {pi}"));
+        };
+        let refunded = charge["amount_refunded"].as_i64().unwrap_or_default()
+            + refund["amount"].as_i64().unwrap_or_default();
+        charge["amount_refunded"] = json!(refunded);
+        charge["refunded"] = json!(refunded >= charge["amount"].as_i64().unwrap_or_default());
+        let charge = charge.clone();
+        self.emit("charge.refund.updated", refund);
+        self.emit("charge.refunded", charge);
+        Ok(())
+    }
+
+    /// A refund fails after it was made (a closed card): Stripe puts the money back in the
+    /// merchant's balance and reports the refund `failed`.
+    pub fn fail_refund(&mut self, id: &str) -> Result<(), String> {
+        let Some(refund) = self.refunds.iter_mut().find(|r| r["id"] == json!(id)) else {
+            return Err(format!("no such refund {id}"));
+        };
+        if refund["status"] != "succeeded" && refund["status"] != "pending" {
+            return Err(format!("the refund is {}", refund["status"]));
+        }
+        refund["status"] = json!("failed");
+        refund["failure_reason"] = json!("expired_or_canceled_card");
+        let refund = refund.clone();
+        let pi = refund["payment_intent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(charge) = self.charges.get_mut(&pi) {
+            let left = charge["amount_refunded"].as_i64().unwrap_or_default()
+                - refund["amount"].as_i64().unwrap_or_default();
+            charge["amount_refunded"] = json!(left.max(0));
+            charge["refunded"] = json!(false);
+        }
+        self.emit("charge.refund.updated", refund.clone());
+        self.emit("refund.failed", refund);
+        Ok(())
+    }
+
+    /// The cardholder disputes the payment (a chargeback, `inquiry: false`: Stripe withdraws the
+    /// amount) or asks their bank about it (an inquiry: nothing is withdrawn yet).
+    pub fn dispute(&mut self, pi: &str, inquiry: bool) -> Result<String, String> {
         let Some(charge) = self.charges.get_mut(pi) else {
             return Err(format!("no such payment {pi}"));
         };
@@ -369,13 +436,31 @@ impl FakeState {
         let id = self.next_id("dp");
         let dispute = json!({
             "id": id, "object": "dispute", "amount": charge["amount"], "charge": charge["id"],
-            "payment_intent": pi, "currency": CURRENCY, "status": "needs_response",
-            "reason": "fraudulent", "is_charge_refundable": false, "livemode": false,
+            "payment_intent": pi, "currency": CURRENCY,
+            "status": if inquiry { "warning_needs_response" } else { "needs_response" },
+            "reason": "fraudulent", "is_charge_refundable": inquiry, "livemode": false,
             "created": now(), "metadata": {},
         });
         self.disputes.insert(id.clone(), dispute.clone());
-        self.emit("charge.dispute.created", dispute);
+        self.emit("charge.dispute.created", dispute.clone());
+        if !inquiry {
+            self.emit("charge.dispute.funds_withdrawn", dispute);
+        }
         Ok(id)
+    }
+
+    /// An inquiry becomes a chargeback: Stripe withdraws the amount now.
+    pub fn escalate(&mut self, id: &str) -> Result<(), String> {
+        let Some(dispute) = self.disputes.get_mut(id) else {
+            return Err(format!("no such dispute {id}"));
+        };
+        if dispute["status"] != "warning_needs_response" {
+            return Err(format!("the dispute is {}", dispute["status"]));
+        }
+        dispute["status"] = json!("needs_response");
+        let dispute = dispute.clone();
+        self.emit("charge.dispute.funds_withdrawn", dispute);
+        Ok(())
     }
 
     /// The dispute is decided.
@@ -383,10 +468,13 @@ impl FakeState {
         let Some(dispute) = self.disputes.get_mut(id) else {
             return Err(format!("no such dispute {id}"));
         };
-        if matches!(dispute["status"].as_str(), Some("won" | "lost")) {
-            return Err("already closed".into());
-        }
-        dispute["status"] = json!(if won { "won" } else { "lost" });
+        let status = match dispute["status"].as_str() {
+            Some("won" | "lost" | "warning_closed") => return Err("already closed".into()),
+            Some("warning_needs_response") => "warning_closed",
+            _ if won => "won",
+            _ => "lost",
+        };
+        dispute["status"] = json!(status);
         let dispute = dispute.clone();
         self.emit("charge.dispute.closed", dispute);
         Ok(())

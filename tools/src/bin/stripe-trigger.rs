@@ -11,14 +11,16 @@ use testkit::fixtures;
 const USAGE: &str =
     "usage: stripe-trigger <event-type> [--url URL] [--secret SECRET] [--user UUID] \
 [--order UUID] [--session ID] [--payment-intent ID] [--refunded AMOUNT] [--dispute ID] \
-[--status STATUS] [--created UNIX] [--livemode] [--print]
+[--refund ID] [--status STATUS] [--created UNIX] [--livemode] [--print]
 
 event types: checkout.session.completed, checkout.session.async_payment_succeeded,
   checkout.session.async_payment_failed, checkout.session.expired,
   customer.subscription.created, customer.subscription.updated, customer.subscription.deleted,
   invoice.paid, invoice.payment_succeeded, invoice.payment_failed,
   charge.refunded (--payment-intent of the paid session; --refunded 1900 is a full refund of the
-  1900 charged, less is partial), charge.dispute.created, charge.dispute.closed (--status won or
+  1900 charged, less is partial), charge.refund.updated / refund.updated / refund.failed (the
+  refund --refund of --refunded, now --status, default failed: the money is back),
+  charge.dispute.created, charge.dispute.funds_withdrawn, charge.dispute.closed (--status won or
   lost; --dispute names the dispute), or any other type (sent as is)
 
 defaults: --url http://127.0.0.1:9000/lambda-url/webhook/ --secret $STRIPE_WEBHOOK_SECRET
@@ -38,6 +40,7 @@ struct Options {
     payment_intent: Option<String>,
     refunded: i64,
     dispute: String,
+    refund: String,
     status: Option<String>,
     created: Option<i64>,
     livemode: bool,
@@ -59,6 +62,7 @@ fn parse_args() -> Result<Options, String> {
         payment_intent: None,
         refunded: 1900,
         dispute: "dp_local".into(),
+        refund: "re_local".into(),
         status: None,
         created: None,
         livemode: false,
@@ -79,6 +83,7 @@ fn parse_args() -> Result<Options, String> {
                     .map_err(|_| "--refunded takes an amount in the smallest unit")?
             }
             "--dispute" => options.dispute = value("--dispute")?,
+            "--refund" => options.refund = value("--refund")?,
             "--status" => options.status = Some(value("--status")?),
             "--created" => {
                 options.created = Some(
@@ -127,6 +132,18 @@ fn build_event(options: &Options, known_payment_intent: Option<String>) -> Value
         .unwrap_or_else(|| format!("pi_{}", options.session.trim_start_matches("cs_")));
     let mut event = if t == "charge.refunded" {
         fixtures::charge_refunded_event(&payment_intent, 1900, options.refunded)
+    } else if matches!(
+        t,
+        "charge.refund.updated" | "refund.updated" | "refund.failed"
+    ) {
+        let status = options.status.clone().unwrap_or_else(|| "failed".into());
+        fixtures::refund_event(
+            t,
+            &options.refund,
+            &payment_intent,
+            options.refunded,
+            &status,
+        )
     } else if t.starts_with("charge.dispute.") {
         let status = options.status.clone().unwrap_or_else(|| {
             if t == "charge.dispute.closed" {
