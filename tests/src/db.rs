@@ -162,9 +162,12 @@ async fn ensure_template(admin: &str) -> String {
         .expect("pg_database")
         .is_some();
     if !exists {
+        // Other checkouts of the repository (worktrees, branches) may be testing against their
+        // own templates right now: keep the newest few, drop the rest.
         let stale = client
             .query(
-                "select datname from pg_database where datname like 'tmpl\\_%'",
+                "select datname from pg_database where datname like 'tmpl\\_%'
+                 order by oid desc offset 4",
                 &[],
             )
             .await
