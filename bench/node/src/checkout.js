@@ -8,6 +8,7 @@
 // (`checkout_release_lease`). Concurrent clicks wait for the one holding the lease.
 // GET ?session_id= (or the latest order): the order's status, reconciled from Stripe while pending.
 
+import { randomUUID } from 'node:crypto';
 import Stripe from 'stripe';
 import {
   ApiError, Env, createSupabase, StoreError, createVerifier, decodeState, errorResponse, finishRequest, startRequest, hasJsonBody,
@@ -78,6 +79,7 @@ function stripeFailure(error) {
 const invalidResponse = (what) => Object.assign(new Error(what), { type: 'invalid_response' });
 const alreadyPaid = () => new ApiError(409, 'already_paid', 'you have already bought the full report');
 const processing = () => new ApiError(409, 'payment_processing', 'your payment is being processed; the report unlocks when it completes');
+const disputed = () => new ApiError(409, 'payment_disputed', 'your payment for the full report is disputed; it unlocks again if the dispute is resolved in your favour');
 const busy = () => new ApiError(503, 'checkout_in_progress', 'your checkout is still being prepared; try again in a moment', { retryAfter: 2 });
 const rateLimited = (after) => new ApiError(429, 'rate_limited', 'too many checkout requests; try again shortly', { retryAfter: after });
 const unknownUser = () => new ApiError(403, 'unknown_user', "the token's user does not exist in this project");
@@ -163,11 +165,12 @@ function init() {
       client_reference_id: user.id,
       success_url: config.successUrl,
       cancel_url: config.cancelUrl,
-      expires_at: order.created_at + config.sessionTtlS,
+      // Every parameter derives from the order, as in the Rust function.
+      expires_at: order.expires_at ?? order.created_at + config.sessionTtlS,
       metadata,
       payment_intent_data: { metadata },
     };
-    if (user.email) params.customer_email = user.email;
+    if (order.customer_email) params.customer_email = order.customer_email;
     let session;
     try {
       session = await stripeCall(metrics, () => stripe.checkout.sessions.create(params, { idempotencyKey: `checkout-${orderId}` }));
@@ -197,10 +200,13 @@ function init() {
     const deadline = performance.now() + config.maxWaitMs;
     let waited = false;
     let expiredRestarts = 0;
+    const claim = randomUUID();
     for (;;) {
       const begin = decodeState(await rpc(supabase, 'checkout_begin', {
         p_user: user.id,
         p_product: FULL_REPORT,
+        p_email: user.email ?? null,
+        p_claim: claim,
         p_limit: limit,
         p_window_s: RATE_WINDOW_S,
         p_lease_s: config.leaseS,
@@ -214,7 +220,20 @@ function init() {
         case 'already_paid':
           metrics.count('AlreadyPaid');
           throw alreadyPaid();
-        case 'processing': throw processing();
+        case 'disputed': throw disputed();
+        case 'processing':
+        case 'verifying': throw processing();
+        case 'expire_first': {
+          const confirmed = [];
+          for (const id of begin.sessions) {
+            const expired = await stripeCall(metrics, () => stripe.checkout.sessions.expire(id, {}, { idempotencyKey: `expire-${id}` }))
+              .catch(() => retrieve(id, metrics).catch(() => null));
+            if (expired && expired.status !== 'open') confirmed.push(id);
+          }
+          if (confirmed.length === 0) throw busy();
+          await rpc(supabase, 'checkout_sessions_expired', { p_session_ids: confirmed });
+          break;
+        }
         case 'create_session': return create(user, begin.order, metrics);
         case 'in_progress': {
           const pause = Math.min(Math.max(begin.retry_ms, 20), 250);
