@@ -13,6 +13,7 @@ mod db_tls;
 mod docs;
 mod faults;
 mod hostile;
+mod https_ca;
 mod payments;
 mod payments_model;
 mod pooler;

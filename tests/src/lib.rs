@@ -5,6 +5,7 @@
 pub mod apps;
 pub mod db;
 pub mod fixtures;
+pub mod https_front;
 pub mod llm_fake;
 pub mod money;
 pub mod money_model;

@@ -92,6 +92,7 @@ impl Config {
     pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
         let app_env = env.app_env();
         let store = StoreConfig::read(&mut env, app_env);
+        shared::http_client::check_extra_roots(&mut env);
         let auth = config::read_auth(&mut env, app_env);
         let openai_key = env.optional("OPENAI_API_KEY").map(Secret::new);
         let rules_only = env.parsed("CHAT_RULES_ONLY", false, "true or false", |v| {

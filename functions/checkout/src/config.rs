@@ -31,6 +31,7 @@ impl Config {
     pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
         let app_env = env.app_env();
         let store = StoreConfig::read(&mut env, app_env);
+        shared::http_client::check_extra_roots(&mut env);
         let auth = config::read_auth(&mut env, app_env);
         let stripe = config::read_stripe_secret_key(&mut env, app_env)
             .map(|(key, _mode)| StripeApi::read(&mut env, key, 8000, 2));

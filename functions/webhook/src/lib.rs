@@ -57,6 +57,7 @@ impl Config {
     pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
         let app_env = env.app_env();
         let store = StoreConfig::read(&mut env, app_env);
+        shared::http_client::check_extra_roots(&mut env);
         let secrets = config::read_webhook_secrets(&mut env, app_env);
         let tolerance = env.seconds("STRIPE_WEBHOOK_TOLERANCE_S", 300, 1..=86_400);
         let stripe_mode = config::expected_stripe_mode(&mut env, app_env);

@@ -116,6 +116,7 @@ impl LlmError {
     }
 
     fn from_reqwest(error: &reqwest::Error) -> Self {
+        crate::http_client::log_if_untrusted(error, "llm");
         if error.is_timeout() {
             LlmError::Timeout
         } else if error.is_connect() {

@@ -143,7 +143,9 @@ fn map_error(status: reqwest::StatusCode, error: PostgRestError) -> StoreError {
 
 /// reqwest errors carry the URL; keep hosts and paths out of logs anyway.
 fn without_url(error: &reqwest::Error) -> String {
-    let kind = if error.is_timeout() {
+    let kind = if crate::http_client::untrusted_certificate(error) {
+        "TLS certificate not trusted (HTTPS_CA_CERT?)"
+    } else if error.is_timeout() {
         "timeout"
     } else if error.is_connect() {
         "connect error"

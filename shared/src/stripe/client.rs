@@ -412,8 +412,11 @@ impl StripeClient {
                 .await;
             let (error, retry_after, should_retry) = match result {
                 Err(e) => (
-                    StripeError::Network {
-                        timeout: e.is_timeout(),
+                    {
+                        crate::http_client::log_if_untrusted(&e, "stripe");
+                        StripeError::Network {
+                            timeout: e.is_timeout(),
+                        }
                     },
                     None,
                     None,
