@@ -1,1 +1,3 @@
 //! Benchmark harnesses (see README, Benchmarks).
+
+pub mod tls;

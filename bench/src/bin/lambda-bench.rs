@@ -155,10 +155,15 @@ struct Upstreams {
     bin_dir: String,
     /// Server URL of a transaction-mode pooler in front of the same PostgreSQL.
     pooler: Option<String>,
+    /// The same peers behind TLS (`--tls`).
+    tls: Option<bench::tls::TlsPeers>,
 }
 
 impl Upstreams {
-    fn env(&self, which: Impl, function: &str) -> Vec<(&'static str, String)> {
+    fn env(&self, which: Impl, function: &str, tls: bool) -> Vec<(&'static str, String)> {
+        if let (true, Some(peers)) = (tls, &self.tls) {
+            return self.tls_env(peers, which, function);
+        }
         let mut env = vec![
             ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
             ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
@@ -185,6 +190,39 @@ impl Upstreams {
                 env.push(("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()));
             }
         }
+        env
+    }
+
+    /// `env` with every peer behind TLS: the same stand-ins through the run's TLS fronts.
+    fn tls_env(
+        &self,
+        peers: &bench::tls::TlsPeers,
+        which: Impl,
+        function: &str,
+    ) -> Vec<(&'static str, String)> {
+        let mut env: Vec<(&'static str, String)> = self
+            .env(which, function, false)
+            .into_iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    *k,
+                    "STRIPE_API_BASE" | "OPENAI_BASE_URL" | "SUPABASE_URL" | "DATABASE_URL"
+                )
+            })
+            .collect();
+        env.push(("STRIPE_API_BASE", peers.stripe.uri()));
+        env.push(("OPENAI_BASE_URL", format!("{}/v1", peers.openai.uri())));
+        match which {
+            Impl::RustDirect => env.push(("DATABASE_URL", peers.db_url(&self.db.name))),
+            Impl::RustPooled => env.push((
+                "DATABASE_URL",
+                peers.pooler_url(&self.db.name).unwrap_or_default(),
+            )),
+            Impl::RustRest | Impl::Node | Impl::RuntimeFloor => {
+                env.push(("SUPABASE_URL", peers.rest.uri()));
+            }
+        }
+        env.extend(peers.env());
         env
     }
 
@@ -216,6 +254,17 @@ impl Upstreams {
         which: Impl,
         function: &str,
         extra: &[(&str, &str)],
+    ) -> (Process, Instant) {
+        self.spawn_in(which, function, extra, false).await
+    }
+
+    /// `spawn`, with every peer behind TLS when `tls`.
+    async fn spawn_in(
+        &self,
+        which: Impl,
+        function: &str,
+        extra: &[(&str, &str)],
+        tls: bool,
     ) -> (Process, Instant) {
         let api = RuntimeApi::start().await;
         let (program, args) = self.command(which, function);
@@ -250,7 +299,7 @@ impl Upstreams {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        for (k, v) in self.env(which, function) {
+        for (k, v) in self.env(which, function, tls) {
             command.env(k, v);
         }
         for (k, v) in extra {
@@ -295,12 +344,19 @@ impl Upstreams {
 }
 
 /// `iss` of the tokens: the PostgREST stand-in's Auth URL, which the functions check when they
-/// are given `SUPABASE_URL` (and ignore otherwise).
-static ISSUER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// are given `SUPABASE_URL` (and ignore otherwise); its TLS front's in the TLS setting.
+static ISSUER: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+fn set_issuer(supabase_url: &str) {
+    if let Ok(mut issuer) = ISSUER.lock() {
+        *issuer = format!("{supabase_url}/auth/v1");
+    }
+}
 
 fn token(user: &str) -> String {
+    let issuer = ISSUER.lock().map(|i| i.clone()).unwrap_or_default();
     testkit::tokens::hs256(
-        &testkit::tokens::user_claims(user, ISSUER.get().map(String::as_str)),
+        &testkit::tokens::user_claims(user, Some(issuer.as_str()).filter(|i| !i.is_empty())),
         JWT_SECRET.as_bytes(),
     )
 }
@@ -355,34 +411,43 @@ async fn cold_event(up: &Upstreams, function: &str) -> (String, Expect) {
     }
 }
 
-/// Cold starts of one function, implementations alternated run by run.
+/// Cold starts of one function, implementations (and settings: plain TCP or TLS) alternated run
+/// by run.
+#[derive(Default)]
 struct Cold {
     total_ms: Vec<f64>,
     init_ms: Vec<f64>,
+    /// The process's CPU from exec to the first response.
+    cpu_ms: Vec<f64>,
+    /// Peak RSS after the first response.
+    rss_kib: Vec<u64>,
 }
 
-async fn cold_starts(up: &Upstreams, function: &str, impls: &[Impl], runs: usize) -> Vec<Cold> {
-    let mut out: Vec<Cold> = impls
-        .iter()
-        .map(|_| Cold {
-            total_ms: vec![],
-            init_ms: vec![],
-        })
-        .collect();
-    for _ in 0..runs {
-        for (k, which) in impls.iter().enumerate() {
+/// One implementation in one setting (`tls`: every peer behind TLS).
+type Run = (Impl, bool);
+
+async fn cold_starts(up: &Upstreams, function: &str, runs: &[Run], n: usize) -> Vec<Cold> {
+    let mut out: Vec<Cold> = runs.iter().map(|_| Cold::default()).collect();
+    for _ in 0..n {
+        for (k, &(which, tls)) in runs.iter().enumerate() {
+            match (&up.tls, tls) {
+                (Some(peers), true) => set_issuer(&peers.rest.uri()),
+                _ => set_issuer(&up.rest.uri()),
+            }
             let (event, expect) = cold_event(up, function).await;
-            let (mut p, started) = up.spawn(*which, function, &[]).await;
+            let (mut p, started) = up.spawn_in(which, function, &[], tls).await;
             let first = p.invoke(event, &expect).await;
-            out[k]
-                .total_ms
+            let cold = &mut out[k];
+            cold.total_ms
                 .push(first.finished.duration_since(started).as_secs_f64() * 1e3);
-            out[k]
-                .init_ms
+            cold.init_ms
                 .push(first.handed_out.duration_since(started).as_secs_f64() * 1e3);
+            cold.cpu_ms.push(p.cpu_ns() as f64 / 1e6);
+            cold.rss_kib.push(p.peak_rss_kib());
             p.stop().await;
         }
     }
+    set_issuer(&up.rest.uri());
     out
 }
 
@@ -647,7 +712,13 @@ async fn main() {
     let mut warm = 1000usize;
     let mut cold = 10usize;
     let mut args = std::env::args().skip(1);
+    let clients = bench::tls::first_clients();
+    let mut tls = false;
     while let Some(arg) = args.next() {
+        if arg == "--tls" {
+            tls = true;
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--bin-dir", Some(v)) => bin_dir = v,
             ("--node", Some(v)) => node_dir = Some(v),
@@ -657,9 +728,9 @@ async fn main() {
             _ => {
                 eprintln!(
                     "usage: lambda-bench [--bin-dir DIR] [--node DIR_OF_BUNDLES] [--pooler URL] [--warm N] \
-                     [--cold N]\n  --node bench/node/dist adds the Node.js baseline, measured pair \
+                     [--cold N] [--tls]\n  --node bench/node/dist adds the Node.js baseline, measured pair \
                      by pair\n  --pooler postgres://postgres@127.0.0.1:6432/postgres adds cold \
-                     starts through that transaction-mode pooler (scripts/ensure-pgbouncer)"
+                     starts through that transaction-mode pooler (scripts/ensure-pgbouncer)\n  --tls adds cold starts with every peer behind TLS (a CA made for the run)"
                 );
                 std::process::exit(2);
             }
@@ -678,8 +749,23 @@ async fn main() {
         .mount(&openai)
         .await;
     let rest = PostgRest::start(&db.url, SERVICE_KEY).await;
-    let _ = ISSUER.set(format!("{}/auth/v1", rest.uri()));
+    set_issuer(&rest.uri());
+    let tls = if tls {
+        Some(
+            bench::tls::TlsPeers::start(
+                &stripe.uri(),
+                &openai.uri(),
+                &rest.uri(),
+                server_addr(&db.url),
+                pooler.as_deref().map(server_addr),
+            )
+            .await,
+        )
+    } else {
+        None
+    };
     let up = Upstreams {
+        tls,
         db,
         sql,
         stripe,
@@ -702,8 +788,12 @@ async fn main() {
     if up.pooler.is_some() {
         cold_impls.push(Impl::RustPooled);
     }
+    let mut runs: Vec<Run> = cold_impls.iter().map(|i| (*i, false)).collect();
+    if up.tls.is_some() {
+        runs.extend(cold_impls.iter().map(|i| (*i, true)));
+    }
     for function in functions {
-        colds.push(cold_starts(&up, function, &cold_impls, cold).await);
+        colds.push(cold_starts(&up, function, &runs, cold).await);
         let list = branches(&up, function, impls.len(), warm, false).await;
         let (rows, peak) = warm_runs(&up, function, &impls, &[], list, warm).await;
         rss.push(peak);
@@ -725,6 +815,10 @@ async fn main() {
     let instant = instant_database(&up, &impls, warm).await;
     let floor = postgres_floor(&up, cold).await;
     let trips = round_trips(&up.db, &up.stripe, &up.openai).await;
+    let handshakes = match &up.tls {
+        Some(peers) => Some(bench::tls::handshakes(peers, cold.max(5), clients).await),
+        None => None,
+    };
 
     let direct = 0;
     println!(
@@ -841,6 +935,118 @@ async fn main() {
             );
         }
     }
+    if let Some(handshakes) = handshakes {
+        print_tls(&up, &functions, &colds, &runs, cold, &handshakes);
+    }
+}
+
+/// The TLS setting's tables: each figure beside the plain-TCP one of the same run.
+fn print_tls(
+    up: &Upstreams,
+    functions: &[&str],
+    colds: &[Vec<Cold>],
+    runs: &[Run],
+    n: usize,
+    hs: &bench::tls::Handshakes,
+) {
+    let Some(peers) = &up.tls else {
+        return;
+    };
+    let pick = |c: &'_ [Cold], which: Impl, tls: bool| -> Option<usize> {
+        runs.iter()
+            .position(|r| *r == (which, tls))
+            .filter(|k| *k < c.len())
+    };
+    let total = |c: &[Cold], which, tls| pick(c, which, tls).map(|k| median(&c[k].total_ms));
+    let cpu = |c: &[Cold], which, tls| pick(c, which, tls).map(|k| median(&c[k].cpu_ms));
+    let rss = |c: &[Cold], which, tls| {
+        pick(c, which, tls).map(|k| {
+            let v: Vec<f64> = c[k].rss_kib.iter().map(|r| *r as f64 / 1024.0).collect();
+            median(&v)
+        })
+    };
+    let ms = |v: Option<f64>| v.map_or("not run".into(), |v| format!("{v:.2} ms"));
+    let mib = |v: Option<f64>| v.map_or("not run".into(), |v| format!("{v:.1} MiB"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.1}x", b / a.max(f64::MIN_POSITIVE)),
+        _ => "not run".into(),
+    };
+    println!();
+    println!(
+        "TLS setting: every peer behind TLS with a CA made for the run (database `sslmode=verify-full` \
+         + `DATABASE_CA_CERT`, HTTPS stand-ins + `HTTPS_CA_CERT`, Node.js `NODE_EXTRA_CA_CERTS`), \
+         median of {n} cold starts alternated with the plain-TCP ones; database sessions relayed over \
+         TLS: {}, in plain text: {}",
+        peers.db_tls_sessions(),
+        peers.db_plain_sessions()
+    );
+    println!();
+    println!(
+        "| function | direct, plain | direct, TLS | through PgBouncer, plain | through PgBouncer, TLS \
+         | TLS cost through PgBouncer | CPU to first answer, PgBouncer TLS (plain) | peak RSS, TLS (plain) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let (direct, pooled) = (Impl::RustDirect, Impl::RustPooled);
+    for (function, c) in functions.iter().zip(colds) {
+        let cost = total(c, pooled, true)
+            .zip(total(c, pooled, false))
+            .map(|(t, p)| t - p);
+        println!(
+            "| {function} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) |",
+            ms(total(c, direct, false)),
+            ms(total(c, direct, true)),
+            ms(total(c, pooled, false)),
+            ms(total(c, pooled, true)),
+            ms(cost),
+            ms(cpu(c, pooled, true)),
+            ms(cpu(c, pooled, false)),
+            mib(rss(c, pooled, true)),
+            mib(rss(c, pooled, false)),
+        );
+    }
+    println!();
+    println!(
+        "| function | Rust (PostgREST), plain | Rust, TLS | Node.js, plain | Node.js, TLS | Node / Rust, \
+         TLS | CPU to first answer, TLS: Rust / Node.js | peak RSS, TLS: Rust / Node.js |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let (rest, node) = (Impl::RustRest, Impl::Node);
+    for (function, c) in functions.iter().zip(colds) {
+        println!(
+            "| {function} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            ms(total(c, rest, false)),
+            ms(total(c, rest, true)),
+            ms(total(c, node, false)),
+            ms(total(c, node, true)),
+            ratio(total(c, rest, true), total(c, node, true)),
+            ms(cpu(c, rest, true)),
+            ms(cpu(c, node, true)),
+            mib(rss(c, rest, true)),
+            mib(rss(c, node, true)),
+        );
+    }
+    println!();
+    println!(
+        "First connections from this harness (rustls with ring, the functions' configuration), \
+         medians: TCP connect {:.3} ms; full TLS 1.3 handshake {:.3} ms; resumed {:.3} ms; \
+         PostgreSQL SSLRequest + handshake {:.3} ms; first outbound client of a process (roots and \
+         TLS configuration) {:.3} ms, a later one {:.3} ms",
+        hs.tcp_ms,
+        hs.tls_ms,
+        hs.tls_resumed_ms,
+        hs.pg_tls_ms,
+        hs.first_client_ms,
+        hs.next_client_ms
+    );
+}
+
+/// `host:port` of a `postgres://user@host:port/...` URL.
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    let after = url.split_once('@').map_or(url, |(_, rest)| rest);
+    let host_port = after.split(['/', '?']).next().unwrap_or_default();
+    host_port
+        .parse()
+        .unwrap_or_else(|e| panic!("{host_port} is not an ip:port ({e})"))
 }
 
 /// Database round trips per request of each branch, counted at the store (`Store::round_trips`)
