@@ -47,6 +47,22 @@ fn builder(
         .user_agent(concat!("saas-functions/", env!("CARGO_PKG_VERSION")))
 }
 
+/// Opens a connection to `url`'s host in the background (a `HEAD` whose answer, whatever it is,
+/// is read and dropped), so that the client's pool holds a connection with its TLS handshake done
+/// when the first real request comes. Called during init: the handshake overlaps the runtime's
+/// first `next` and the work before the first call. Needs a Tokio runtime.
+pub fn warm_up(client: &reqwest::Client, url: String) {
+    let client = client.clone();
+    tokio::spawn(async move {
+        match client.head(&url).send().await {
+            Ok(answer) => {
+                let _ = answer.bytes().await;
+            }
+            Err(error) => log_if_untrusted(&error, "warm-up"),
+        }
+    });
+}
+
 /// Records a problem when `HTTPS_CA_CERT` is set but holds no usable certificate, so a bad value
 /// stops the cold start with a configuration error naming the variable (the clients built later
 /// would otherwise go without the extra roots).

@@ -9,6 +9,9 @@ async fn main() -> Result<(), lambda_http::Error> {
     let config = chat::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = Arc::new(chat::State::new(config).inspect_err(|e| tracing::error!("{e}"))?);
     state.store.connect_early();
+    if let Some(llm) = &state.llm {
+        llm.warm_up();
+    }
     state.verifier.prefetch().await;
     shared::lambda::run_streaming(|request| chat::handle(state.clone(), request)).await
 }

@@ -7,6 +7,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let config = checkout::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
     let state = checkout::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
     state.store.connect_early();
+    state.stripe.warm_up();
     state.verifier.prefetch().await;
     shared::lambda::run(|request| checkout::handle(&state, request)).await
 }

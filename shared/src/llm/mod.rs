@@ -184,6 +184,11 @@ impl LlmClient {
         })
     }
 
+    /// Opens the connection to the upstream in the background (no key sent), for the first call.
+    pub fn warm_up(&self) {
+        crate::http_client::warm_up(&self.http, self.url.clone());
+    }
+
     fn post(&self, request: &Request<'_>) -> reqwest::RequestBuilder {
         self.http
             .post(&self.url)

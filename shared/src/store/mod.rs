@@ -146,12 +146,13 @@ impl Store {
         self.round_trips.load(Ordering::Relaxed)
     }
 
-    /// Starts connecting now (direct PostgreSQL) so the first request does not wait for the whole
-    /// connection set-up; call it once at start-up, inside the runtime. The PostgREST backend
-    /// connects on its first request.
+    /// Starts connecting now (a PostgreSQL session, or PostgREST's HTTPS connection) so the first
+    /// request does not wait for the whole connection set-up; call it once at start-up, inside the
+    /// runtime.
     pub fn connect_early(&self) {
-        if let Backend::Postgres(pg) = &self.backend {
-            pg.connect_early();
+        match &self.backend {
+            Backend::Postgres(pg) => pg.connect_early(),
+            Backend::PostgRest(rest) => rest.connect_early(),
         }
     }
 

@@ -49,6 +49,11 @@ impl RestBackend {
         })
     }
 
+    /// Opens the connection to PostgREST in the background (no key sent), for the first call.
+    pub fn connect_early(&self) {
+        crate::http_client::warm_up(&self.client, self.rpc_base.clone());
+    }
+
     /// Calls the function and returns its JSON result.
     pub async fn call(
         &self,

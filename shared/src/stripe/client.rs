@@ -271,6 +271,11 @@ impl StripeClient {
         )
     }
 
+    /// Opens the connection to Stripe in the background (no key sent), for the first call.
+    pub fn warm_up(&self) {
+        crate::http_client::warm_up(&self.http, format!("{}/v1/", self.base));
+    }
+
     /// `POST /v1/checkout/sessions` with `Idempotency-Key: idempotency_key`.
     pub async fn create_checkout_session(
         &self,
