@@ -959,6 +959,18 @@ fn print_tls(
     };
     let total = |c: &[Cold], which, tls| pick(c, which, tls).map(|k| median(&c[k].total_ms));
     let cpu = |c: &[Cold], which, tls| pick(c, which, tls).map(|k| median(&c[k].cpu_ms));
+    // The first request alone: from the event handed out to the answer.
+    let first = |c: &[Cold], which, tls| {
+        pick(c, which, tls).map(|k| {
+            let v: Vec<f64> = c[k]
+                .total_ms
+                .iter()
+                .zip(&c[k].init_ms)
+                .map(|(t, i)| t - i)
+                .collect();
+            median(&v)
+        })
+    };
     let rss = |c: &[Cold], which, tls| {
         pick(c, which, tls).map(|k| {
             let v: Vec<f64> = c[k].rss_kib.iter().map(|r| *r as f64 / 1024.0).collect();
@@ -983,21 +995,24 @@ fn print_tls(
     println!();
     println!(
         "| function | direct, plain | direct, TLS | through PgBouncer, plain | through PgBouncer, TLS \
-         | TLS cost through PgBouncer | CPU to first answer, PgBouncer TLS (plain) | peak RSS, TLS (plain) |"
+         | TLS cost through PgBouncer | first request alone, PgBouncer TLS (plain) | CPU to first \
+         answer, PgBouncer TLS (plain) | peak RSS, TLS (plain) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let (direct, pooled) = (Impl::RustDirect, Impl::RustPooled);
     for (function, c) in functions.iter().zip(colds) {
         let cost = total(c, pooled, true)
             .zip(total(c, pooled, false))
             .map(|(t, p)| t - p);
         println!(
-            "| {function} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) |",
+            "| {function} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} ({}) |",
             ms(total(c, direct, false)),
             ms(total(c, direct, true)),
             ms(total(c, pooled, false)),
             ms(total(c, pooled, true)),
             ms(cost),
+            ms(first(c, pooled, true)),
+            ms(first(c, pooled, false)),
             ms(cpu(c, pooled, true)),
             ms(cpu(c, pooled, false)),
             mib(rss(c, pooled, true)),
@@ -1007,18 +1022,21 @@ fn print_tls(
     println!();
     println!(
         "| function | Rust (PostgREST), plain | Rust, TLS | Node.js, plain | Node.js, TLS | Node / Rust, \
-         TLS | CPU to first answer, TLS: Rust / Node.js | peak RSS, TLS: Rust / Node.js |"
+         TLS | Rust's first request alone, TLS (plain) | CPU to first answer, TLS: Rust / Node.js \
+         | peak RSS, TLS: Rust / Node.js |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let (rest, node) = (Impl::RustRest, Impl::Node);
     for (function, c) in functions.iter().zip(colds) {
         println!(
-            "| {function} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            "| {function} | {} | {} | {} | {} | {} | {} ({}) | {} / {} | {} / {} |",
             ms(total(c, rest, false)),
             ms(total(c, rest, true)),
             ms(total(c, node, false)),
             ms(total(c, node, true)),
             ratio(total(c, rest, true), total(c, node, true)),
+            ms(first(c, rest, true)),
+            ms(first(c, rest, false)),
             ms(cpu(c, rest, true)),
             ms(cpu(c, node, true)),
             mib(rss(c, rest, true)),
