@@ -15,6 +15,9 @@ use crate::config::EnvReader;
 /// The variable holding extra trusted roots for outbound HTTPS: PEM text or a path to a PEM file.
 pub const CA_VARIABLE: &str = "HTTPS_CA_CERT";
 
+/// A warm-up that has not finished by then is of no use to the first request.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A client with explicit connect and total timeouts.
 pub fn build(connect_timeout: Duration, timeout: Duration) -> reqwest::Result<reqwest::Client> {
     builder(connect_timeout, timeout, tls_config().clone()).build()
@@ -54,7 +57,7 @@ fn builder(
 pub fn warm_up(client: &reqwest::Client, url: String) {
     let client = client.clone();
     tokio::spawn(async move {
-        match client.head(&url).send().await {
+        match client.head(&url).timeout(WARM_UP_TIMEOUT).send().await {
             Ok(answer) => {
                 let _ = answer.bytes().await;
             }
