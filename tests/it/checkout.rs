@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use shared::store::Store;
+use shared::stripe::ids::PriceId;
 use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::{self, FunctionUrlRequest};
@@ -445,7 +446,7 @@ async fn stripe_timeout_is_a_503() {
 
 #[tokio::test]
 async fn stripe_refusing_the_price_is_a_502() {
-    let app = spawn_app_with(|c| c.price_id = "prod_not_a_price".into()).await;
+    let app = spawn_app_with(|c| c.price_id = PriceId::parse("prod_not_a_price").unwrap()).await;
     let user = app.user().await;
     let (status, body) = app.post(&user).await;
     assert_eq!(

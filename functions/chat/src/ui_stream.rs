@@ -45,7 +45,7 @@ pub fn finish_reason(openai: &str) -> &'static str {
 
 /// The headers of a UI message stream around `body`, with the answer's source headers.
 pub fn response(meta: &Meta, body: StreamBody) -> Response<StreamBody> {
-    let mut response = crate::with_source(Response::new(body), meta);
+    let mut response = crate::respond::with_source(Response::new(body), meta);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
