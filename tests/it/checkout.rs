@@ -534,12 +534,23 @@ async fn requests_without_a_valid_token_are_401() {
 #[tokio::test]
 async fn token_of_a_deleted_user_is_403() {
     let app = spawn_app().await;
-    let ghost = uuid::Uuid::new_v4().to_string();
-    let (status, body) = app.post(&ghost).await;
+    let user = app.user().await;
+    let (status, body) = app.post(&user).await;
+    assert_eq!(status, 200, "{body}");
+
+    let id = uuid::Uuid::parse_str(&user).unwrap();
+    app.sql
+        .execute("delete from auth.users where id = $1", &[&id])
+        .await
+        .unwrap();
+    // The same token, still valid for an hour: the user it names is gone.
+    let (status, body) = app.post(&user).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (403, Some("unknown_user"))
     );
+    assert_eq!(app.stripe.create_requests().await.len(), 1);
+    assert_eq!(app.scalar::<i64>("select count(*) from orders").await, 0);
 }
 
 #[tokio::test]
