@@ -40,6 +40,31 @@ fn jwks_verifier(server: &MockServer, floor: Duration) -> Verifier {
     })
 }
 
+/// A project publishing an ES256 and an RS256 key in its JWKS, a verifier for it, and a
+/// user's claims with the project's issuer.
+struct Project {
+    es: EsKey,
+    rs: RsKey,
+    server: MockServer,
+    v: Verifier,
+    claims: serde_json::Value,
+}
+
+async fn project_with_published_keys() -> Project {
+    let es = EsKey::generate("es-key-1");
+    let rs = RsKey::load("rs-key-1");
+    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
+    let v = jwks_verifier(&server, Duration::from_secs(30));
+    let claims = tokens::user_claims(USER, Some(&format!("{}/auth/v1", server.uri())));
+    Project {
+        es,
+        rs,
+        server,
+        v,
+        claims,
+    }
+}
+
 #[tokio::test]
 async fn hs256_token_names_the_user() {
     let token = tokens::hs256(&tokens::user_claims(USER, None), SECRET);
@@ -179,29 +204,18 @@ async fn hs256_attacks_are_refused() {
 
 #[tokio::test]
 async fn es256_and_rs256_tokens_verify_against_the_jwks() {
-    let es = EsKey::generate("es-key-1");
-    let rs = RsKey::load("rs-key-1");
-    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
-    let v = jwks_verifier(&server, Duration::from_secs(30));
-    let issuer = format!("{}/auth/v1", server.uri());
-    let claims = tokens::user_claims(USER, Some(&issuer));
+    let Project {
+        es,
+        rs,
+        server,
+        v,
+        claims,
+    } = project_with_published_keys().await;
 
-    assert_eq!(
-        v.verify(&es.sign(&claims), now())
-            .await
-            .unwrap()
-            .id
-            .to_string(),
-        USER
-    );
-    assert_eq!(
-        v.verify(&rs.sign(&claims), now())
-            .await
-            .unwrap()
-            .id
-            .to_string(),
-        USER
-    );
+    for token in [es.sign(&claims), rs.sign(&claims)] {
+        let user = v.verify(&token, now()).await.unwrap();
+        assert_eq!(user.id.to_string(), USER);
+    }
     assert_eq!(
         server.received_requests().await.unwrap().len(),
         1,
@@ -211,12 +225,13 @@ async fn es256_and_rs256_tokens_verify_against_the_jwks() {
 
 #[tokio::test]
 async fn asymmetric_attacks_are_refused() {
-    let es = EsKey::generate("es-key-1");
-    let rs = RsKey::load("rs-key-1");
-    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
-    let v = jwks_verifier(&server, Duration::from_secs(30));
-    let issuer = format!("{}/auth/v1", server.uri());
-    let claims = tokens::user_claims(USER, Some(&issuer));
+    let Project {
+        es,
+        rs,
+        server: _server, // serves the JWKS until the test ends
+        v,
+        claims,
+    } = project_with_published_keys().await;
 
     // HS256 "signed" with the public key: never checked against a public key.
     let confused = tokens::hs256(&claims, &es.public_bytes());
