@@ -89,9 +89,15 @@ fn every_variable_the_code_reads_is_in_the_configuration_docs() {
 /// literals that are the first argument of a method on the reader (`env.integer("X", ..)`),
 /// of a function handed the reader (`read_price_id(&mut env, "X", ..)`) or of `std::env::var`.
 fn variables_read(source: &str) -> Vec<String> {
-    let source = source
-        .find("#[cfg(test)]\nmod ")
-        .map_or(source, |end| &source[..end]);
+    // The unit tests sit in a `#[cfg(test)]` module at the end (`mod tests`, `pub(crate) mod ..`).
+    let test_module = source
+        .match_indices("#[cfg(test)]")
+        .find(|(at, attribute)| {
+            let mut item = source[at + attribute.len()..].lines().map(str::trim);
+            let next = item.find(|line| !line.is_empty() && !line.starts_with("#["));
+            next.is_some_and(|line| line.split_whitespace().any(|word| word == "mod"))
+        });
+    let source = test_module.map_or(source, |(end, _)| &source[..end]);
     let mut names = Vec::new();
     for (start, _) in source.match_indices('"') {
         let literal = &source[start + 1..];
@@ -118,10 +124,15 @@ fn variables_read(source: &str) -> Vec<String> {
         let Some(call) = before.strip_suffix('(') else {
             continue;
         };
-        let callee_start = call
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':')))
-            .map_or(0, |i| i + 1);
-        let callee = &call[callee_start..];
+        // The path or method chain before `(`, across the line breaks of `env\n    .optional(`.
+        let mut callee = String::new();
+        for c in call.chars().rev() {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':') {
+                callee.insert(0, c);
+            } else if !(c.is_whitespace() && callee.starts_with('.')) {
+                break;
+            }
+        }
         let on_the_reader = callee
             .rsplit_once('.')
             .is_some_and(|(receiver, _)| receiver.ends_with("env"));
