@@ -4,7 +4,7 @@
 //! test can put a request at any instant (a token about to expire, a signature at the edge of the
 //! tolerance) without sleeping.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Wall-clock time, the system's own or shifted by a fixed offset (tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,11 +32,6 @@ impl Clock {
     pub fn unix_s(&self) -> i64 {
         self.unix_ms().div_euclid(1000)
     }
-
-    /// How long until `deadline_ms` (Unix milliseconds), zero when it has passed.
-    pub fn until_ms(&self, deadline_ms: i64) -> Duration {
-        Duration::from_millis(deadline_ms.saturating_sub(self.unix_ms()).max(0) as u64)
-    }
 }
 
 fn system_unix_ms() -> i64 {
@@ -57,13 +52,5 @@ mod tests {
         let (a, b) = (system.unix_s(), ahead.unix_s());
         assert!((3599..=3601).contains(&(b - a)), "{a} {b}");
         assert!(system.unix_s() > 1_700_000_000);
-    }
-
-    #[test]
-    fn until_is_never_negative() {
-        let clock = Clock::system();
-        assert_eq!(clock.until_ms(0), Duration::ZERO);
-        let later = clock.until_ms(clock.unix_ms() + 10_000);
-        assert!(later > Duration::from_millis(9000) && later <= Duration::from_millis(10_000));
     }
 }
