@@ -57,8 +57,8 @@ pub struct Deadline {
     pub min_attempt: Duration,
 }
 
-/// The loop ran out of time before it could make a first attempt. Callers turn it into their
-/// own timeout error.
+/// The deadline left less than the minimum for the next attempt (before the first, or after a
+/// pause that overran). Callers turn it into their own timeout error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutOfTime;
 
@@ -66,29 +66,33 @@ impl RetryPolicy {
     /// Calls `attempt` (given the time left before the deadline, or [`Duration::MAX`]) until it
     /// succeeds, `judge` says [`After::Stop`], the retries run out, or the deadline leaves no room
     /// for the pause and another attempt of at least `min_attempt`. `judge` sees each failure
-    /// with the number of retries made so far (for logs and metrics). Returns the last failure.
-    pub async fn run<T, E, A, Fut, J>(
+    /// with the number of retries made so far (for metrics); `pausing` is told just before each
+    /// pause, with the retry it leads to and its length (for logs). Returns the last failure, or
+    /// [`OutOfTime`] when no time is left for an attempt.
+    pub async fn run<T, E, A, Fut, J, P>(
         &self,
         deadline: Option<Deadline>,
         mut attempt: A,
         mut judge: J,
+        mut pausing: P,
     ) -> Result<T, E>
     where
         E: From<OutOfTime>,
         A: FnMut(Duration) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         J: FnMut(&E, u32) -> After,
+        P: FnMut(&E, u32, Duration),
     {
         let left = || match deadline {
             Some(d) => d.at.saturating_duration_since(Instant::now()),
             None => Duration::MAX,
         };
         let min_attempt = deadline.map_or(Duration::ZERO, |d| d.min_attempt);
-        if left() < min_attempt {
-            return Err(OutOfTime.into());
-        }
         let mut retry = 0;
         loop {
+            if left() < min_attempt {
+                return Err(OutOfTime.into());
+            }
             let error = match attempt(left()).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
@@ -105,6 +109,7 @@ impl RetryPolicy {
             if delay.saturating_add(min_attempt) > left() {
                 return Err(error);
             }
+            pausing(&error, retry, delay);
             tokio::time::sleep(delay).await;
         }
     }
@@ -168,6 +173,7 @@ mod tests {
     #[tokio::test]
     async fn retries_transient_failures_at_most_max_retries_times() {
         let mut calls = 0;
+        let mut pauses = Vec::new();
         let result: Result<(), Failure> = fast(2)
             .run(
                 None,
@@ -176,10 +182,16 @@ mod tests {
                     async { Err(Failure::Transient) }
                 },
                 judge,
+                |_: &Failure, retry, _| pauses.push(retry),
             )
             .await;
         assert_eq!(result, Err(Failure::Transient));
         assert_eq!(calls, 3, "one attempt and two retries");
+        assert_eq!(
+            pauses,
+            [1, 2],
+            "told of each pause, never after the last failure"
+        );
     }
 
     #[tokio::test]
@@ -193,6 +205,7 @@ mod tests {
                     async { Err(Failure::Final) }
                 },
                 judge,
+                |_: &Failure, _, _| {},
             )
             .await;
         assert_eq!((result, calls), (Err(Failure::Final), 1));
@@ -212,6 +225,7 @@ mod tests {
                     }
                 },
                 judge,
+                |_: &Failure, _, _| {},
             )
             .await;
         assert_eq!(result, Ok(3));
@@ -223,8 +237,9 @@ mod tests {
             at: Instant::now(),
             min_attempt: Duration::from_millis(50),
         };
-        let result: Result<(), Failure> =
-            fast(2).run(Some(past), |_| async { Ok(()) }, judge).await;
+        let result: Result<(), Failure> = fast(2)
+            .run(Some(past), |_| async { Ok(()) }, judge, |_, _, _| {})
+            .await;
         assert_eq!(result, Err(Failure::NoTime), "no attempt without time");
 
         // Room for one attempt, not for a pause of 200 ms and another attempt.
@@ -246,6 +261,7 @@ mod tests {
                     async { Err(Failure::Transient) }
                 },
                 judge,
+                |_: &Failure, _, _| {},
             )
             .await;
         assert_eq!(result, Err(Failure::Transient));

@@ -1,5 +1,6 @@
 //! The webhook end to end: Stripe-Signature to rows in PostgreSQL.
 
+use shared::clock::Clock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -854,6 +855,28 @@ async fn expired_timestamp_is_rejected() {
         "timestamp_outside_tolerance",
     )
     .await;
+}
+
+/// The tolerance is judged by the function's clock, not the test's: a delivery signed now is
+/// refused by a webhook whose clock runs 301 s ahead, and accepted by one 290 s ahead.
+#[tokio::test]
+async fn the_tolerance_follows_the_functions_clock() {
+    let mut app = spawn_app().await;
+    let body = invoice_body();
+    let now = shared::stripe::signature::sign(&body, &Secret::new(SECRET), fixtures::now());
+    app.state.clock = Clock::shifted_ms(301_000);
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &now),
+        400,
+        "timestamp_outside_tolerance",
+    )
+    .await;
+    app.state.clock = Clock::shifted_ms(290_000);
+    let (status, answer) = app
+        .send(FunctionUrlRequest::post("/", &body).header("stripe-signature", &now))
+        .await;
+    assert_eq!(status, 200, "{answer}");
 }
 
 #[tokio::test]

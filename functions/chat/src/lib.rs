@@ -154,7 +154,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
             .unwrap_or("stop")
             .to_owned();
         let usage = serde_json::from_value::<Usage>(cached["usage"].clone()).ok();
-        let meta = Meta::new(&chat.model, Source::Cache, None);
+        let meta = Meta::new(&chat.model, Source::Cache, None, state.clock.unix_s());
         let response = whole_answer(wire, &chat, &meta, &content, &finish_reason, usage);
         done(context, &meta).await;
         return response;
@@ -173,7 +173,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
         .await;
         return match result {
             Ok(completion) => {
-                let meta = Meta::new(&chat.model, Source::Llm, None);
+                let meta = Meta::new(&chat.model, Source::Llm, None, state.clock.unix_s());
                 bookkeeping::record(
                     &state,
                     user,
@@ -209,7 +209,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
         Ok(opened) => opened,
         Err(error) => return rules_answer(&state, wire, &chat, error.class(), context).await,
     };
-    let meta = Meta::new(&chat.model, Source::Llm, None);
+    let meta = Meta::new(&chat.model, Source::Llm, None, state.clock.unix_s());
     let (tx, body) = StreamBody::channel(32);
     let response = match wire {
         Wire::UiStream => ui_stream::response(&meta, body),
@@ -245,7 +245,12 @@ async fn rules_answer(
         rule = answer.rule,
         "answered from rules"
     );
-    let meta = Meta::new(&chat.model, Source::Rules, Some(reason.to_owned()));
+    let meta = Meta::new(
+        &chat.model,
+        Source::Rules,
+        Some(reason.to_owned()),
+        state.clock.unix_s(),
+    );
     let response = whole_answer(wire, chat, &meta, answer.reply, "stop", None);
     done(context, &meta).await;
     response

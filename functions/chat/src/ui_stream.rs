@@ -145,7 +145,12 @@ mod tests {
 
     #[test]
     fn whole_answer_has_exactly_the_documented_chunks() {
-        let meta = Meta::new("gpt-4o-mini", Source::Rules, Some("timeout".into()));
+        let meta = Meta::new(
+            "gpt-4o-mini",
+            Source::Rules,
+            Some("timeout".into()),
+            1_767_225_600,
+        );
         let got = chunks(&whole(&meta, "Hello", "stop"));
         let message_id = got[0]["messageId"].as_str().unwrap().to_owned();
         assert!(message_id.starts_with("msg-") && message_id.len() > 20);

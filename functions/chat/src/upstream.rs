@@ -59,7 +59,7 @@ where
     };
     let result = config
         .backoff
-        .run(Some(deadline), timed_attempt, judge)
+        .run(Some(deadline), timed_attempt, judge, |_, _, _| {})
         .await;
     if attempts > 1 {
         metrics.count("Retries", attempts - 1);

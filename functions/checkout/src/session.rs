@@ -78,15 +78,11 @@ pub fn transition_for(order: OrderStatus, session: &CheckoutSession) -> Option<C
 /// can no longer be paid (expired now, or found complete or expired). Failures are logged: the
 /// order behind it is closed, so checkout never hands it out, and the expiry stays due.
 pub async fn expire(state: &State, session_id: &str, metrics: &mut MetricSet) -> bool {
-    let Ok(id) = SessionId::parse(session_id) else {
-        tracing::error!(
-            session_id,
-            "not a Checkout Session id; its expiry stays due"
-        );
-        return false;
-    };
     let mut stats = CallStats::default();
-    let result = state.stripe.expire_if_open(&id, &mut stats).await;
+    let result = match SessionId::parse(session_id) {
+        Ok(id) => state.stripe.expire_if_open(&id, &mut stats).await,
+        Err(e) => Err(StripeError::Decode(e.to_string())),
+    };
     metrics.millis("StripeLatency", stats.elapsed);
     match result {
         Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {

@@ -255,7 +255,7 @@ async fn process(
         state.config.tolerance,
     )?;
 
-    let parsed = events::parse(body).map_err(|e| WebhookError::InvalidEvent(e.to_string()))?;
+    let parsed = parse_event(body)?;
     if StripeMode::of_livemode(parsed.livemode) != state.config.stripe_mode {
         return Err(WebhookError::LivemodeMismatch {
             livemode: parsed.livemode,
@@ -319,6 +319,11 @@ async fn process(
         tracing::debug!(event_type = %parsed.type_, "event type not handled");
     }
     Ok((parsed.id, applied))
+}
+
+/// A verified body as an event, or the webhook's refusal of it (400 `invalid_event`).
+pub fn parse_event(body: &[u8]) -> Result<events::ParsedEvent<'_>, WebhookError> {
+    events::parse(body).map_err(|e| WebhookError::InvalidEvent(e.to_string()))
 }
 
 /// Applies the event; a unique violation means another delivery got there first, and the event

@@ -37,13 +37,11 @@ pub async fn verify_session(
     let Some(price_id) = &state.config.price_id else {
         return Ok(unavailable("STRIPE_FULL_REPORT_PRICE_ID is not set"));
     };
-    let Ok(session_id) = SessionId::parse(session_id) else {
-        return Ok(unavailable(
-            "the event's session id is not a Checkout Session id",
-        ));
-    };
     let mut stats = CallStats::default();
-    let items = stripe.list_line_items(&session_id, &mut stats).await;
+    let items = match SessionId::parse(session_id) {
+        Ok(id) => stripe.list_line_items(&id, &mut stats).await,
+        Err(e) => Err(StripeError::Decode(e.to_string())),
+    };
     metrics.millis("StripeLatency", stats.elapsed);
     match items {
         Ok(items) => Ok(verdict(&items, price_id)),
@@ -213,14 +211,11 @@ pub async fn expire_sessions(
     let mut confirmed = Vec::new();
     for session in sessions {
         let mut stats = CallStats::default();
-        let Ok(id) = SessionId::parse(session) else {
-            tracing::error!(
-                session,
-                "a due expiry names no Checkout Session id; left due"
-            );
-            continue;
+        let expired = match SessionId::parse(session) {
+            Ok(id) => stripe.expire_if_open(&id, &mut stats).await,
+            Err(e) => Err(StripeError::Decode(e.to_string())),
         };
-        match stripe.expire_if_open(&id, &mut stats).await {
+        match expired {
             Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {
                 tracing::info!(
                     session,

@@ -158,7 +158,7 @@ pub fn read_price_id(
 ) -> Option<PriceId> {
     let raw = env.required(variable)?;
     let Ok(id) = PriceId::parse(&raw) else {
-        env.problem(variable, "must be a price id (letters, digits and _)");
+        env.problem(variable, "must be a price id (no spaces)");
         return None;
     };
     if app_env.is_production() && !id.is_stripe_price() {

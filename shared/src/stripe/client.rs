@@ -272,15 +272,14 @@ impl StripeClient {
             .run(
                 None,
                 |_| self.attempt(build()),
-                |failure: &Failure, retry| {
-                    if failure.after != After::Stop {
-                        tracing::warn!(
-                            class = failure.error.class(),
-                            retry = retry + 1,
-                            "retrying Stripe call"
-                        );
-                    }
-                    failure.after
+                |failure: &Failure, _| failure.after,
+                |failure, retry, delay| {
+                    tracing::warn!(
+                        class = failure.error.class(),
+                        retry,
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying Stripe call"
+                    );
                 },
             )
             .await;
