@@ -48,6 +48,15 @@ impl ApiError {
         error
     }
 
+    /// 415: the body must be JSON (`what` says what is expected).
+    pub fn unsupported_media_type(what: &'static str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            what,
+        )
+    }
+
     /// 413 with the limit in bytes.
     pub fn body_too_large(limit: usize) -> Self {
         Self::new(

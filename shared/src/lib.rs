@@ -2,6 +2,7 @@
 //! the Lambda adapter, the data store and the Stripe integration.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod function_url;

@@ -3,7 +3,7 @@
 //! header or a secret. Unset, nothing is installed and nothing costs anything.
 
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -47,10 +47,7 @@ impl Reporter {
     /// The envelope for one event.
     pub fn envelope(&self, function: &str, request_id: &str, level: &str, message: &str) -> String {
         let event_id = uuid::Uuid::new_v4().simple().to_string();
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default();
+        let timestamp = crate::clock::Clock::system().unix_ms() as f64 / 1000.0;
         let header = json!({"event_id": event_id});
         let item = json!({
             "event_id": event_id,

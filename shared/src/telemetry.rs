@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use tracing_subscriber::filter::Targets;
@@ -72,24 +72,46 @@ pub fn log_request(route: &str, status: u16, duration: Duration, request_id: &st
     }
 }
 
-/// Closes a request: status and duration metrics, the metrics line, the one log line, and a
-/// Sentry report when the answer is a server error.
-pub async fn finish_request(
-    mut metrics: MetricSet,
-    duration_metric: &'static str,
-    route: &str,
-    status: u16,
-    started: std::time::Instant,
-    request_id: &str,
-    outcome: &str,
-) {
-    let elapsed = started.elapsed();
-    metrics.status(status);
-    metrics.millis(duration_metric, elapsed);
-    metrics.flush();
-    log_request(route, status, elapsed, request_id, outcome);
-    if status >= 500 {
-        crate::sentry::report_server_error(route, request_id, outcome).await;
+/// The one name of the per-request duration metric, in every function.
+pub const DURATION_METRIC: &str = "Duration";
+
+/// One request's telemetry: its metric set, its id and when it started. Closed once, by
+/// [`RequestContext::finish`].
+pub struct RequestContext {
+    pub metrics: MetricSet,
+    pub request_id: String,
+    started: Instant,
+}
+
+impl RequestContext {
+    /// Starts the request `request_id`: its metric set carries the id as a property.
+    pub fn start(metrics: &Metrics, request_id: String) -> Self {
+        let mut set = metrics.start();
+        set.property("request_id", request_id.as_str());
+        Self {
+            metrics: set,
+            request_id,
+            started: Instant::now(),
+        }
+    }
+
+    /// Closes the request: status and duration metrics, the metrics line, the one log line,
+    /// and a Sentry report when the answer is a server error.
+    pub async fn finish(self, status: u16, outcome: &str) {
+        let Self {
+            mut metrics,
+            request_id,
+            started,
+        } = self;
+        let elapsed = started.elapsed();
+        let route = metrics.metrics.function;
+        metrics.status(status);
+        metrics.millis(DURATION_METRIC, elapsed);
+        metrics.flush();
+        log_request(route, status, elapsed, &request_id, outcome);
+        if status >= 500 {
+            crate::sentry::report_server_error(route, &request_id, outcome).await;
+        }
     }
 }
 
@@ -127,6 +149,11 @@ impl Metrics {
     /// Metrics for `function` (the `Function` dimension) written to `sink`.
     pub fn new(function: &'static str, sink: MetricsSink) -> Self {
         Self { function, sink }
+    }
+
+    /// Metrics for `function` on stdout, where Lambda's log agent picks up EMF lines.
+    pub fn stdout(function: &'static str) -> Self {
+        Self::new(function, MetricsSink::Stdout)
     }
 
     /// A memory sink and the lines it collects, for tests.
@@ -250,7 +277,7 @@ impl MetricSet {
 
     /// Writes the set as one EMF line (nothing when empty).
     pub fn flush(self) {
-        if let Some(line) = self.to_emf(now_millis()) {
+        if let Some(line) = self.to_emf(crate::clock::Clock::system().unix_ms() as u64) {
             self.metrics.write(line);
         }
     }
@@ -291,13 +318,6 @@ impl MetricSet {
     }
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +328,7 @@ mod tests {
         let mut set = metrics.start();
         set.count("Received", 1);
         set.count("Received", 1);
-        set.millis("ProcessingTime", Duration::from_millis(12));
+        set.millis("Duration", Duration::from_millis(12));
         set.count_by("Processed", "EventType", "invoice.paid", 1);
         set.property("request_id", "r-1");
         let doc: Value = serde_json::from_str(&set.to_emf(1000).unwrap()).unwrap();
@@ -317,7 +337,7 @@ mod tests {
 
         assert_eq!(doc["Function"], "webhook");
         assert_eq!(doc["Received"], 2.0);
-        assert_eq!(doc["ProcessingTime"], 12.0);
+        assert_eq!(doc["Duration"], 12.0);
         assert_eq!(doc["Processed"], 1.0);
         assert_eq!(doc["EventType"], "invoice.paid");
         assert_eq!(doc["request_id"], "r-1");
@@ -326,7 +346,7 @@ mod tests {
         assert_eq!(directives[0]["Dimensions"], json!([["Function"]]));
         assert_eq!(
             directives[0]["Metrics"][1],
-            json!({"Name": "ProcessingTime", "Unit": "Milliseconds"})
+            json!({"Name": "Duration", "Unit": "Milliseconds"})
         );
         assert_eq!(
             directives[1]["Dimensions"],

@@ -40,6 +40,31 @@ fn jwks_verifier(server: &MockServer, floor: Duration) -> Verifier {
     })
 }
 
+/// A project publishing an ES256 and an RS256 key in its JWKS, a verifier for it, and a
+/// user's claims with the project's issuer.
+struct Project {
+    es: EsKey,
+    rs: RsKey,
+    server: MockServer,
+    v: Verifier,
+    claims: serde_json::Value,
+}
+
+async fn project_with_published_keys() -> Project {
+    let es = EsKey::generate("es-key-1");
+    let rs = RsKey::load("rs-key-1");
+    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
+    let v = jwks_verifier(&server, Duration::from_secs(30));
+    let claims = tokens::user_claims(USER, Some(&format!("{}/auth/v1", server.uri())));
+    Project {
+        es,
+        rs,
+        server,
+        v,
+        claims,
+    }
+}
+
 #[tokio::test]
 async fn hs256_token_names_the_user() {
     let token = tokens::hs256(&tokens::user_claims(USER, None), SECRET);
@@ -79,9 +104,15 @@ async fn time_claims_allow_thirty_seconds_of_skew_like_postgrest() {
 async fn hs256_attacks_are_refused() {
     let v = hs_verifier();
     let good = tokens::user_claims(USER, None);
-    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+    // The good claims with one claim set to a value, or removed (`None`).
+    let with = |claim: &str, value: Option<serde_json::Value>| {
         let mut c = good.clone();
-        f(&mut c);
+        match value {
+            Some(value) => c[claim] = value,
+            None => {
+                c.as_object_mut().unwrap().remove(claim);
+            }
+        }
         tokens::hs256(&c, SECRET)
     };
     let cases: Vec<(&str, String, AuthError)> = vec![
@@ -102,48 +133,30 @@ async fn hs256_attacks_are_refused() {
         ),
         (
             "expired",
-            with(&|c| c["exp"] = json!(now() - 120)),
+            with("exp", Some(json!(now() - 120))),
             AuthError::Expired,
         ),
-        (
-            "no exp",
-            with(&|c| {
-                c.as_object_mut().unwrap().remove("exp");
-            }),
-            AuthError::Expired,
-        ),
+        ("no exp", with("exp", None), AuthError::Expired),
         (
             "not yet valid",
-            with(&|c| c["nbf"] = json!(now() + 600)),
+            with("nbf", Some(json!(now() + 600))),
             AuthError::NotYetValid,
         ),
         (
             "issued an hour ahead",
-            with(&|c| c["iat"] = json!(now() + 3600)),
+            with("iat", Some(json!(now() + 3600))),
             AuthError::IssuedInFuture,
         ),
         (
             "wrong audience",
-            with(&|c| c["aud"] = json!("anon")),
+            with("aud", Some(json!("anon"))),
             AuthError::InvalidAudience,
         ),
-        (
-            "no audience",
-            with(&|c| {
-                c.as_object_mut().unwrap().remove("aud");
-            }),
-            AuthError::InvalidAudience,
-        ),
-        (
-            "missing sub",
-            with(&|c| {
-                c.as_object_mut().unwrap().remove("sub");
-            }),
-            AuthError::InvalidSubject,
-        ),
+        ("no audience", with("aud", None), AuthError::InvalidAudience),
+        ("missing sub", with("sub", None), AuthError::InvalidSubject),
         (
             "sub not a uuid",
-            with(&|c| c["sub"] = json!("admin")),
+            with("sub", Some(json!("admin"))),
             AuthError::InvalidSubject,
         ),
         (
@@ -191,29 +204,18 @@ async fn hs256_attacks_are_refused() {
 
 #[tokio::test]
 async fn es256_and_rs256_tokens_verify_against_the_jwks() {
-    let es = EsKey::generate("es-key-1");
-    let rs = RsKey::load("rs-key-1");
-    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
-    let v = jwks_verifier(&server, Duration::from_secs(30));
-    let issuer = format!("{}/auth/v1", server.uri());
-    let claims = tokens::user_claims(USER, Some(&issuer));
+    let Project {
+        es,
+        rs,
+        server,
+        v,
+        claims,
+    } = project_with_published_keys().await;
 
-    assert_eq!(
-        v.verify(&es.sign(&claims), now())
-            .await
-            .unwrap()
-            .id
-            .to_string(),
-        USER
-    );
-    assert_eq!(
-        v.verify(&rs.sign(&claims), now())
-            .await
-            .unwrap()
-            .id
-            .to_string(),
-        USER
-    );
+    for token in [es.sign(&claims), rs.sign(&claims)] {
+        let user = v.verify(&token, now()).await.unwrap();
+        assert_eq!(user.id.to_string(), USER);
+    }
     assert_eq!(
         server.received_requests().await.unwrap().len(),
         1,
@@ -223,12 +225,13 @@ async fn es256_and_rs256_tokens_verify_against_the_jwks() {
 
 #[tokio::test]
 async fn asymmetric_attacks_are_refused() {
-    let es = EsKey::generate("es-key-1");
-    let rs = RsKey::load("rs-key-1");
-    let server = jwks_server(vec![es.jwk(), rs.jwk()]).await;
-    let v = jwks_verifier(&server, Duration::from_secs(30));
-    let issuer = format!("{}/auth/v1", server.uri());
-    let claims = tokens::user_claims(USER, Some(&issuer));
+    let Project {
+        es,
+        rs,
+        server: _server, // serves the JWKS until the test ends
+        v,
+        claims,
+    } = project_with_published_keys().await;
 
     // HS256 "signed" with the public key: never checked against a public key.
     let confused = tokens::hs256(&claims, &es.public_bytes());
@@ -321,20 +324,38 @@ async fn unknown_kid_refetches_once_then_respects_the_floor() {
     );
 }
 
+/// How long the verifier may take when its JWKS cannot be fetched: its HTTP client's total
+/// timeout (`shared::auth`: 2 s to connect, 4 s in all) and 2 s of slack for a slow machine.
+const JWKS_GIVE_UP: Duration = Duration::from_secs(4 + 2);
+
 #[tokio::test]
 async fn jwks_down_means_401_not_a_hang_or_a_500() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    let v = Verifier::new(AuthConfig {
-        hs256_secret: None,
-        supabase_url: Some(url.clone()),
-        jwks_refetch_floor: Duration::from_secs(1),
-    });
+    // Down: nothing listens on the port any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    // Hanging: the kernel accepts the connection, nobody ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hanging = format!("http://{}", silent.local_addr().unwrap());
     let es = EsKey::generate("k");
-    let claims = tokens::user_claims(USER, Some(&format!("{url}/auth/v1")));
-    assert_eq!(
-        v.verify(&es.sign(&claims), now()).await.err(),
-        Some(AuthError::UnknownKey)
-    );
+
+    for url in [down, hanging] {
+        let v = Verifier::new(AuthConfig {
+            hs256_secret: None,
+            supabase_url: Some(url.clone()),
+            jwks_refetch_floor: Duration::from_secs(1),
+        });
+        let token = es.sign(&tokens::user_claims(USER, Some(&format!("{url}/auth/v1"))));
+        let answer = tokio::time::timeout(JWKS_GIVE_UP, v.verify(&token, now()))
+            .await
+            .unwrap_or_else(|_| panic!("{url}: no answer within {JWKS_GIVE_UP:?}"));
+        let error = answer.expect_err("no key could be fetched");
+        assert_eq!(error, AuthError::UnknownKey, "{url}");
+        let api = error.to_api_error();
+        assert_eq!(
+            (api.status.as_u16(), api.code),
+            (401, "unknown_signing_key")
+        );
+    }
+    drop(silent);
 }

@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 use chat::request::Limits;
 use chat::rules::RuleBook;
 use serde_json::{json, Value};
-use shared::auth::{AuthConfig, Verifier};
+use shared::auth::AuthConfig;
 use shared::config::{Secret, StoreConfig};
-use shared::llm::LlmClient;
 use shared::retry::RetryPolicy;
 use shared::store::Store;
-use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::FunctionUrlRequest;
 use testkit::llm_fake;
@@ -36,7 +35,6 @@ fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
         openai_key: base_url.map(|_| Secret::new(OPENAI_KEY)),
         openai_base_url: base_url.unwrap_or("http://127.0.0.1:9").to_owned(),
         timeout: Duration::from_millis(800),
-        max_retries: 2,
         backoff: RetryPolicy {
             max_retries: 2,
             initial_delay: Duration::from_millis(10),
@@ -80,17 +78,7 @@ pub(crate) async fn spawn_app_with(
     let user = db.create_user(&sql).await.to_string();
     let mut config = config(&db.url, base_url);
     tweak(&mut config);
-    let (metrics, lines) = Metrics::in_memory("chat");
-    let state = chat::State {
-        store: Store::postgres(&db.url, 2).unwrap(),
-        llm: config
-            .openai_key
-            .clone()
-            .map(|k| LlmClient::new(&config.openai_base_url, k).unwrap()),
-        verifier: Verifier::new(config.auth.clone()),
-        config,
-        metrics,
-    };
+    let (state, lines) = apps::chat_state(config, Store::postgres(&db.url, 2).unwrap());
     App {
         db,
         state: Arc::new(state),
@@ -608,7 +596,7 @@ async fn impossible_invocation_deadline_is_ignored() {
     context.deadline = 1_000;
     request.extensions_mut().insert(context);
 
-    let deadline = chat::deadline_for(&request, &app.state.config);
+    let deadline = chat::deadline_for(&request, &app.state.config, app.state.clock);
     let response = chat::handle(app.state.clone(), request).await;
 
     assert!(
@@ -629,7 +617,7 @@ async fn near_invocation_deadline_shortens_the_budget() {
         .as_millis() as u64;
     context.deadline = now_ms + 3_000;
     request.extensions_mut().insert(context);
-    let deadline = chat::deadline_for(&request, &app.state.config);
+    let deadline = chat::deadline_for(&request, &app.state.config, app.state.clock);
     let left = deadline.saturating_duration_since(Instant::now());
     assert!(
         left <= Duration::from_millis(2_600) && left >= Duration::from_millis(2_000),
@@ -704,7 +692,7 @@ fn config_defaults_rules_path_and_production_rules() {
         "no key: rules only, the local default"
     );
     assert_eq!(config.timeout, Duration::from_millis(30_000));
-    assert_eq!(config.max_retries, 2);
+    assert_eq!(config.backoff.max_retries, 2);
     assert_eq!(config.limits.models, ["gpt-4o-mini"]);
 
     let dir = std::env::temp_dir().join(format!("rules-{}.json", uuid::Uuid::new_v4()));

@@ -7,10 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use shared::auth::Verifier;
-use shared::llm::LlmClient;
 use shared::store::Store;
-use shared::telemetry::Metrics;
+use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::FunctionUrlRequest;
 use testkit::{llm_fake, tokens};
@@ -73,17 +71,7 @@ async fn spawn(upstream: Option<&str>, vars: &[(&'static str, &str)]) -> App {
             .map(|(_, v)| v.clone())
     }))
     .unwrap();
-    let (metrics, lines) = Metrics::in_memory("chat");
-    let state = chat::State {
-        store: Store::postgres(&db.url, 2).unwrap(),
-        llm: config
-            .openai_key
-            .clone()
-            .map(|k| LlmClient::new(&config.openai_base_url, k).unwrap()),
-        verifier: Verifier::new(config.auth.clone()),
-        config,
-        metrics,
-    };
+    let (state, lines) = apps::chat_state(config, Store::postgres(&db.url, 2).unwrap());
     App {
         db,
         state: Arc::new(state),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use shared::store::Store;
+use shared::stripe::ids::PriceId;
 use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::{self, FunctionUrlRequest};
@@ -115,6 +116,12 @@ impl App {
             &fixtures::sign(&body, apps::WEBHOOK_SECRET),
         );
         fixtures::json_body(&webhook::handle(&state, request.into_request().unwrap()).await)
+    }
+
+    /// How many `payment_audit` rows of `kind` there are.
+    async fn audits(&self, kind: &str) -> i64 {
+        let sql = "select count(*) from payment_audit where kind = $1";
+        self.sql.query_one(sql, &[&kind]).await.unwrap().get(0)
     }
 }
 
@@ -305,16 +312,8 @@ async fn completed_session_is_reconciled_when_the_webhook_is_late() {
         .webhook_completes(session, first["order_id"].as_str().unwrap(), &user)
         .await;
     assert_eq!(webhook["outcome"], "applied");
-    assert_eq!(
-        app.scalar::<i64>("select count(*) from payment_audit where kind = 'order_paid'")
-            .await,
-        1
-    );
-    assert_eq!(
-        app.scalar::<i64>("select count(*) from payment_audit where kind = 'duplicate_payment'")
-            .await,
-        0
-    );
+    assert_eq!(app.audits("order_paid").await, 1);
+    assert_eq!(app.audits("duplicate_payment").await, 0);
 }
 
 #[tokio::test]
@@ -445,7 +444,7 @@ async fn stripe_timeout_is_a_503() {
 
 #[tokio::test]
 async fn stripe_refusing_the_price_is_a_502() {
-    let app = spawn_app_with(|c| c.price_id = "prod_not_a_price".into()).await;
+    let app = spawn_app_with(|c| c.price_id = PriceId::parse("prod_not_a_price").unwrap()).await;
     let user = app.user().await;
     let (status, body) = app.post(&user).await;
     assert_eq!(
@@ -534,12 +533,20 @@ async fn requests_without_a_valid_token_are_401() {
 #[tokio::test]
 async fn token_of_a_deleted_user_is_403() {
     let app = spawn_app().await;
-    let ghost = uuid::Uuid::new_v4().to_string();
-    let (status, body) = app.post(&ghost).await;
+    let user = app.user().await;
+    assert_eq!(app.post(&user).await.0, 200, "the user buys before");
+
+    let id = uuid::Uuid::parse_str(&user).unwrap();
+    let delete = "delete from auth.users where id = $1";
+    assert_eq!(app.sql.execute(delete, &[&id]).await.unwrap(), 1);
+    // The same token, still valid for an hour: the user it names is gone.
+    let (status, body) = app.post(&user).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (403, Some("unknown_user"))
     );
+    // No second session was asked of Stripe (the user's orders went with the user: cascade).
+    assert_eq!(app.stripe.create_requests().await.len(), 1);
 }
 
 #[tokio::test]
@@ -623,11 +630,7 @@ async fn success_page_poll_reconciles_before_the_webhook() {
         .webhook_completes(session, first["order_id"].as_str().unwrap(), &user)
         .await;
     assert_eq!(webhook["outcome"], "applied");
-    assert_eq!(
-        app.scalar::<i64>("select count(*) from payment_audit where kind = 'order_paid'")
-            .await,
-        1
-    );
+    assert_eq!(app.audits("order_paid").await, 1);
 }
 
 #[tokio::test]

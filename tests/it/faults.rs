@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shared::auth::{AuthConfig, Verifier};
+use shared::auth::AuthConfig;
 use shared::config::Secret;
-use shared::llm::LlmClient;
 use shared::store::Store;
 use shared::stripe::client::RetryPolicy;
-use shared::telemetry::Metrics;
 use testkit::apps;
 use testkit::db::TestDb;
 use testkit::fixtures::{self, FunctionUrlRequest};
@@ -219,13 +217,8 @@ async fn chat_answers_every_request_within_the_deadline_whatever_the_upstream_do
         initial_delay: Duration::from_millis(20),
         max_delay: Duration::from_millis(100),
     };
-    let state = Arc::new(chat::State {
-        store: Store::postgres(&db.url, 4).unwrap(),
-        llm: Some(LlmClient::new(&config.openai_base_url, Secret::new("sk-chaos")).unwrap()),
-        verifier: Verifier::new(config.auth.clone()),
-        config,
-        metrics: Metrics::in_memory("chat").0,
-    });
+    config.openai_key = Some(Secret::new("sk-chaos"));
+    let state = Arc::new(apps::chat_state(config, Store::postgres(&db.url, 4).unwrap()).0);
     let token = tokens::hs256(&tokens::user_claims(&user, None), JWT.as_bytes());
     let modes = [
         "ok",

@@ -1,8 +1,10 @@
 //! Hostile input: property-based tests (bounded by PROPTEST_CASES, default 256 per property) on
-//! every parser, and attacks on headers. No panic, no 5xx, bounded time.
+//! every parser, and attacks on headers. Each input is accepted as a valid value or refused with
+//! a 4xx (through the function's own error map): no panic, no 5xx, bounded time.
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -53,32 +55,39 @@ proptest! {
     }
 
     #[test]
-    fn event_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
-        let _ = shared::stripe::events::parse(&body);
-    }
-
-    #[test]
-    fn event_parser_survives_event_shaped_json(type_ in "(checkout\\.session\\.completed|invoice\\.paid|customer\\.subscription\\.updated|x)", object in any_json()) {
-        let body = serde_json::json!({"id": "evt_1", "type": type_, "created": 1, "livemode": false, "data": {"object": object}}).to_string();
-        if let Ok(event) = shared::stripe::events::parse(body.as_bytes()) {
-            let _ = event.event.effect();
+    fn any_bytes_are_an_event_or_a_400(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
+        let outcome = webhook::parse_event(&body);
+        if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+            prop_assert!(outcome.is_err(), "not JSON, yet an event");
         }
+        check_event(outcome)?;
     }
 
     #[test]
-    fn chat_request_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1024), json in any_json()) {
+    fn event_shaped_json_is_an_event_or_a_400(type_ in "(checkout\\.session\\.completed|invoice\\.paid|customer\\.subscription\\.updated|x)", object in any_json()) {
+        let body = serde_json::json!({"id": "evt_1", "type": type_, "created": 1, "livemode": false, "data": {"object": object}}).to_string();
+        let outcome = webhook::parse_event(body.as_bytes());
+        if type_ == "x" {
+            // A type the webhook does not handle is recorded as ignored, whatever its object.
+            prop_assert!(outcome.is_ok(), "{outcome:?}");
+        }
+        check_event(outcome)?;
+    }
+
+    #[test]
+    fn any_chat_body_is_a_valid_chat_or_a_400(body in proptest::collection::vec(any::<u8>(), 0..1024), json in any_json()) {
         let limits = chat::request::Limits {
             max_messages: 8, max_message_chars: 100, max_total_chars: 300, max_tokens: 64,
             allow_client_system: false, models: vec!["m".into()], default_model: "m".into(),
         };
-        let _ = chat::request::parse(&body, &limits);
+        check_chat(chat::request::parse(&body, &limits), &limits)?;
         let wrapped = serde_json::json!({"messages": [{"role": "user", "content": json}]}).to_string();
-        let _ = chat::request::parse(wrapped.as_bytes(), &limits);
+        check_chat(chat::request::parse(wrapped.as_bytes(), &limits), &limits)?;
         // The useChat body on the root, raw and with arbitrary parts.
-        let _ = chat::wire::parse("/", &body, &limits);
+        check_chat(chat::wire::parse("/", &body, &limits).map(|p| p.chat), &limits)?;
         let ui = serde_json::json!({"id": "c", "trigger": "regenerate-message",
             "messages": [{"id": "m", "role": "user", "parts": json}]}).to_string();
-        let _ = chat::wire::parse("/", ui.as_bytes(), &limits);
+        check_chat(chat::wire::parse("/", ui.as_bytes(), &limits).map(|p| p.chat), &limits)?;
     }
 
     #[test]
@@ -104,14 +113,50 @@ proptest! {
     }
 
     #[test]
-    fn rules_file_parser_never_panics(text in "\\PC{0,400}") {
-        let _ = chat::rules::RuleBook::parse(&text);
+    fn any_rules_file_is_a_rule_book_that_answers_or_an_error(
+        text in prop_oneof![
+            "\\PC{0,400}",
+            (any_json(), any_json()).prop_map(|(default_reply, rules)|
+                serde_json::json!({"default_reply": default_reply, "rules": rules}).to_string()),
+            ("\\PC{0,20}", "\\PC{0,20}").prop_map(|(reply, pattern)| serde_json::json!({
+                "default_reply": reply,
+                "rules": [{"name": "r", "priority": 1, "patterns": [pattern], "reply": "matched"}],
+            }).to_string()),
+        ],
+        question in "\\PC{0,40}",
+    ) {
+        // A rules file is read at cold start: a bad one is a configuration problem with a
+        // reason (CHAT_RULES_PATH), never a rule book that cannot answer.
+        match chat::rules::RuleBook::parse(&text) {
+            Ok(book) => {
+                // The file's own text holds its patterns, so asking it exercises the rules too.
+                for asked in [&question, &text] {
+                    prop_assert!(!book.answer(asked).reply.trim().is_empty());
+                }
+            }
+            Err(reason) => {
+                prop_assert!(!reason.is_empty());
+                if serde_json::from_str::<serde_json::Value>(&text).is_err() {
+                    prop_assert!(reason.starts_with("not a rules file"), "{reason}");
+                }
+            }
+        }
     }
 
     #[test]
-    fn lambda_adapter_never_panics_on_bodies(body in ".{0,300}", base64 in any::<bool>()) {
+    fn any_body_reaches_the_handler_as_sent_or_gets_a_400(body in ".{0,300}", base64 in any::<bool>()) {
         let request = FunctionUrlRequest::post("/", b"").raw_body(&body, base64);
-        let _ = request.into_request();
+        let decoded = base64::engine::general_purpose::STANDARD.decode(&body);
+        match request.into_request() {
+            Ok(request) => {
+                let expected = if base64 { decoded.unwrap() } else { body.into_bytes() };
+                prop_assert_eq!(request.body().as_ref(), expected.as_slice());
+            }
+            Err(answer) => {
+                prop_assert_eq!(answer.status(), http::StatusCode::BAD_REQUEST);
+                prop_assert!(base64 && decoded.is_err(), "a body was refused: {:?}", body);
+            }
+        }
     }
 
     #[test]
@@ -158,6 +203,73 @@ proptest! {
             prop_assert!(status.is_client_error(), "{status}");
         }
     }
+}
+
+/// An event or, through the webhook's one error map, a 400 `invalid_event`; an event's effect
+/// is the `p_effect` kind its type says.
+fn check_event(
+    outcome: Result<shared::stripe::events::ParsedEvent<'_>, webhook::WebhookError>,
+) -> Result<(), TestCaseError> {
+    match outcome {
+        Ok(parsed) => {
+            prop_assert!(parsed.id.starts_with("evt_"));
+            let effect = serde_json::to_value(parsed.event.effect()).unwrap();
+            let kind = match parsed.type_.as_str() {
+                "checkout.session.completed" => "checkout_session",
+                "invoice.paid" => "invoice",
+                "customer.subscription.updated" => "subscription",
+                _ => return Ok(()),
+            };
+            prop_assert_eq!(&effect["kind"], kind);
+        }
+        Err(e) => {
+            // The webhook's own refusal, through its one error map.
+            let answer = e.to_api_error();
+            prop_assert_eq!(
+                (answer.status.as_u16(), answer.code),
+                (400, "invalid_event")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A chat within `limits` or, through chat's one error map, a 400 with a stable code.
+fn check_chat(
+    outcome: Result<chat::request::Chat, chat::request::Invalid>,
+    limits: &chat::request::Limits,
+) -> Result<(), TestCaseError> {
+    match outcome {
+        Ok(chat) => {
+            prop_assert!(limits.models.contains(&chat.model));
+            prop_assert!((1..=limits.max_messages).contains(&chat.messages.len()));
+            prop_assert!((1..=limits.max_tokens).contains(&chat.max_tokens));
+            let chars: Vec<usize> = chat
+                .messages
+                .iter()
+                .map(|m| m.content.chars().count())
+                .collect();
+            prop_assert!(chars.iter().all(|&n| n <= limits.max_message_chars));
+            prop_assert!(chars.iter().sum::<usize>() <= limits.max_total_chars);
+            prop_assert!(chat
+                .messages
+                .iter()
+                .all(|m| m.role == "user" || m.role == "assistant"));
+            prop_assert!(chat
+                .messages
+                .iter()
+                .any(|m| m.role == "user" && !m.content.trim().is_empty()));
+        }
+        Err(invalid) => {
+            let code = invalid.code;
+            prop_assert!(
+                !code.is_empty() && code.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            );
+            let answer = chat::ChatError::Invalid(invalid).to_api_error();
+            prop_assert_eq!((answer.status.as_u16(), answer.code), (400, code));
+        }
+    }
+    Ok(())
 }
 
 /// A real function-URL event (POST /, JSON body).

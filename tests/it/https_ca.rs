@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use shared::config::Secret;
 use shared::stripe::client::{CallStats, RetryPolicy, StripeClient};
+use shared::stripe::ids::SessionId;
 use testkit::https_front::HttpsFront;
 use testkit::pg_tls::TestCa;
 use wiremock::matchers::any;
@@ -58,7 +59,10 @@ async fn without_the_ca_the_certificate_is_refused_as_untrusted() {
     )
     .unwrap();
     let error = stripe
-        .retrieve_checkout_session("cs_test_https_ca", &mut CallStats::default())
+        .retrieve_checkout_session(
+            &SessionId::parse("cs_test_https_ca").unwrap(),
+            &mut CallStats::default(),
+        )
         .await
         .expect_err("untrusted");
     assert_eq!(error.class(), "network", "{error}");

@@ -4,6 +4,15 @@
 use testkit::db::TestDb;
 use tokio_postgres::Client;
 
+/// The `user_id`s of `table` that `user`, signed in, can read.
+async fn owners_seen_by(client: &mut Client, user: &str, table: &str) -> Vec<String> {
+    let sql = format!("select user_id::text from {table}");
+    let rows = as_role(client, "authenticated", Some(user), &sql)
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
 async fn as_role(
     client: &mut Client,
     role: &str,
@@ -53,32 +62,12 @@ async fn users_read_only_their_own_rows() {
         .unwrap();
     }
 
-    let rows = as_role(
-        &mut sql,
-        "authenticated",
-        Some(&alice),
-        "select user_id::text from orders",
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        rows.iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>(),
+        owners_seen_by(&mut sql, &alice, "orders").await,
         vec![alice.clone()]
     );
-    let rows = as_role(
-        &mut sql,
-        "authenticated",
-        Some(&bob),
-        "select user_id::text from entitlements",
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        rows.iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>(),
+        owners_seen_by(&mut sql, &bob, "entitlements").await,
         vec![bob.clone()]
     );
     let anon = as_role(&mut sql, "anon", None, "select * from orders").await;

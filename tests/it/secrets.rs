@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use shared::auth::{AuthConfig, Verifier};
+use shared::auth::AuthConfig;
 use shared::config::{Secret, StoreConfig, StripeApi};
-use shared::llm::LlmClient;
 use shared::store::Store;
+use shared::stripe::ids::PriceId;
 use shared::telemetry::Metrics;
 use testkit::apps;
 use testkit::db::{url_for, TestDb};
@@ -86,7 +86,7 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
     let webhook_config = webhook::Config {
         secrets: vec![Secret::new(WEBHOOK_SECRET)],
         stripe: Some(stripe_api.clone()),
-        price_id: Some("price_1".into()),
+        price_id: Some(PriceId::parse("price_1").unwrap()),
         ..apps::webhook_config(StoreConfig::Postgres {
             url: Secret::new(&url),
             ca_pem: None,
@@ -171,13 +171,10 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
     }))
     .unwrap();
     chat_config.timeout = Duration::from_secs(2);
-    let chat_state = Arc::new(chat::State {
-        store: Store::postgres(&url, 1).unwrap(),
-        llm: Some(LlmClient::new(&chat_config.openai_base_url, Secret::new(OPENAI_KEY)).unwrap()),
-        verifier: Verifier::new(chat_config.auth.clone()),
-        config: chat_config,
-        metrics,
-    });
+    chat_config.openai_key = Some(Secret::new(OPENAI_KEY));
+    let chat_state = Arc::new(
+        chat::State::from_parts(chat_config, Store::postgres(&url, 1).unwrap(), metrics).unwrap(),
+    );
     for stream in [false, true] {
         let body = json!({"messages": [{"role": "user", "content": format!("hello {stream}")}], "stream": stream}).to_string();
         let request = FunctionUrlRequest::post("/", body.as_bytes())
@@ -315,14 +312,9 @@ async fn no_secret_reaches_logs_on_the_refusal_paths() {
         env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
     }))
     .unwrap();
-    let (metrics, chat_lines) = Metrics::in_memory("chat");
-    let chat_state = Arc::new(chat::State {
-        store: Store::postgres(&db.url, 1).unwrap(),
-        llm: Some(LlmClient::new(&chat_config.openai_base_url, Secret::new(OPENAI_KEY)).unwrap()),
-        verifier: Verifier::new(chat_config.auth.clone()),
-        config: chat_config,
-        metrics,
-    });
+    let (chat_state, chat_lines) =
+        apps::chat_state(chat_config, Store::postgres(&db.url, 1).unwrap());
+    let chat_state = Arc::new(chat_state);
     let member = tokens::hs256(&tokens::user_claims(&user, None), JWT_SECRET.as_bytes());
     let mut statuses = Vec::new();
     for (token, question) in [

@@ -1,5 +1,6 @@
 //! The webhook end to end: Stripe-Signature to rows in PostgreSQL.
 
+use shared::clock::Clock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -85,6 +86,22 @@ impl App {
 
     fn metric_total(&self, name: &str) -> f64 {
         apps::metric_total(&self.metrics, name)
+    }
+
+    /// Audit rows of `kind`.
+    async fn audits(&self, kind: &str) -> i64 {
+        let sql = format!("select count(*) from payment_audit where kind = '{kind}'");
+        self.count(&sql).await
+    }
+
+    /// Entitlement rows, active or not.
+    async fn entitlements(&self) -> i64 {
+        self.count("select count(*) from entitlements").await
+    }
+
+    /// The status of the only order.
+    async fn order_status(&self) -> String {
+        self.scalar("select status from orders").await
     }
 }
 
@@ -220,12 +237,8 @@ async fn twenty_concurrent_deliveries_apply_once() {
         .filter(|(_, b)| b["outcome"] == "duplicate")
         .count();
     assert_eq!((applied, duplicates), (1, 19));
-    assert_eq!(
-        app.count("select count(*) from payment_audit where kind = 'order_paid'")
-            .await,
-        1
-    );
-    assert_eq!(app.count("select count(*) from entitlements").await, 1);
+    assert_eq!(app.audits("order_paid").await, 1);
+    assert_eq!(app.entitlements().await, 1);
 }
 
 #[tokio::test]
@@ -242,11 +255,8 @@ async fn unpaid_completion_then_async_success_pays_the_order() {
         "unpaid",
     );
     assert_eq!(app.deliver(&completed).await.1["outcome"], "applied");
-    assert_eq!(
-        app.scalar::<String>("select status from orders").await,
-        "processing"
-    );
-    assert_eq!(app.count("select count(*) from entitlements").await, 0);
+    assert_eq!(app.order_status().await, "processing");
+    assert_eq!(app.entitlements().await, 0);
 
     let succeeded = checkout_event(
         "checkout.session.async_payment_succeeded",
@@ -256,10 +266,7 @@ async fn unpaid_completion_then_async_success_pays_the_order() {
         "paid",
     );
     assert_eq!(app.deliver(&succeeded).await.1["outcome"], "applied");
-    assert_eq!(
-        app.scalar::<String>("select status from orders").await,
-        "paid"
-    );
+    assert_eq!(app.order_status().await, "paid");
     assert_eq!(
         app.count("select count(*) from entitlements where active")
             .await,
@@ -296,16 +303,9 @@ async fn async_payment_failure_fails_the_order() {
     let (status, body) = app.deliver(&failed).await;
 
     assert_eq!((status, body["outcome"].as_str()), (200, Some("applied")));
-    assert_eq!(
-        app.scalar::<String>("select status from orders").await,
-        "failed"
-    );
-    assert_eq!(
-        app.count("select count(*) from payment_audit where kind = 'order_payment_failed'")
-            .await,
-        1
-    );
-    assert_eq!(app.count("select count(*) from entitlements").await, 0);
+    assert_eq!(app.order_status().await, "failed");
+    assert_eq!(app.audits("order_payment_failed").await, 1);
+    assert_eq!(app.entitlements().await, 0);
 }
 
 #[tokio::test]
@@ -372,10 +372,7 @@ async fn payment_after_local_expiry_still_pays() {
         "paid",
     );
     assert_eq!(app.deliver(&event).await.1["outcome"], "applied");
-    assert_eq!(
-        app.scalar::<String>("select status from orders").await,
-        "paid"
-    );
+    assert_eq!(app.order_status().await, "paid");
 }
 
 #[tokio::test]
@@ -478,11 +475,7 @@ async fn paid_session_without_an_order_is_not_granted_without_verification() {
         app.scalar::<String>("select detail from stripe_events").await,
         "paid session without an order, not granted: the webhook has no STRIPE_SECRET_KEY to read the session's line items"
     );
-    assert_eq!(
-        app.count("select count(*) from payment_audit where kind = 'session_unverified'")
-            .await,
-        1
-    );
+    assert_eq!(app.audits("session_unverified").await, 1);
     assert_eq!(app.metric_total("UnverifiedSessions"), 1.0);
 }
 
@@ -539,11 +532,7 @@ async fn second_paid_order_for_the_same_product_is_flagged() {
             .await,
         2
     );
-    assert_eq!(
-        app.count("select count(*) from payment_audit where kind = 'duplicate_payment'")
-            .await,
-        1
-    );
+    assert_eq!(app.audits("duplicate_payment").await, 1);
     assert_eq!(app.metric_total("DuplicatePayments"), 1.0);
 }
 
@@ -752,16 +741,8 @@ async fn invoice_events_in_both_shapes_update_the_invoice_and_audit_once() {
         Some("sub_1Pgc6rB7WZ01zgkWNy0Cn5nw")
     );
     assert!(row.get::<_, bool>(3));
-    assert_eq!(
-        app.count("select count(*) from payment_audit where kind = 'invoice_paid'")
-            .await,
-        1
-    );
-    assert_eq!(
-        app.count("select count(*) from payment_audit where kind = 'invoice_payment_failed'")
-            .await,
-        1
-    );
+    assert_eq!(app.audits("invoice_paid").await, 1);
+    assert_eq!(app.audits("invoice_payment_failed").await, 1);
 
     // A failed attempt delivered late does not reopen a paid invoice.
     let mut late = fixtures::load("stripe/invoice.payment_failed.acacia.json");
@@ -874,6 +855,28 @@ async fn expired_timestamp_is_rejected() {
         "timestamp_outside_tolerance",
     )
     .await;
+}
+
+/// The tolerance is judged by the function's clock, not the test's: a delivery signed now is
+/// refused by a webhook whose clock runs 301 s ahead, and accepted by one 290 s ahead.
+#[tokio::test]
+async fn the_tolerance_follows_the_functions_clock() {
+    let mut app = spawn_app().await;
+    let body = invoice_body();
+    let now = shared::stripe::signature::sign(&body, &Secret::new(SECRET), fixtures::now());
+    app.state.clock = Clock::shifted_ms(301_000);
+    assert_rejected(
+        &app,
+        FunctionUrlRequest::post("/", &body).header("stripe-signature", &now),
+        400,
+        "timestamp_outside_tolerance",
+    )
+    .await;
+    app.state.clock = Clock::shifted_ms(290_000);
+    let (status, answer) = app
+        .send(FunctionUrlRequest::post("/", &body).header("stripe-signature", &now))
+        .await;
+    assert_eq!(status, 200, "{answer}");
 }
 
 #[tokio::test]
@@ -1072,11 +1075,7 @@ async fn database_down_answers_503_and_redelivery_applies_once() {
         (503, Some("store_unavailable")),
         "{body}"
     );
-    assert_eq!(
-        app.scalar::<String>("select status from orders").await,
-        "pending",
-        "nothing half-applied"
-    );
+    assert_eq!(app.order_status().await, "pending", "nothing half-applied");
     assert_eq!(
         app.count(&format!(
             "select count(*) from stripe_events where id = '{}'",
@@ -1095,10 +1094,7 @@ async fn database_down_answers_503_and_redelivery_applies_once() {
     );
     let (status, body) = app.deliver(&event).await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("duplicate")));
-    assert_eq!(
-        app.scalar::<String>("select status from orders").await,
-        "paid"
-    );
+    assert_eq!(app.order_status().await, "paid");
     assert_eq!(app.count("select count(*) from payment_audit").await, 1);
 }
 

@@ -9,6 +9,7 @@ use shared::auth::AuthConfig;
 use shared::config::{Secret, StoreConfig, StripeApi, StripeMode};
 use shared::store::Store;
 use shared::stripe::client::{RetryPolicy, StripeClient};
+use shared::stripe::ids::PriceId;
 use shared::telemetry::Metrics;
 
 /// The webhook secret test deliveries are signed with.
@@ -17,6 +18,11 @@ pub const WEBHOOK_SECRET: &str = "whsec_test_integration_secret";
 pub const JWT_SECRET: &str = "local-jwt-secret-for-tests-at-least-32-chars";
 /// The full report's price in tests (the Stripe fake sells it at 1900 usd).
 pub const PRICE: &str = "price_full_report_test";
+
+/// [`PRICE`] as the config holds it.
+pub fn price() -> PriceId {
+    PriceId::parse(PRICE).expect("a price id")
+}
 
 /// Metric lines a state wrote (EMF JSON, one per request).
 pub type MetricLines = Arc<Mutex<Vec<String>>>;
@@ -98,7 +104,7 @@ pub fn checkout_config(db_url: &str, stripe_base: &str) -> checkout::Config {
         store: store_config(db_url),
         auth: auth_config(),
         stripe: stripe_api(stripe_base, 2, Duration::from_secs(2)),
-        price_id: PRICE.into(),
+        price_id: price(),
         success_url: "https://app.example.com/report/success?session_id={CHECKOUT_SESSION_ID}"
             .into(),
         cancel_url: "https://app.example.com/report".into(),
@@ -114,6 +120,13 @@ pub fn checkout_state(config: checkout::Config, store: Store) -> (checkout::Stat
     let (metrics, lines) = Metrics::in_memory("checkout");
     let mut state = checkout::State::from_parts(config, store, metrics).expect("checkout state");
     state.stripe = stripe_client(&state.config.stripe);
+    (state, lines)
+}
+
+/// The chat function over `store`, metrics in memory.
+pub fn chat_state(config: chat::Config, store: Store) -> (chat::State, MetricLines) {
+    let (metrics, lines) = Metrics::in_memory("chat");
+    let state = chat::State::from_parts(config, store, metrics).expect("chat state");
     (state, lines)
 }
 

@@ -122,21 +122,13 @@ impl Drop for TestDb {
         let name = self.name.clone();
         let admin = admin_url();
         // Drop runs outside any runtime guarantee: use a thread with its own small runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("drop database if exists {name} with (force)"))
-                        .await;
-                }
-            });
+        let _ = crate::on_own_runtime(async move {
+            if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
+                tokio::spawn(connection);
+                let _ = client
+                    .batch_execute(&format!("drop database if exists {name} with (force)"))
+                    .await;
+            }
         })
         .join();
     }

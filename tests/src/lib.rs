@@ -24,3 +24,20 @@ pub fn workspace_root() -> std::path::PathBuf {
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default()
 }
+
+/// Runs `work` to completion on a new thread with its own current-thread runtime, and returns
+/// the thread's handle: for code that runs outside any runtime (`Drop`) or must not block the
+/// caller's (a wiremock responder).
+pub fn on_own_runtime<F>(work: F) -> std::thread::JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(work);
+        }
+    })
+}

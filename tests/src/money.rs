@@ -79,7 +79,7 @@ impl World {
             stripe: setup
                 .webhook_key
                 .then(|| apps::stripe_api(&stripe.uri(), 1, Duration::from_secs(2))),
-            price_id: Some(apps::PRICE.into()),
+            price_id: Some(apps::price()),
             auto_refund: setup.auto_refund,
             ..apps::webhook_config(apps::store_config(&url))
         };

@@ -255,7 +255,7 @@ function init() {
       response = errorResponse(api, requestId);
       outcome = api.code;
     }
-    finishRequest(metrics, 'TotalLatency', ROUTE, response.statusCode, started, requestId, outcome);
+    finishRequest(metrics, 'Duration', ROUTE, response.statusCode, started, requestId, outcome);
     return response;
   };
 }

@@ -160,7 +160,7 @@ function init() {
       response = errorResponse(api, requestId);
       outcome = api.code;
     }
-    finishRequest(metrics, 'ProcessingTime', ROUTE, response.statusCode, started, requestId, outcome);
+    finishRequest(metrics, 'Duration', ROUTE, response.statusCode, started, requestId, outcome);
     return response;
   };
 }

@@ -2,11 +2,14 @@
 
 use std::sync::Arc;
 
+use shared::config::EnvReader;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init_tracing();
     shared::sentry::init_from_env(chat::ROUTE);
-    let config = chat::Config::from_env().inspect_err(|e| tracing::error!("{e}"))?;
+    let config =
+        chat::Config::read(EnvReader::from_env()).inspect_err(|e| tracing::error!("{e}"))?;
     let state = Arc::new(chat::State::new(config).inspect_err(|e| tracing::error!("{e}"))?);
     state.store.connect_early();
     if let Some(llm) = &state.llm {

@@ -35,14 +35,11 @@ pub struct Meta {
 }
 
 impl Meta {
-    /// A new answer id (`chatcmpl-...`).
-    pub fn new(model: &str, source: Source, fallback_reason: Option<String>) -> Self {
+    /// A new answer id (`chatcmpl-...`), created at `created` (Unix seconds).
+    pub fn new(model: &str, source: Source, fallback_reason: Option<String>, created: i64) -> Self {
         Self {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or_default(),
+            created,
             model: model.to_owned(),
             source,
             fallback_reason,

@@ -117,28 +117,30 @@ pub struct Invalid {
     pub message: String,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
+pub(crate) fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
     Invalid {
         code,
         message: message.into(),
     }
 }
 
+/// A body serde refused: `unknown_field` and `missing_field` say which field, anything else is
+/// `invalid_json` with `what` (the body's content never goes into the answer).
+pub(crate) fn refused_body(error: serde_json::Error, what: &str) -> Invalid {
+    let text = error.to_string();
+    if text.starts_with("unknown field") {
+        invalid("unknown_field", text)
+    } else if text.starts_with("missing field") {
+        invalid("missing_field", text)
+    } else {
+        invalid("invalid_json", what)
+    }
+}
+
 /// Parses and validates a request body.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<Chat, Invalid> {
-    let raw: RawRequest = serde_json::from_slice(body).map_err(|e| {
-        let text = e.to_string();
-        if text.starts_with("unknown field") {
-            invalid("unknown_field", text)
-        } else if text.starts_with("missing field") {
-            invalid("missing_field", text)
-        } else {
-            invalid(
-                "invalid_json",
-                "the body is not a valid chat completion request",
-            )
-        }
-    })?;
+    let raw: RawRequest = serde_json::from_slice(body)
+        .map_err(|e| refused_body(e, "the body is not a valid chat completion request"))?;
     let model = match raw.model {
         None => limits.default_model.clone(),
         Some(m) if limits.models.contains(&m) => m,

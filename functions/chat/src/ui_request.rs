@@ -9,7 +9,7 @@
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
-use crate::request::{self, Chat, Invalid, Limits};
+use crate::request::{self, invalid, Chat, Invalid, Limits};
 
 /// What the client asked for (`trigger`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,25 +113,10 @@ pub fn is_ui_body(body: &[u8]) -> bool {
     })
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
-    Invalid {
-        code,
-        message: message.into(),
-    }
-}
-
 /// Parses and validates a `useChat` body.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<UiChat, Invalid> {
-    let raw: RawUiRequest = serde_json::from_slice(body).map_err(|e| {
-        let text = e.to_string();
-        if text.starts_with("unknown field") {
-            invalid("unknown_field", text)
-        } else if text.starts_with("missing field") {
-            invalid("missing_field", text)
-        } else {
-            invalid("invalid_json", "the body is not a valid useChat request")
-        }
-    })?;
+    let raw: RawUiRequest = serde_json::from_slice(body)
+        .map_err(|e| request::refused_body(e, "the body is not a valid useChat request"))?;
     let trigger = match raw.trigger.as_deref() {
         None | Some("submit-message") => Trigger::Submit,
         Some("regenerate-message") => Trigger::Regenerate,

@@ -45,7 +45,7 @@ pub fn finish_reason(openai: &str) -> &'static str {
 
 /// The headers of a UI message stream around `body`, with the answer's source headers.
 pub fn response(meta: &Meta, body: StreamBody) -> Response<StreamBody> {
-    let mut response = crate::with_source(Response::new(body), meta);
+    let mut response = crate::respond::with_source(Response::new(body), meta);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -145,7 +145,12 @@ mod tests {
 
     #[test]
     fn whole_answer_has_exactly_the_documented_chunks() {
-        let meta = Meta::new("gpt-4o-mini", Source::Rules, Some("timeout".into()));
+        let meta = Meta::new(
+            "gpt-4o-mini",
+            Source::Rules,
+            Some("timeout".into()),
+            1_767_225_600,
+        );
         let got = chunks(&whole(&meta, "Hello", "stop"));
         let message_id = got[0]["messageId"].as_str().unwrap().to_owned();
         assert!(message_id.starts_with("msg-") && message_id.len() > 20);

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use shared::auth::AuthConfig;
 use shared::config::{self, ConfigError, EnvReader, StoreConfig, StripeApi};
+use shared::stripe::ids::PriceId;
 
 /// The checkout function's configuration.
 #[derive(Clone, Debug)]
@@ -11,7 +12,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub auth: AuthConfig,
     pub stripe: StripeApi,
-    pub price_id: String,
+    pub price_id: PriceId,
     pub success_url: String,
     pub cancel_url: String,
     pub session_ttl_s: u32,
@@ -22,11 +23,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::read(EnvReader::from_env())
-    }
-
     /// Reads through `env`.
     pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
         let app_env = env.app_env();
@@ -59,8 +55,8 @@ impl Config {
             env.integer("CHECKOUT_STATUS_RATE_LIMIT_PER_MIN", 60, 1..=10_000) as u32;
         let max_wait =
             Duration::from_millis(env.integer("CHECKOUT_MAX_WAIT_MS", 20_000, 100..=60_000));
-        let config = match (store, stripe) {
-            (Some(store), Some(stripe)) => Some(Config {
+        let config = match (store, stripe, price_id) {
+            (Some(store), Some(stripe), Some(price_id)) => Some(Config {
                 store,
                 auth,
                 stripe,

@@ -52,11 +52,9 @@ impl CheckoutError {
         match self {
             CheckoutError::Auth(e) => e.to_api_error(),
             CheckoutError::MethodNotAllowed => ApiError::method_not_allowed("GET, POST"),
-            CheckoutError::UnsupportedMediaType => ApiError::new(
-                S::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as application/json",
-            ),
+            CheckoutError::UnsupportedMediaType => {
+                ApiError::unsupported_media_type("send the body as application/json")
+            }
             CheckoutError::BodyTooLarge => ApiError::body_too_large(MAX_BODY_BYTES),
             CheckoutError::InvalidBody(code, message) => {
                 ApiError::new(S::BAD_REQUEST, code, message.clone())

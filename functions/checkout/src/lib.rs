@@ -13,15 +13,14 @@ pub mod request;
 pub mod session;
 pub mod status;
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
 use http::{header, Method, Response, StatusCode};
 use lambda_http::{Body, Request};
 use shared::auth::Verifier;
+use shared::clock::Clock;
 use shared::error::json_response;
 use shared::store::Store;
 use shared::stripe::client::StripeClient;
-use shared::telemetry::{self, MetricSet, Metrics};
+use shared::telemetry::{MetricSet, Metrics, RequestContext};
 
 pub use config::Config;
 pub use error::CheckoutError;
@@ -43,17 +42,15 @@ pub struct State {
     pub stripe: StripeClient,
     pub verifier: Verifier,
     pub metrics: Metrics,
+    /// The wall clock (token times).
+    pub clock: Clock,
 }
 
 impl State {
     /// Builds the clients (connections open lazily) and metrics on stdout.
     pub fn new(config: Config) -> Result<Self, String> {
         let store = Store::from_config(&config.store).map_err(|e| e.to_string())?;
-        Self::from_parts(
-            config,
-            store,
-            Metrics::new(ROUTE, telemetry::MetricsSink::Stdout),
-        )
+        Self::from_parts(config, store, Metrics::stdout(ROUTE))
     }
 
     /// The state over a given store and metrics sink (tests and benchmarks).
@@ -66,24 +63,22 @@ impl State {
             stripe,
             verifier,
             metrics,
+            clock: Clock::system(),
         })
     }
 }
 
 /// Handles one request: one log line and one metrics line, whatever the answer.
 pub async fn handle(state: &State, request: Request) -> Response<Body> {
-    let started = Instant::now();
-    let request_id = shared::lambda::request_id(&request);
-    let mut metrics = state.metrics.start();
-    metrics.property("request_id", request_id.as_str());
-    metrics.count("Requests", 1);
-
-    let now = unix_now();
+    let mut context = RequestContext::start(&state.metrics, shared::lambda::request_id(&request));
+    context.metrics.count("Requests", 1);
+    let metrics = &mut context.metrics;
+    let now = state.clock.unix_s();
     let result = match *request.method() {
-        Method::POST => purchase::post(state, &request, now, &mut metrics)
+        Method::POST => purchase::post(state, &request, now, metrics)
             .await
             .map(|a| json_response(StatusCode::OK, &a)),
-        Method::GET => status::get(state, &request, now, &mut metrics)
+        Method::GET => status::get(state, &request, now, metrics)
             .await
             .map(|a| json_response(StatusCode::OK, &a)),
         _ => Err(CheckoutError::MethodNotAllowed),
@@ -91,10 +86,10 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
     let (response, outcome) = match result {
         Ok(response) => (response, "ok".to_owned()),
         Err(error) => {
-            record_error(&error, &request_id, &mut metrics);
+            record_error(&error, &context.request_id, &mut context.metrics);
             let api = error.to_api_error();
             let code = api.code.to_owned();
-            let mut response = api.into_response(&request_id);
+            let mut response = api.into_response(&context.request_id);
             if matches!(error, CheckoutError::Auth(_)) {
                 response
                     .headers_mut()
@@ -103,24 +98,8 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
             (response, code)
         }
     };
-    telemetry::finish_request(
-        metrics,
-        "Duration",
-        ROUTE,
-        response.status().as_u16(),
-        started,
-        &request_id,
-        &outcome,
-    )
-    .await;
+    context.finish(response.status().as_u16(), &outcome).await;
     response
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 fn record_error(error: &CheckoutError, request_id: &str, metrics: &mut MetricSet) {

@@ -241,7 +241,7 @@ pub async fn create_at_stripe(
         ("product", FULL_REPORT),
     ];
     let params = NewCheckoutSession {
-        price: &config.price_id,
+        price: config.price_id.as_str(),
         quantity: 1,
         client_reference_id: &user_id,
         metadata: &metadata,

@@ -3,7 +3,7 @@
 use lambda_http::{Request, RequestExt};
 use serde::Deserialize;
 use shared::store::orders::FULL_REPORT;
-use shared::stripe::client::is_session_id;
+use shared::stripe::ids::SessionId;
 
 use crate::{CheckoutError, MAX_BODY_BYTES};
 
@@ -47,13 +47,12 @@ pub fn parse_body(request: &Request) -> Result<CheckoutRequest, CheckoutError> {
 }
 
 /// `?session_id=cs_...` of `GET`, if given.
-pub fn session_id_param(request: &Request) -> Result<Option<String>, CheckoutError> {
+pub fn session_id_param(request: &Request) -> Result<Option<SessionId>, CheckoutError> {
     let params = request.query_string_parameters();
     let Some(id) = params.first("session_id") else {
         return Ok(None);
     };
-    if !is_session_id(id) {
-        return Err(CheckoutError::InvalidSessionId);
-    }
-    Ok(Some(id.to_owned()))
+    SessionId::parse(id)
+        .map(Some)
+        .map_err(|_| CheckoutError::InvalidSessionId)
 }

@@ -4,21 +4,24 @@
 
 use shared::store::orders::{Order, OrderStatus};
 use shared::stripe::client::{CallStats, StripeError};
-use shared::stripe::events::{CheckoutSession, CheckoutTransition, Event};
+use shared::stripe::events::{CheckoutSession, CheckoutTransition, Event, PaymentStatus};
+use shared::stripe::ids::SessionId;
 use shared::telemetry::MetricSet;
 
 use crate::{CheckoutError, State};
 
-/// `GET /v1/checkout/sessions/{id}`, timed.
+/// `GET /v1/checkout/sessions/{id}` for a session id the database holds, timed.
 pub async fn retrieve(
     state: &State,
     session_id: &str,
     metrics: &mut MetricSet,
 ) -> Result<CheckoutSession, CheckoutError> {
+    let session_id = SessionId::parse(session_id)
+        .map_err(|e| StripeError::Decode(format!("an order holds {e}")))?;
     let mut stats = CallStats::default();
     let result = state
         .stripe
-        .retrieve_checkout_session(session_id, &mut stats)
+        .retrieve_checkout_session(&session_id, &mut stats)
         .await;
     metrics.millis("StripeLatency", stats.elapsed);
     Ok(result?)
@@ -62,7 +65,7 @@ pub fn transition_for(order: OrderStatus, session: &CheckoutSession) -> Option<C
     match session.status? {
         S::Complete
             if order == OrderStatus::Pending
-                || session.payment_status.as_deref() == Some("paid") =>
+                || session.payment_status == Some(PaymentStatus::Paid) =>
         {
             Some(CheckoutTransition::Completed)
         }
@@ -76,7 +79,10 @@ pub fn transition_for(order: OrderStatus, session: &CheckoutSession) -> Option<C
 /// order behind it is closed, so checkout never hands it out, and the expiry stays due.
 pub async fn expire(state: &State, session_id: &str, metrics: &mut MetricSet) -> bool {
     let mut stats = CallStats::default();
-    let result = state.stripe.expire_if_open(session_id, &mut stats).await;
+    let result = match SessionId::parse(session_id) {
+        Ok(id) => state.stripe.expire_if_open(&id, &mut stats).await,
+        Err(e) => Err(StripeError::Decode(e.to_string())),
+    };
     metrics.millis("StripeLatency", stats.elapsed);
     match result {
         Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {

@@ -5,6 +5,7 @@
 use lambda_http::Request;
 use serde::Serialize;
 use shared::store::orders::Status;
+use shared::stripe::ids::SessionId;
 use shared::telemetry::MetricSet;
 
 use crate::session::{reconcile, retrieve, transition_for};
@@ -36,7 +37,7 @@ pub async fn get(
         .store
         .checkout_status(
             user.id,
-            session_id.as_deref(),
+            session_id.as_ref().map(SessionId::as_str),
             state.config.status_rate_limit_per_min,
             RATE_WINDOW_S,
         )

@@ -13,18 +13,20 @@
 
 pub mod stripe_calls;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use http::{header, Method, Response, StatusCode};
 use lambda_http::{Body, Request};
 use serde::Serialize;
+use shared::clock::Clock;
 use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig, StripeApi, StripeMode};
 use shared::error::{json_response, ApiError};
 use shared::store::{ApplyOutcome, Outcome, Store, StoreError};
 use shared::stripe::client::StripeClient;
 use shared::stripe::events::{self, Event};
+use shared::stripe::ids::PriceId;
 use shared::stripe::signature::{self, SignatureError};
-use shared::telemetry::{self, MetricSet, Metrics};
+use shared::telemetry::{MetricSet, Metrics, RequestContext};
 
 /// The route name in logs.
 pub const ROUTE: &str = "webhook";
@@ -40,17 +42,12 @@ pub struct Config {
     /// Stripe API access (`STRIPE_SECRET_KEY` set): verification, refunds, expiry.
     pub stripe: Option<StripeApi>,
     /// `STRIPE_FULL_REPORT_PRICE_ID`: what a paid session without an order must contain.
-    pub price_id: Option<String>,
+    pub price_id: Option<PriceId>,
     /// `AUTO_REFUND_DUPLICATES` (default on): refund a second payment for an owned product.
     pub auto_refund: bool,
 }
 
 impl Config {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::read(EnvReader::from_env())
-    }
-
     /// Reads through `env`; needs only the store variables and `STRIPE_WEBHOOK_SECRET`. With
     /// `STRIPE_SECRET_KEY` (a restricted key with Checkout Sessions read and Refunds write is
     /// enough) it also verifies, refunds and expires at Stripe.
@@ -68,11 +65,7 @@ impl Config {
             .filter(|key| config::stripe_key_mode(key).is_some())
             .map(|key| StripeApi::read(&mut env, Secret::new(key), 3000, 1));
         let price_id = match env.optional("STRIPE_FULL_REPORT_PRICE_ID") {
-            Some(_) => Some(config::read_price_id(
-                &mut env,
-                "STRIPE_FULL_REPORT_PRICE_ID",
-                app_env,
-            )),
+            Some(_) => config::read_price_id(&mut env, "STRIPE_FULL_REPORT_PRICE_ID", app_env),
             None if stripe.is_some() && app_env.is_production() => {
                 env.problem(
                     "STRIPE_FULL_REPORT_PRICE_ID",
@@ -107,6 +100,8 @@ pub struct State {
     /// Present when the config has a Stripe key.
     pub stripe: Option<StripeClient>,
     pub metrics: Metrics,
+    /// The wall clock (signature tolerance, arrival times).
+    pub clock: Clock,
 }
 
 /// Why a delivery was not taken.
@@ -136,11 +131,9 @@ impl WebhookError {
     pub fn to_api_error(&self) -> ApiError {
         match self {
             WebhookError::MethodNotAllowed => ApiError::method_not_allowed("POST"),
-            WebhookError::UnsupportedMediaType => ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Stripe events are sent as application/json",
-            ),
+            WebhookError::UnsupportedMediaType => {
+                ApiError::unsupported_media_type("Stripe events are sent as application/json")
+            }
             WebhookError::BodyTooLarge(limit) => ApiError::body_too_large(*limit),
             WebhookError::Signature(e) => {
                 ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
@@ -180,11 +173,7 @@ impl State {
     /// Builds the clients (connections open lazily) and metrics on stdout.
     pub fn new(config: Config) -> Result<Self, String> {
         let store = Store::from_config(&config.store).map_err(|e| e.to_string())?;
-        Self::from_parts(
-            config,
-            store,
-            Metrics::new(ROUTE, telemetry::MetricsSink::Stdout),
-        )
+        Self::from_parts(config, store, Metrics::stdout(ROUTE))
     }
 
     /// The state over a given store and metrics sink (tests and benchmarks).
@@ -198,6 +187,7 @@ impl State {
             store,
             stripe,
             metrics,
+            clock: Clock::system(),
         })
     }
 }
@@ -211,13 +201,10 @@ struct Accepted<'a> {
 
 /// Handles one delivery: one log line and one metrics line per request, whatever the answer.
 pub async fn handle(state: &State, request: Request) -> Response<Body> {
-    let started = Instant::now();
-    let request_id = shared::lambda::request_id(&request);
-    let mut metrics = state.metrics.start();
-    metrics.property("request_id", request_id.as_str());
-    metrics.count("Received", 1);
+    let mut context = RequestContext::start(&state.metrics, shared::lambda::request_id(&request));
+    context.metrics.count("Received", 1);
 
-    let result = process(state, &request, &mut metrics).await;
+    let result = process(state, &request, &mut context.metrics).await;
     let (response, outcome) = match result {
         Ok((event_id, applied)) => {
             let outcome = applied.outcome.as_str();
@@ -229,22 +216,13 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
             (json_response(StatusCode::OK, &body), outcome.to_owned())
         }
         Err(error) => {
-            record_error(&error, &request_id, &mut metrics);
+            record_error(&error, &context.request_id, &mut context.metrics);
             let api = error.to_api_error();
             let code = api.code;
-            (api.into_response(&request_id), code.to_owned())
+            (api.into_response(&context.request_id), code.to_owned())
         }
     };
-    telemetry::finish_request(
-        metrics,
-        "ProcessingTime",
-        ROUTE,
-        response.status().as_u16(),
-        started,
-        &request_id,
-        &outcome,
-    )
-    .await;
+    context.finish(response.status().as_u16(), &outcome).await;
     response
 }
 
@@ -274,11 +252,11 @@ async fn process(
         body,
         header,
         &state.config.secrets,
-        unix_now(),
+        state.clock.unix_s(),
         state.config.tolerance,
     )?;
 
-    let parsed = events::parse(body).map_err(|e| WebhookError::InvalidEvent(e.to_string()))?;
+    let parsed = parse_event(body)?;
     if StripeMode::of_livemode(parsed.livemode) != state.config.stripe_mode {
         return Err(WebhookError::LivemodeMismatch {
             livemode: parsed.livemode,
@@ -344,6 +322,11 @@ async fn process(
     Ok((parsed.id, applied))
 }
 
+/// A verified body as an event, or the webhook's refusal of it (400 `invalid_event`).
+pub fn parse_event(body: &[u8]) -> Result<events::ParsedEvent<'_>, WebhookError> {
+    events::parse(body).map_err(|e| WebhookError::InvalidEvent(e.to_string()))
+}
+
 /// Applies the event; a unique violation means another delivery got there first, and the event
 /// is applied once more to learn the outcome (the function is one transaction: nothing of the
 /// first try remains).
@@ -354,14 +337,14 @@ async fn apply(
 ) -> Result<ApplyOutcome, StoreError> {
     match state
         .store
-        .apply_stripe_event(parsed, effect, unix_now_ms())
+        .apply_stripe_event(parsed, effect, state.clock.unix_ms())
         .await
     {
         Err(StoreError::Conflict(detail)) => {
             tracing::warn!(event_id = %parsed.id, detail, "unique violation; applying again");
             state
                 .store
-                .apply_stripe_event(parsed, effect, unix_now_ms())
+                .apply_stripe_event(parsed, effect, state.clock.unix_ms())
                 .await
         }
         other => other,
@@ -395,18 +378,4 @@ fn record_error(error: &WebhookError, request_id: &str, metrics: &mut MetricSet)
         }
         _ => {}
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
-fn unix_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }

@@ -15,6 +15,7 @@
 use shared::store::effect::{Verification, VerificationStatus};
 use shared::store::{ApplyOutcome, Effect, RefundDue};
 use shared::stripe::client::{CallStats, LineItem, StripeError};
+use shared::stripe::ids::{PriceId, SessionId};
 use shared::telemetry::MetricSet;
 
 use crate::{State, WebhookError};
@@ -33,11 +34,14 @@ pub async fn verify_session(
             "the webhook has no STRIPE_SECRET_KEY to read the session's line items",
         ));
     };
-    let Some(price_id) = state.config.price_id.as_deref() else {
+    let Some(price_id) = &state.config.price_id else {
         return Ok(unavailable("STRIPE_FULL_REPORT_PRICE_ID is not set"));
     };
     let mut stats = CallStats::default();
-    let items = stripe.list_line_items(session_id, &mut stats).await;
+    let items = match SessionId::parse(session_id) {
+        Ok(id) => stripe.list_line_items(&id, &mut stats).await,
+        Err(e) => Err(StripeError::Decode(e.to_string())),
+    };
     metrics.millis("StripeLatency", stats.elapsed);
     match items {
         Ok(items) => Ok(verdict(&items, price_id)),
@@ -53,10 +57,10 @@ pub async fn verify_session(
 }
 
 /// Verified when some line item is the product's price, with a positive quantity.
-pub fn verdict(items: &[LineItem], price_id: &str) -> Verification {
+pub fn verdict(items: &[LineItem], price_id: &PriceId) -> Verification {
     if items
         .iter()
-        .any(|i| i.price_id() == Some(price_id) && i.quantity.unwrap_or(1) > 0)
+        .any(|i| i.price_id() == Some(price_id.as_str()) && i.quantity.unwrap_or(1) > 0)
     {
         return Verification {
             status: VerificationStatus::Verified,
@@ -207,7 +211,11 @@ pub async fn expire_sessions(
     let mut confirmed = Vec::new();
     for session in sessions {
         let mut stats = CallStats::default();
-        match stripe.expire_if_open(session, &mut stats).await {
+        let expired = match SessionId::parse(session) {
+            Ok(id) => stripe.expire_if_open(&id, &mut stats).await,
+            Err(e) => Err(StripeError::Decode(e.to_string())),
+        };
+        match expired {
             Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {
                 tracing::info!(
                     session,
@@ -250,11 +258,12 @@ mod tests {
             (vec![item("price_report", 0)], VerificationStatus::Mismatch),
             (vec![], VerificationStatus::Mismatch),
         ];
+        let report = PriceId::parse("price_report").unwrap();
         for (items, want) in cases {
-            assert_eq!(verdict(&items, "price_report").status, want, "{items:?}");
+            assert_eq!(verdict(&items, &report).status, want, "{items:?}");
         }
         assert_eq!(
-            verdict(&[item("price_other", 1)], "price_report").detail,
+            verdict(&[item("price_other", 1)], &report).detail,
             "line items hold [price_other], not price_report"
         );
     }

@@ -80,6 +80,13 @@ pub enum LlmError {
     StreamStalled,
 }
 
+impl From<crate::retry::OutOfTime> for LlmError {
+    /// No time was left for an attempt: a timeout, as the caller sees it.
+    fn from(_: crate::retry::OutOfTime) -> Self {
+        LlmError::Timeout
+    }
+}
+
 impl LlmError {
     /// The class for logs and metrics.
     pub fn class(&self) -> &'static str {
@@ -196,6 +203,20 @@ impl LlmClient {
             .json(request)
     }
 
+    /// Sends `request`; a non-2xx answer is its classified error.
+    async fn send(&self, request: &Request<'_>) -> Result<reqwest::Response, LlmError> {
+        let response = self
+            .post(request)
+            .send()
+            .await
+            .map_err(|e| LlmError::from_reqwest(&e))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(LlmError::from_status(status, response.headers()));
+        }
+        Ok(response)
+    }
+
     /// One non-streamed attempt, bounded by `timeout` from send to the last byte.
     pub async fn complete(
         &self,
@@ -203,15 +224,7 @@ impl LlmClient {
         timeout: Duration,
     ) -> Result<Completion, LlmError> {
         let attempt = async {
-            let response = self
-                .post(request)
-                .send()
-                .await
-                .map_err(|e| LlmError::from_reqwest(&e))?;
-            let status = response.status().as_u16();
-            if !(200..300).contains(&status) {
-                return Err(LlmError::from_status(status, response.headers()));
-            }
+            let response = self.send(request).await?;
             let bytes = response
                 .bytes()
                 .await
@@ -242,15 +255,7 @@ impl LlmClient {
         first_token_timeout: Duration,
     ) -> Result<(Vec<sse::Event>, sse::EventStream), LlmError> {
         let attempt = async {
-            let response = self
-                .post(request)
-                .send()
-                .await
-                .map_err(|e| LlmError::from_reqwest(&e))?;
-            let status = response.status().as_u16();
-            if !(200..300).contains(&status) {
-                return Err(LlmError::from_status(status, response.headers()));
-            }
+            let response = self.send(request).await?;
             let mut stream = sse::EventStream::new(response);
             let mut first = Vec::new();
             loop {

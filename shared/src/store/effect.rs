@@ -9,7 +9,8 @@
 use serde::Serialize;
 
 use crate::stripe::events::{
-    id_of, CheckoutTransition, DisputeTransition, Event, InvoiceTransition, SubscriptionTransition,
+    id_of, CheckoutTransition, DisputeTransition, Event, InvoiceTransition, PaymentStatus,
+    SubscriptionTransition,
 };
 
 /// What the webhook found when it checked a paid session that matches no order of ours against
@@ -40,7 +41,7 @@ pub enum Effect {
         transition: CheckoutTransition,
         session_id: String,
         mode: Option<String>,
-        payment_status: Option<String>,
+        payment_status: Option<PaymentStatus>,
         /// Our `metadata[order_id]`.
         order_id: Option<String>,
         /// Our `metadata[user_id]`, else `client_reference_id`.
@@ -158,7 +159,7 @@ impl Event {
                 transition: *transition,
                 session_id: session.id.clone(),
                 mode: session.mode.clone(),
-                payment_status: session.payment_status.clone(),
+                payment_status: session.payment_status,
                 order_id: session.metadata("order_id"),
                 user_id: session
                     .metadata("user_id")
@@ -258,13 +259,8 @@ impl Event {
 mod tests {
     use super::*;
     use crate::stripe::events::parse;
+    use crate::stripe::events::tests::event;
     use serde_json::json;
-
-    fn event(type_: &str, object: serde_json::Value) -> String {
-        json!({"id": "evt_1", "object": "event", "type": type_, "created": 1_767_225_600,
-               "livemode": false, "api_version": "2026-07-29.dahlia", "data": {"object": object}})
-        .to_string()
-    }
 
     #[test]
     fn invoice_subscription_is_read_from_both_api_shapes() {

@@ -11,123 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::error::ErrorBody;
+pub use super::error::{retries_status, StripeError};
 use super::events::CheckoutSession;
+pub use super::events::Refund;
+use super::ids::SessionId;
 use crate::config::Secret;
 pub use crate::retry::RetryPolicy;
-
-/// Stripe's error body: `{"error": {"type", "code", "message", "param"}}`.
-#[derive(Debug, Default, Deserialize)]
-struct ErrorBody {
-    #[serde(default)]
-    error: ErrorDetail,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ErrorDetail {
-    #[serde(default, rename = "type")]
-    type_: Option<String>,
-    #[serde(default)]
-    code: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    param: Option<String>,
-}
-
-/// True for a Checkout Session id: `cs_` then letters, digits and `_`, at most 255 characters.
-pub fn is_session_id(id: &str) -> bool {
-    id.starts_with("cs_")
-        && (4..=255).contains(&id.len())
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// Whether a response with `status` and `Stripe-Should-Retry: should_retry` is retried, as
-/// Stripe's libraries decide.
-pub fn retries_status(status: u16, should_retry: Option<bool>) -> bool {
-    match should_retry {
-        Some(decision) => decision,
-        None => status == 409 || status == 429 || status >= 500,
-    }
-}
-
-/// A failed Stripe call.
-#[derive(Debug, thiserror::Error)]
-pub enum StripeError {
-    /// No answer: connect error, reset, or timeout (after retries).
-    #[error("Stripe unreachable ({})", if *.timeout { "timeout" } else { "network error" })]
-    Network { timeout: bool },
-    /// Stripe answered with an error (after retries when retryable). `replayed`: Stripe answered
-    /// from its idempotency store (`Idempotent-Replayed: true`), i.e. this is the stored result
-    /// of the first request made with the key, and the key will never give anything else.
-    #[error("Stripe {status} {type_}{}: {message}", code.as_deref().map(|c| format!("/{c}")).unwrap_or_default())]
-    Api {
-        status: u16,
-        type_: String,
-        code: Option<String>,
-        message: String,
-        param: Option<String>,
-        replayed: bool,
-    },
-    /// A 2xx body that is not the expected object.
-    #[error("unexpected Stripe response: {0}")]
-    Decode(String),
-}
-
-impl StripeError {
-    /// A short class for metrics and logs.
-    pub fn class(&self) -> &'static str {
-        match self {
-            StripeError::Network { timeout: true } => "timeout",
-            StripeError::Network { timeout: false } => "network",
-            StripeError::Decode(_) => "invalid_response",
-            StripeError::Api { status, type_, .. } => match (*status, type_.as_str()) {
-                (401 | 403, _) | (_, "authentication_error") => "authentication",
-                (429, _) => "rate_limited",
-                (409, _) => "conflict",
-                (s, _) if s >= 500 => "server",
-                (_, "idempotency_error") => "idempotency",
-                (_, "card_error") => "card",
-                _ => "invalid_request",
-            },
-        }
-    }
-
-    /// True when trying again later may succeed (Stripe down or busy).
-    pub fn is_transient(&self) -> bool {
-        !self.is_replayed()
-            && matches!(
-                self.class(),
-                "timeout" | "network" | "rate_limited" | "server" | "conflict"
-            )
-    }
-
-    /// True when Stripe answered from its idempotency store.
-    pub fn is_replayed(&self) -> bool {
-        matches!(self, StripeError::Api { replayed: true, .. })
-    }
-
-    /// Stripe's error code (`charge_already_refunded`, `resource_missing`, ...), if any.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            StripeError::Api { code, .. } => code.as_deref(),
-            _ => None,
-        }
-    }
-
-    /// True when the request under this idempotency key can never succeed: Stripe refused the
-    /// key (`idempotency_error`: other parameters) or replayed a stored error for it.
-    pub fn is_dead_key(&self) -> bool {
-        self.is_replayed() || self.class() == "idempotency"
-    }
-
-    /// The parameter Stripe named, if any.
-    pub fn param(&self) -> Option<&str> {
-        match self {
-            StripeError::Api { param, .. } => param.as_deref(),
-            _ => None,
-        }
-    }
-}
+use crate::retry::{After, OutOfTime};
 
 /// A line item of a Checkout Session, as far as the app reads it.
 #[derive(Clone, Debug, Deserialize)]
@@ -144,28 +35,6 @@ impl LineItem {
     /// The price id, whether the price is expanded or not.
     pub fn price_id(&self) -> Option<&str> {
         self.price.as_ref().map(|p| p.id())
-    }
-}
-
-/// A refund, as far as the app reads it (and hands to `record_duplicate_refund`).
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
-pub struct Refund {
-    pub id: String,
-    #[serde(default)]
-    pub amount: i64,
-    #[serde(default)]
-    pub currency: Option<String>,
-    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
-    #[serde(default)]
-    pub status: Option<String>,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-impl Refund {
-    /// True when the refund can no longer return the money (it failed or was canceled).
-    pub fn is_dead(&self) -> bool {
-        matches!(self.status.as_deref(), Some("failed" | "canceled"))
     }
 }
 
@@ -235,10 +104,9 @@ pub struct StripeClient {
     policy: RetryPolicy,
 }
 
-/// What one call cost: tries made and time spent (for metrics).
+/// What one call cost: the time spent, retries included (for metrics).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CallStats {
-    pub attempts: u32,
     pub elapsed: Duration,
 }
 
@@ -297,10 +165,10 @@ impl StripeClient {
     /// `GET /v1/checkout/sessions/{id}`.
     pub async fn retrieve_checkout_session(
         &self,
-        id: &str,
+        id: &SessionId,
         stats: &mut CallStats,
     ) -> Result<CheckoutSession, StripeError> {
-        let url = self.session_url(id, "")?;
+        let url = self.session_url(id, "");
         self.send(stats, || self.http.get(&url)).await
     }
 
@@ -308,10 +176,10 @@ impl StripeClient {
     /// answers 400 for a session that is not open (see [`StripeClient::expire_if_open`]).
     pub async fn expire_checkout_session(
         &self,
-        id: &str,
+        id: &SessionId,
         stats: &mut CallStats,
     ) -> Result<CheckoutSession, StripeError> {
-        let url = self.session_url(id, "/expire")?;
+        let url = self.session_url(id, "/expire");
         let key = format!("expire-{id}");
         self.send(stats, || {
             self.http.post(&url).header("Idempotency-Key", &key)
@@ -323,7 +191,7 @@ impl StripeClient {
     /// (read back when Stripe refused because it was no longer open: complete or expired).
     pub async fn expire_if_open(
         &self,
-        id: &str,
+        id: &SessionId,
         stats: &mut CallStats,
     ) -> Result<CheckoutSession, StripeError> {
         match self.expire_checkout_session(id, stats).await {
@@ -338,10 +206,10 @@ impl StripeClient {
     /// `GET /v1/checkout/sessions/{id}/line_items` (the first 100: a session of ours has one).
     pub async fn list_line_items(
         &self,
-        id: &str,
+        id: &SessionId,
         stats: &mut CallStats,
     ) -> Result<Vec<LineItem>, StripeError> {
-        let url = self.session_url(id, "/line_items?limit=100")?;
+        let url = self.session_url(id, "/line_items?limit=100");
         let list: List<LineItem> = self.send(stats, || self.http.get(&url)).await?;
         Ok(list.data)
     }
@@ -394,11 +262,8 @@ impl StripeClient {
         Ok(charge.payment_intent.map(|p| p.id().to_owned()))
     }
 
-    fn session_url(&self, id: &str, suffix: &str) -> Result<String, StripeError> {
-        if !is_session_id(id) {
-            return Err(StripeError::Decode("not a Checkout Session id".into()));
-        }
-        Ok(format!("{}/v1/checkout/sessions/{id}{suffix}", self.base))
+    fn session_url(&self, id: &SessionId, suffix: &str) -> String {
+        format!("{}/v1/checkout/sessions/{id}{suffix}", self.base)
     }
 
     async fn send<T: serde::de::DeserializeOwned>(
@@ -407,91 +272,97 @@ impl StripeClient {
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<T, StripeError> {
         let started = Instant::now();
-        let mut retry = 0;
-        loop {
-            stats.attempts += 1;
-            let result = build()
-                .bearer_auth(self.key.expose())
-                .header("Stripe-Version", super::API_VERSION)
-                .send()
-                .await;
-            let (error, retry_after, should_retry) = match result {
-                Err(e) => (
-                    {
-                        crate::http_client::log_if_untrusted(&e, "stripe");
-                        StripeError::Network {
-                            timeout: e.is_timeout(),
-                        }
-                    },
-                    None,
-                    None,
-                ),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let headers = response.headers().clone();
-                    let should_retry = headers
-                        .get("stripe-should-retry")
-                        .and_then(|v| v.to_str().ok())
-                        .map(|v| v.eq_ignore_ascii_case("true"));
-                    let replayed = headers
-                        .get("idempotent-replayed")
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-                    let retry_after = headers
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let body = response.bytes().await;
-                    match body {
-                        Err(e) => (
-                            StripeError::Network {
-                                timeout: e.is_timeout(),
-                            },
-                            None,
-                            None,
-                        ),
-                        Ok(bytes) if (200..300).contains(&status) => {
-                            stats.elapsed = started.elapsed();
-                            return serde_json::from_slice(&bytes)
-                                .map_err(|e| StripeError::Decode(e.to_string()));
-                        }
-                        Ok(bytes) => {
-                            let detail = serde_json::from_slice::<ErrorBody>(&bytes)
-                                .unwrap_or_default()
-                                .error;
-                            let error = StripeError::Api {
-                                status,
-                                type_: detail.type_.unwrap_or_else(|| "api_error".into()),
-                                code: detail.code,
-                                message: detail.message.unwrap_or_default(),
-                                param: detail.param,
-                                replayed,
-                            };
-                            // A replayed answer is what the key holds: asking again changes nothing.
-                            let retryable = !replayed && retries_status(status, should_retry);
-                            (error, retry_after, Some(retryable))
-                        }
-                    }
-                }
-            };
-            // Network errors are retried unless Stripe said otherwise.
-            let retryable = should_retry.unwrap_or(true);
-            if !retryable || retry >= self.policy.max_retries {
-                stats.elapsed = started.elapsed();
-                return Err(error);
+        let result = self
+            .policy
+            .run(
+                None,
+                |_| self.attempt(build()),
+                |failure: &Failure, _| failure.after,
+                |failure, retry, delay| {
+                    tracing::warn!(
+                        class = failure.error.class(),
+                        retry,
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying Stripe call"
+                    );
+                },
+            )
+            .await;
+        stats.elapsed = started.elapsed();
+        result.map_err(|failure| failure.error)
+    }
+
+    /// One try: the answer, or the error with what Stripe's libraries would do next.
+    async fn attempt<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, Failure> {
+        let sent = request
+            .bearer_auth(self.key.expose())
+            .header("Stripe-Version", super::API_VERSION)
+            .send()
+            .await;
+        // Network errors are retried.
+        let network = |e: reqwest::Error| {
+            crate::http_client::log_if_untrusted(&e, "stripe");
+            Failure {
+                error: StripeError::Network {
+                    timeout: e.is_timeout(),
+                },
+                after: After::Retry { retry_after: None },
             }
-            retry += 1;
-            let delay = self
-                .policy
-                .delay(retry, crate::retry::jitter(), retry_after);
-            tracing::warn!(
-                class = error.class(),
-                retry,
-                delay_ms = delay.as_millis() as u64,
-                "retrying Stripe call"
-            );
-            tokio::time::sleep(delay).await;
+        };
+        let response = sent.map_err(network)?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(network)?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| Failure {
+                error: StripeError::Decode(e.to_string()),
+                after: After::Stop,
+            });
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let should_retry = header("stripe-should-retry").map(|v| v.eq_ignore_ascii_case("true"));
+        let replayed =
+            header("idempotent-replayed").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let retry_after = header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let detail = serde_json::from_slice::<ErrorBody>(&bytes)
+            .unwrap_or_default()
+            .error;
+        // A replayed answer is what the key holds: asking again changes nothing.
+        let after = if !replayed && retries_status(status, should_retry) {
+            After::Retry { retry_after }
+        } else {
+            After::Stop
+        };
+        Err(Failure {
+            error: StripeError::Api {
+                status,
+                type_: detail.type_.unwrap_or_else(|| "api_error".into()),
+                code: detail.code,
+                message: detail.message.unwrap_or_default(),
+                param: detail.param,
+                replayed,
+            },
+            after,
+        })
+    }
+}
+
+/// A failed try and what to do about it.
+struct Failure {
+    error: StripeError,
+    after: After,
+}
+
+impl From<OutOfTime> for Failure {
+    fn from(_: OutOfTime) -> Self {
+        Failure {
+            error: StripeError::Network { timeout: true },
+            after: After::Stop,
         }
     }
 }
@@ -499,24 +370,6 @@ impl StripeClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retried_statuses_follow_stripe_libraries() {
-        for (status, header, want) in [
-            (409, None, true),
-            (429, None, true),
-            (500, None, true),
-            (503, None, true),
-            (400, None, false),
-            (401, None, false),
-            (402, None, false),
-            (404, None, false),
-            (400, Some(true), true),
-            (500, Some(false), false),
-        ] {
-            assert_eq!(retries_status(status, header), want, "{status} {header:?}");
-        }
-    }
 
     #[test]
     fn form_is_stable_and_carries_metadata_and_email() {
@@ -540,52 +393,5 @@ mod tests {
         ));
         assert!(encoded.ends_with("customer_email=a%40b.c"));
         assert_eq!(params.form(), params.form());
-    }
-
-    #[test]
-    fn error_classes() {
-        let api = |status: u16, type_: &str| StripeError::Api {
-            status,
-            type_: type_.into(),
-            code: None,
-            message: String::new(),
-            param: None,
-            replayed: false,
-        };
-        assert_eq!(api(401, "authentication_error").class(), "authentication");
-        assert_eq!(api(400, "invalid_request_error").class(), "invalid_request");
-        assert_eq!(api(400, "idempotency_error").class(), "idempotency");
-        assert_eq!(api(503, "api_error").class(), "server");
-        assert!(api(429, "rate_limit_error").is_transient());
-        assert!(!api(400, "invalid_request_error").is_transient());
-        assert_eq!(StripeError::Network { timeout: true }.class(), "timeout");
-        let replayed = StripeError::Api {
-            status: 500,
-            type_: "api_error".into(),
-            code: None,
-            message: String::new(),
-            param: None,
-            replayed: true,
-        };
-        assert!(!replayed.is_transient() && replayed.is_dead_key());
-        assert!(api(400, "idempotency_error").is_dead_key());
-        assert!(!api(400, "invalid_request_error").is_dead_key());
-    }
-
-    #[test]
-    fn session_ids_are_checked_once() {
-        for id in ["cs_test_a1", "cs_live_B_2"] {
-            assert!(is_session_id(id), "{id}");
-        }
-        for id in [
-            "",
-            "cs_",
-            "pi_123",
-            "cs_test/../x",
-            "cs_test a",
-            &format!("cs_{}", "a".repeat(253)),
-        ] {
-            assert!(!is_session_id(id), "{id}");
-        }
     }
 }

@@ -11,8 +11,10 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub use super::session::{CheckoutSession, PaymentStatus, SessionStatus};
+
 /// An id field that Stripe may send as an id or, when expanded, as an object with an `id`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Expandable {
     Id(String),
@@ -52,75 +54,6 @@ pub struct Envelope<'a> {
 pub struct EnvelopeData<'a> {
     #[serde(borrow)]
     pub object: &'a RawValue,
-}
-
-/// A Checkout Session, as far as the app reads it.
-#[derive(Clone, Debug, Deserialize)]
-pub struct CheckoutSession {
-    pub id: String,
-    #[serde(default)]
-    pub mode: Option<String>,
-    #[serde(default)]
-    pub status: Option<SessionStatus>,
-    #[serde(default)]
-    pub payment_status: Option<String>,
-    #[serde(default)]
-    pub client_reference_id: Option<String>,
-    #[serde(default)]
-    pub metadata: Option<HashMap<String, String>>,
-    #[serde(default)]
-    pub customer: Option<Expandable>,
-    #[serde(default)]
-    pub payment_intent: Option<Expandable>,
-    #[serde(default)]
-    pub amount_total: Option<i64>,
-    #[serde(default)]
-    pub currency: Option<String>,
-    #[serde(default)]
-    pub created: Option<i64>,
-    #[serde(default)]
-    pub expires_at: Option<i64>,
-    /// Only set while the session is open.
-    #[serde(default)]
-    pub url: Option<String>,
-}
-
-impl CheckoutSession {
-    /// A non-empty metadata value.
-    pub fn metadata(&self, key: &str) -> Option<String> {
-        self.metadata
-            .as_ref()
-            .and_then(|m| m.get(key))
-            .filter(|v| !v.is_empty())
-            .cloned()
-    }
-}
-
-/// A Checkout Session's `status`.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionStatus {
-    /// Payable: its `url` works.
-    Open,
-    /// The customer finished (paid, or an async payment in flight).
-    Complete,
-    /// Can no longer be paid.
-    Expired,
-    /// A status this code does not know (Stripe adds values without notice).
-    #[serde(other)]
-    Unknown,
-}
-
-impl SessionStatus {
-    /// The snake_case name Stripe uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionStatus::Open => "open",
-            SessionStatus::Complete => "complete",
-            SessionStatus::Expired => "expired",
-            SessionStatus::Unknown => "unknown",
-        }
-    }
 }
 
 /// A subscription, as far as the app reads it.
@@ -281,8 +214,9 @@ pub struct Charge {
     pub refunds: Option<List<Refund>>,
 }
 
-/// A refund, as far as the app reads it (`charge.refund.updated`, `refund.*`, a charge's list).
-#[derive(Clone, Debug, Deserialize)]
+/// A refund, as far as the app reads it (`charge.refund.updated`, `refund.*`, a charge's list,
+/// the Refunds API's answer, which `record_duplicate_refund` takes as it is).
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Refund {
     pub id: String,
     #[serde(default)]
@@ -298,6 +232,13 @@ pub struct Refund {
     pub payment_intent: Option<Expandable>,
     #[serde(default)]
     pub charge: Option<Expandable>,
+}
+
+impl Refund {
+    /// True when the refund can no longer return the money (it failed or was canceled).
+    pub fn is_dead(&self) -> bool {
+        matches!(self.status.as_deref(), Some("failed" | "canceled"))
+    }
 }
 
 /// A dispute, as far as the app reads it (`charge.dispute.*`).
@@ -530,11 +471,12 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent<'_>, EventError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn event(type_: &str, object: serde_json::Value) -> String {
+    /// An event of `type_` around `object`, as Stripe sends it.
+    pub(crate) fn event(type_: &str, object: serde_json::Value) -> String {
         json!({"id": "evt_1", "object": "event", "type": type_, "created": 1_767_225_600,
                "livemode": false, "api_version": "2026-07-29.dahlia", "data": {"object": object}})
         .to_string()

@@ -1,7 +1,10 @@
 //! Stripe: webhook signatures and typed events.
 
 pub mod client;
+pub mod error;
 pub mod events;
+pub mod ids;
+pub mod session;
 pub mod signature;
 
 /// The Stripe API version this code reads and, for API calls, pins (`Stripe-Version`).

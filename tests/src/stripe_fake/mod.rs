@@ -113,14 +113,7 @@ fn idempotent(
     }
     let (status, body, keep) = op(state);
     if let (Some(key), true) = (key, keep) {
-        state.idempotency.insert(
-            (endpoint.to_owned(), key),
-            Stored {
-                params,
-                status,
-                body: body.clone(),
-            },
-        );
+        Stored::keep(state, endpoint, key, params, status, &body);
     }
     json_response(status, body)
 }
@@ -173,14 +166,7 @@ fn create_session_now(state: &mut FakeState, request: &Request) -> ResponseTempl
         match state.scripted.pop_front() {
             Some(Scripted::Transient(template)) => return template,
             Some(Scripted::Stored(status, body)) => {
-                state.idempotency.insert(
-                    (endpoint.to_owned(), key),
-                    Stored {
-                        params,
-                        status,
-                        body: body.clone(),
-                    },
-                );
+                Stored::keep(state, endpoint, key, params, status, &body);
                 return json_response(status, body);
             }
             None => {}
@@ -250,14 +236,7 @@ fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let metadata: Map<String, Value> = params
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("metadata[")
-                .and_then(|r| r.strip_suffix(']'))
-                .map(|m| (m.to_owned(), json!(v)))
-        })
-        .collect();
+    let metadata = state::metadata_of(&params);
     let pi = get("payment_intent");
     let amount = get("amount").and_then(|a| a.parse::<i64>().ok());
     let reason = get("reason");
@@ -294,26 +273,18 @@ fn deliver_outbox(state: &mut FakeState, sink: Option<&(String, String)>) {
         let signature = crate::fixtures::sign(&body, secret);
         let url = url.clone();
         let type_ = event["type"].as_str().unwrap_or_default().to_owned();
-        std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                let result = reqwest::Client::new()
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("stripe-signature", signature)
-                    .body(body)
-                    .send()
-                    .await;
-                match result {
-                    Ok(r) => println!("fake-stripe: delivered {type_}: {}", r.status()),
-                    Err(e) => println!("fake-stripe: delivery of {type_} failed: {e}"),
-                }
-            });
+        crate::on_own_runtime(async move {
+            let result = reqwest::Client::new()
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("stripe-signature", signature)
+                .body(body)
+                .send()
+                .await;
+            match result {
+                Ok(r) => println!("fake-stripe: delivered {type_}: {}", r.status()),
+                Err(e) => println!("fake-stripe: delivery of {type_} failed: {e}"),
+            }
         });
     }
 }

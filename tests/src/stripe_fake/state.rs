@@ -29,6 +29,38 @@ pub struct Stored {
     pub body: Value,
 }
 
+/// The `metadata[key]=value` fields of a form, as Stripe returns them: `{"key": "value"}`.
+pub fn metadata_of(form: &[(String, String)]) -> Map<String, Value> {
+    form.iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("metadata[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(|m| (m.to_owned(), json!(v)))
+        })
+        .collect()
+}
+
+impl Stored {
+    /// Keeps `status` and `body` under `(endpoint, key)`, as Stripe keeps an idempotent answer.
+    pub fn keep(
+        state: &mut FakeState,
+        endpoint: &str,
+        key: String,
+        params: Vec<(String, String)>,
+        status: u16,
+        body: &Value,
+    ) {
+        state.idempotency.insert(
+            (endpoint.to_owned(), key),
+            Stored {
+                params,
+                status,
+                body: body.clone(),
+            },
+        );
+    }
+}
+
 /// Everything the fake holds.
 #[derive(Default)]
 pub struct FakeState {
@@ -150,14 +182,7 @@ impl FakeState {
             .and_then(|q| q.parse::<i64>().ok())
             .unwrap_or(1);
         let id = self.next_id("cs_test");
-        let metadata: Map<String, Value> = form
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix("metadata[")
-                    .and_then(|r| r.strip_suffix(']'))
-                    .map(|m| (m.to_owned(), json!(v)))
-            })
-            .collect();
+        let metadata = metadata_of(form);
         let url = match &self.pay_base {
             Some(base) => format!("{base}/pay/{id}"),
             None => {

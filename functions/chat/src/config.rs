@@ -1,0 +1,164 @@
+//! The chat function's configuration, read once per cold start.
+
+use std::time::Duration;
+
+use shared::auth::AuthConfig;
+use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig};
+use shared::retry::RetryPolicy;
+
+use crate::budget::Budgets;
+use crate::request::Limits;
+use crate::rules::RuleBook;
+
+/// The chat function's configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    /// `None`: rules only (no `OPENAI_API_KEY`).
+    pub openai_key: Option<Secret>,
+    pub openai_base_url: String,
+    pub timeout: Duration,
+    /// Retries of a failed LLM call (`LLM_MAX_RETRIES`) and the pauses between them.
+    pub backoff: RetryPolicy,
+    pub first_token_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_budget: Duration,
+    pub deadline_reserve: Duration,
+    pub limits: Limits,
+    pub system_prompt: String,
+    pub rate_limit_per_min: u32,
+    /// Token budgets and the limits of anonymous sessions.
+    pub budgets: Budgets,
+    pub cache_ttl_s: u32,
+    pub max_body_bytes: usize,
+    pub rules: RuleBook,
+}
+
+/// The stream idle timeout's default, shortened to `LLM_TIMEOUT_MS` when that is smaller.
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 15_000;
+
+const DEFAULT_SYSTEM_PROMPT: &str =
+    "You are the helpful assistant of this app. Answer briefly and \
+in the language of the user. For payments and accounts, point users to the app's own pages.";
+
+impl Config {
+    /// Reads through `env`.
+    pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
+        let app_env = env.app_env();
+        let store = StoreConfig::read(&mut env, app_env);
+        shared::http_client::check_extra_roots(&mut env);
+        let auth = config::read_auth(&mut env, app_env);
+        let openai_key = env.optional("OPENAI_API_KEY").map(Secret::new);
+        let rules_only = env.parsed("CHAT_RULES_ONLY", false, "true or false", |v| {
+            v.parse().ok()
+        });
+        if app_env.is_production() && openai_key.is_none() && !rules_only {
+            env.problem(
+                "OPENAI_API_KEY",
+                "is required when APP_ENV=production (or set CHAT_RULES_ONLY=true to answer from rules only)",
+            );
+        }
+        let openai_base_url = env
+            .optional("OPENAI_BASE_URL")
+            .unwrap_or_else(|| "https://api.openai.com/v1".into());
+        if !openai_base_url.starts_with("http://") && !openai_base_url.starts_with("https://") {
+            env.problem("OPENAI_BASE_URL", "must be an http(s) URL");
+        }
+        let timeout = Duration::from_millis(env.integer("LLM_TIMEOUT_MS", 30_000, 100..=600_000));
+        let max_retries = env.integer("LLM_MAX_RETRIES", 2, 0..=5) as u32;
+        // Neither stream timeout waits longer than LLM_TIMEOUT_MS unless configured on purpose.
+        let timeout_ms = timeout.as_millis() as u64;
+        let first_token_timeout = Duration::from_millis(env.integer(
+            "LLM_FIRST_TOKEN_TIMEOUT_MS",
+            timeout_ms,
+            100..=600_000,
+        ));
+        let idle_timeout = Duration::from_millis(env.integer(
+            "LLM_STREAM_IDLE_TIMEOUT_MS",
+            DEFAULT_IDLE_TIMEOUT_MS.min(timeout_ms),
+            100..=600_000,
+        ));
+        let total_budget =
+            Duration::from_millis(env.integer("LLM_TOTAL_BUDGET_MS", 55_000, 500..=900_000));
+        let deadline_reserve =
+            Duration::from_millis(env.integer("CHAT_DEADLINE_RESERVE_MS", 1500, 0..=60_000));
+        let default_model = env
+            .optional("LLM_MODEL")
+            .unwrap_or_else(|| "gpt-4o-mini".into());
+        let mut models: Vec<String> = env
+            .optional("LLM_MODELS")
+            .map(|v| {
+                v.split(',')
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !models.contains(&default_model) {
+            models.insert(0, default_model.clone());
+        }
+        let limits = Limits {
+            max_messages: env.integer("CHAT_MAX_MESSAGES", 50, 1..=1000) as usize,
+            max_message_chars: env.integer("CHAT_MAX_MESSAGE_CHARS", 8000, 1..=1_000_000) as usize,
+            max_total_chars: env.integer("CHAT_MAX_TOTAL_CHARS", 32_000, 1..=4_000_000) as usize,
+            max_tokens: env.integer("CHAT_MAX_TOKENS", 1024, 1..=128_000) as u32,
+            allow_client_system: env.parsed(
+                "CHAT_ALLOW_CLIENT_SYSTEM",
+                false,
+                "true or false",
+                |v| v.parse().ok(),
+            ),
+            models,
+            default_model,
+        };
+        let system_prompt = env
+            .optional("CHAT_SYSTEM_PROMPT")
+            .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into());
+        let rate_limit_per_min = env.integer("CHAT_RATE_LIMIT_PER_MIN", 20, 1..=100_000) as u32;
+        let budgets = Budgets::read(&mut env);
+        let cache_ttl_s = env.integer("CHAT_CACHE_TTL_S", 3600, 0..=30 * 86_400) as u32;
+        let max_body_bytes =
+            env.integer("CHAT_MAX_BODY_BYTES", 256 * 1024, 1024..=6 << 20) as usize;
+        let rules = match env.optional("CHAT_RULES_PATH") {
+            None => RuleBook::embedded(),
+            Some(path) => match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| RuleBook::parse(&t))
+            {
+                Ok(book) => book,
+                Err(why) => {
+                    env.problem(
+                        "CHAT_RULES_PATH",
+                        format!("is not a usable rules file ({why})"),
+                    );
+                    RuleBook::embedded()
+                }
+            },
+        };
+        let config = store.map(|store| Config {
+            store,
+            auth,
+            openai_key,
+            openai_base_url,
+            timeout,
+            backoff: RetryPolicy {
+                max_retries,
+                initial_delay: Duration::from_millis(500),
+                max_delay: Duration::from_secs(4),
+            },
+            first_token_timeout,
+            idle_timeout,
+            total_budget,
+            deadline_reserve,
+            limits,
+            system_prompt,
+            rate_limit_per_min,
+            budgets,
+            cache_ttl_s,
+            max_body_bytes,
+            rules,
+        });
+        env.finish_required(config, "DATABASE_URL")
+    }
+}
