@@ -131,30 +131,42 @@ pub fn extra_roots(value: &str) -> Result<Vec<CertificateDer<'static>>, String> 
 }
 
 /// The process's TLS configuration, made on first use: the web PKI roots, `HTTPS_CA_CERT`'s roots
-/// (a bad value was refused by [`check_extra_roots`] when the config was read), ring, TLS 1.2 and
-/// 1.3, HTTP/1.1 by ALPN. One configuration for every client, so the roots are loaded once and
+/// (read as [`check_extra_roots`] reads it, trimmed; a bad value fails the config read, which
+/// every function does before it serves: a client built earlier, Sentry's, logs it and trusts the
+/// web roots only), ring, TLS 1.2 and 1.3, HTTP/1.1 by ALPN. One configuration for every client, so the roots are loaded once and
 /// TLS sessions are resumed across clients.
 fn tls_config() -> &'static rustls::ClientConfig {
     static CONFIG: OnceLock<rustls::ClientConfig> = OnceLock::new();
     CONFIG.get_or_init(|| {
         let extra = match std::env::var(CA_VARIABLE) {
-            Ok(value) if !value.trim().is_empty() => extra_roots(&value).unwrap_or_else(|what| {
-                tracing::error!("{CA_VARIABLE} {what}; outbound HTTPS trusts the web roots only");
-                Vec::new()
-            }),
+            Ok(value) if !value.trim().is_empty() => {
+                extra_roots(value.trim()).unwrap_or_else(|what| {
+                    tracing::error!(
+                        "{CA_VARIABLE} {what}; outbound HTTPS trusts the web roots only"
+                    );
+                    Vec::new()
+                })
+            }
             _ => Vec::new(),
         };
         client_config(&extra)
     })
 }
 
-fn client_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+/// The roots outbound HTTPS trusts: every web PKI root, then `extra` added to them (never instead
+/// of them).
+pub fn root_store(extra: &[CertificateDer<'static>]) -> RootCertStore {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra {
         // Checked by `extra_roots`.
         let _ = roots.add(cert.clone());
     }
+    roots
+}
+
+fn client_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let roots = root_store(extra);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

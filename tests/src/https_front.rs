@@ -3,6 +3,7 @@
 //! `HTTPS_CA_CERT` tests and by the benchmark's TLS setting (Stripe, OpenAI, PostgREST, JWKS).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -10,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// A running TLS front on a free loopback port. Stops when dropped.
 pub struct HttpsFront {
     pub addr: SocketAddr,
+    handshakes: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -27,14 +29,18 @@ impl HttpsFront {
             .expect("bind HTTPS front");
         let addr = listener.local_addr().expect("HTTPS front addr");
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let counted = handshakes.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
                     let Ok(mut tls) = acceptor.accept(client).await else {
                         return;
                     };
+                    counted.fetch_add(1, Ordering::SeqCst);
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -43,7 +49,16 @@ impl HttpsFront {
                 });
             }
         });
-        HttpsFront { addr, task }
+        HttpsFront {
+            addr,
+            handshakes,
+            task,
+        }
+    }
+
+    /// TLS handshakes completed so far (one per connection a client opened).
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
     }
 
     /// Starts a front for the fake at `uri` (`http://127.0.0.1:port`, as wiremock gives it).

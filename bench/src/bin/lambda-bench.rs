@@ -983,6 +983,13 @@ fn print_tls(
         (Some(a), Some(b)) => format!("{:.1}x", b / a.max(f64::MIN_POSITIVE)),
         _ => "not run".into(),
     };
+    // The TLS figures mean nothing if a session went around TLS: stop the run instead.
+    assert!(
+        peers.db_plain_sessions() == 0,
+        "database sessions in the TLS setting: {} over TLS, {} in plain text",
+        peers.db_tls_sessions(),
+        peers.db_plain_sessions()
+    );
     println!();
     println!(
         "TLS setting: every peer behind TLS with a CA made for the run (database `sslmode=verify-full` \

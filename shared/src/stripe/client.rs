@@ -302,14 +302,19 @@ impl StripeClient {
             .header("Stripe-Version", super::API_VERSION)
             .send()
             .await;
-        // Network errors are retried.
+        // Network errors are retried, except a refused certificate: only configuration helps.
         let network = |e: reqwest::Error| {
             crate::http_client::log_if_untrusted(&e, "stripe");
+            let after = if crate::http_client::untrusted_certificate(&e) {
+                After::Stop
+            } else {
+                After::Retry { retry_after: None }
+            };
             Failure {
                 error: StripeError::Network {
                     timeout: e.is_timeout(),
                 },
-                after: After::Retry { retry_after: None },
+                after,
             }
         };
         let response = sent.map_err(network)?;
