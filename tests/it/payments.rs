@@ -823,6 +823,68 @@ async fn a_refund_that_fails_gives_the_report_back() {
     );
 }
 
+/// Found by the payments model (500 cases): a user refunded in full may buy again and clicks; then
+/// the refund fails and the report comes back. The session handed out meanwhile must not stay
+/// payable (I1, I2): the reversal closes its order and the webhook expires it at Stripe.
+#[tokio::test]
+async fn a_refund_that_fails_after_a_new_click_expires_the_new_session() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, pi) = buy(&w, &user).await;
+    let refund = w.stripe.refund(&pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let (status, again) = w.click(&user).await;
+    assert_eq!(status, 200, "refunded: the user may buy again: {again}");
+    let new_session = again["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        w.open_sessions_of(&user),
+        std::slice::from_ref(&new_session)
+    );
+
+    w.stripe
+        .fail_refund(refund["id"].as_str().unwrap())
+        .unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    assert!(w.owns(&user).await, "the money is the merchant's again");
+    assert!(
+        w.open_sessions_of(&user).is_empty(),
+        "the new session was expired at Stripe"
+    );
+    let order = w.order_of(&new_session).await;
+    assert_eq!(
+        (order["status"].clone(), order["closed_reason"].clone()),
+        (json!("expired"), json!("superseded"))
+    );
+    let (status, body) = w.click(&user).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("already_paid"))
+    );
+}
+
+/// A payment applied after its full refund (charge.refunded delivered first) is audited as
+/// refunded too, as it would be had the refund come after.
+#[tokio::test]
+async fn a_payment_applied_after_its_refund_is_audited_refunded() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let pi = w.stripe.pay(&session).unwrap();
+    w.stripe.refund(&pi, None).unwrap();
+    let events = w.stripe.take_events();
+    assert_eq!(w.deliver(&events[1]).await.1["outcome"], "ignored");
+    assert_eq!(w.deliver(&events[0]).await.1["outcome"], "applied");
+
+    let kinds: Vec<String> = w
+        .scalar::<Vec<String>>(
+            "select array_agg(kind order by id) from payment_audit where kind like 'order_%'",
+        )
+        .await;
+    assert_eq!(kinds, ["order_paid", "order_refunded"]);
+}
+
 #[tokio::test]
 async fn a_duplicates_refund_that_fails_is_made_again_under_the_next_key() {
     let w = world().await;

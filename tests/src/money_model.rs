@@ -656,13 +656,23 @@ impl<'w> Run<'w> {
                 }
             }
         }
-        // I2: no click answered 200 after the user's payment was applied.
+        // I2: no click answered 200 while the user owned the product: an order paid before the
+        // click and not refunded at that moment (a full refund revokes; its failure restores,
+        // and then the click's session must be expired, I1 above).
         for (user, t0) in &self.clicks_ok {
-            let late: i64 = scalar(w, &format!(
-                "select count(*) from orders where user_id = '{}'::uuid and status in ('paid', 'disputed')
-                 and paid_at < '{t0}'::timestamptz",
-                self.users[*user]
-            ))
+            let late: i64 = scalar(
+                w,
+                &format!(
+                    "select count(*) from orders o where o.user_id = '{}'::uuid
+                   and o.status in ('paid', 'disputed') and o.paid_at < '{t0}'::timestamptz
+                   and coalesce((select a.kind from payment_audit a
+                                 where a.order_id = o.id and a.created_at < '{t0}'::timestamptz
+                                   and a.kind in ('order_refunded', 'refund_reversed')
+                                 order by a.created_at desc, a.id desc limit 1),
+                                'refund_reversed') <> 'order_refunded'",
+                    self.users[*user]
+                ),
+            )
             .await;
             if late > 0 {
                 return Err(format!(
