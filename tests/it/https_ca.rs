@@ -28,6 +28,29 @@ async fn https_fake() -> (TestCa, MockServer, HttpsFront) {
     (ca, fake, front)
 }
 
+/// Runs the ignored test `name` of this binary in a child process whose `HTTPS_CA_CERT` is `ca`
+/// (read once per process, so it cannot be set in this one) and which finds the fake at `front`;
+/// the child's test must pass.
+async fn run_child(name: &'static str, ca: &TestCa, front: &HttpsFront) {
+    let (pem, url) = (ca.pem(), front.uri());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--ignored"])
+            .env(shared::http_client::CA_VARIABLE, pem)
+            .env(CHILD_URL, url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn a_client_trusting_the_test_ca_reaches_the_https_fake() {
     let (ca, _fake, front) = https_fake().await;
@@ -79,28 +102,8 @@ async fn without_the_ca_the_certificate_is_refused_as_untrusted() {
 #[tokio::test]
 async fn the_variable_is_trusted_by_a_fresh_process() {
     let (ca, fake, front) = https_fake().await;
-    let (pem, url) = (ca.pem(), front.uri());
     // The variable is read once per process: a child process of this test binary runs the check.
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "https_ca::child_trusts_https_ca_cert",
-                "--ignored",
-            ])
-            .env(shared::http_client::CA_VARIABLE, pem)
-            .env(CHILD_URL, url)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_child("https_ca::child_trusts_https_ca_cert", &ca, &front).await;
     assert_eq!(fake.received_requests().await.unwrap().len(), 1);
 }
 
@@ -133,27 +136,7 @@ async fn the_warm_up_opens_the_connection_the_first_call_uses_without_the_key() 
         .mount(&fake)
         .await;
     let front = HttpsFront::for_uri(&fake.uri(), ca.server_config(&["127.0.0.1"])).await;
-    let (pem, url) = (ca.pem(), front.uri());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "https_ca::child_warms_up_then_calls",
-                "--ignored",
-            ])
-            .env(shared::http_client::CA_VARIABLE, pem)
-            .env(CHILD_URL, url)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_child("https_ca::child_warms_up_then_calls", &ca, &front).await;
     let requests = fake.received_requests().await.unwrap();
     let methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(methods, ["HEAD", "POST"]);
