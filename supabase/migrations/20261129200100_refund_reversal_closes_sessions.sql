@@ -6,6 +6,25 @@
 -- so a click and the reversal are serialized like a click and a payment. The audit also says
 -- `order_refunded` when a payment is applied after its refund (charge.refunded came first).
 
+-- The user owns `p_owned`'s product (a payment, or a refund that failed): their other pending
+-- orders close (`superseded`, audited), and their sessions are to be expired at Stripe until
+-- confirmed (I1). One place for the paid path and the refund reversal.
+create or replace function billing.supersede_pending(p_event_id text, p_owned public.orders)
+returns void
+language sql set search_path = ''
+as $$
+  with closed as (
+    update public.orders set status = 'expired', closed_reason = 'superseded',
+      session_claimed_until = null,
+      session_expire_pending = stripe_checkout_session_id is not null, updated_at = now()
+    where user_id = p_owned.user_id and product = p_owned.product and status = 'pending'
+      and id <> p_owned.id
+    returning id
+  )
+  insert into public.payment_audit (event_id, user_id, kind, order_id)
+  select p_event_id, p_owned.user_id, 'order_superseded', id from closed;
+$$;
+
 create or replace function billing.apply_refund(p_event_id text, p_effect jsonb)
 returns jsonb
 language plpgsql set search_path = ''
@@ -64,15 +83,7 @@ begin
     -- The refund failed: the user owns the product again. Orders opened while it was refunded
     -- close, and their sessions are to be expired at Stripe until confirmed (I1, I2), as when a
     -- payment closes them.
-    with closed as (
-      update public.orders set status = 'expired', closed_reason = 'superseded',
-        session_claimed_until = null,
-        session_expire_pending = stripe_checkout_session_id is not null, updated_at = now()
-      where user_id = v_order.user_id and product = v_order.product and status = 'pending'
-      returning id
-    )
-    insert into public.payment_audit (event_id, user_id, kind, order_id)
-    select p_event_id, v_order.user_id, 'order_superseded', id from closed;
+    perform billing.supersede_pending(p_event_id, v_order);
   end if;
   if v_before is distinct from v_order.status then
     insert into public.payment_audit (event_id, user_id, kind, order_id, amount, currency, reference)
@@ -153,16 +164,7 @@ begin
 
   -- The user owns the product now: their other pending orders close, and their sessions are to
   -- be expired at Stripe until confirmed (I1).
-  with closed as (
-    update public.orders set status = 'expired', closed_reason = 'superseded',
-      session_claimed_until = null,
-      session_expire_pending = stripe_checkout_session_id is not null, updated_at = now()
-    where user_id = v_order.user_id and product = v_order.product and status = 'pending'
-      and id <> v_order.id
-    returning id
-  )
-  insert into public.payment_audit (event_id, user_id, kind, order_id)
-  select p_event_id, v_order.user_id, 'order_superseded', id from closed;
+  perform billing.supersede_pending(p_event_id, v_order);
   v_expire := billing.expiries_due(v_order.user_id, v_order.product);
 
   v_order := billing.settle_order(v_order.id);
