@@ -27,6 +27,21 @@ async fn buy(w: &World, user: &str) -> (String, String) {
     (session, pi)
 }
 
+/// The idempotency keys of every refund request the fake received, in order.
+async fn refund_keys(w: &World) -> Vec<String> {
+    w.stripe
+        .requests_to("POST", "/v1/refunds")
+        .await
+        .iter()
+        .filter_map(|r| {
+            r.headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 /// Makes every paid transaction of `orders` hold for `ms` after it marks an order paid, before
 /// it commits: the window a click can fall into, widened on purpose.
 async fn widen_paid_window(w: &World, ms: u32) {
@@ -657,18 +672,7 @@ async fn a_second_payment_is_refunded_once_and_the_report_stays() {
     assert_eq!(w.stripe.charge(&link_pi).unwrap()["refunded"], false);
     assert_eq!(w.order_of(&session).await["status"], "refunded");
     assert_eq!(w.webhook_metric("DuplicateRefunds"), 1.0);
-    let keys: Vec<String> = w
-        .stripe
-        .requests_to("POST", "/v1/refunds")
-        .await
-        .iter()
-        .filter_map(|r| {
-            r.headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .collect();
+    let keys = refund_keys(&w).await;
     assert_eq!(keys, vec![format!("refund-duplicate-{pi}")]);
     let health: Value = w.scalar("select public.payment_health(1)").await;
     assert_eq!(
@@ -700,18 +704,7 @@ async fn a_refund_key_holding_a_stored_500_gives_way_to_the_next_key() {
     assert!(w.deliver_all().await.is_empty());
     assert_eq!(w.stripe.refunds().len(), 1);
     assert_eq!(w.order_of(&second).await["status"], "refunded");
-    let keys: Vec<String> = w
-        .stripe
-        .requests_to("POST", "/v1/refunds")
-        .await
-        .iter()
-        .filter_map(|r| {
-            r.headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .collect();
+    let keys = refund_keys(&w).await;
     assert_eq!(
         keys,
         vec![
@@ -722,6 +715,145 @@ async fn a_refund_key_holding_a_stored_500_gives_way_to_the_next_key() {
         "the 500, its replay, then the next key"
     );
     assert!(w.owns(&user).await);
+}
+
+/// A user's checkout payment is applied first; their Payment Link payment, charged back at
+/// Stripe, comes second and is the duplicate.
+struct ChargedBack {
+    user: String,
+    session: String,
+    link: String,
+    link_pi: String,
+    dispute: String,
+    /// The link's events, not yet delivered: completed, dispute created, funds withdrawn.
+    events: Vec<Value>,
+}
+
+async fn duplicate_charged_back(w: &World) -> ChargedBack {
+    let user = w.user().await;
+    let (session, _) = buy(w, &user).await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let link_pi = w.stripe.pay(&link).unwrap();
+    let dispute = w.stripe.dispute(&link_pi).unwrap();
+    let events = w.stripe.take_events();
+    ChargedBack {
+        user,
+        session,
+        link,
+        link_pi,
+        dispute,
+        events,
+    }
+}
+
+#[tokio::test]
+async fn a_charged_back_duplicate_is_refunded_when_its_dispute_is_won() {
+    // Found by the payments model: the duplicate is under a chargeback, so its money is with the
+    // cardholder and Stripe refuses to refund it; a won dispute gives it back to us, twice paid.
+    let mut w = world().await;
+    w.webhook.config.stripe.as_mut().unwrap().timeout = Duration::from_millis(200);
+    w.webhook.stripe = w.webhook.config.stripe.as_ref().map(apps::stripe_client);
+    let c = duplicate_charged_back(&w).await;
+    // The dispute's events first: kept until the payment is applied.
+    for event in c.events.iter().rev() {
+        assert_eq!(w.deliver(event).await.0, 200);
+    }
+
+    assert_eq!(w.order_of(&c.link).await["status"], "disputed");
+    assert!(
+        refund_keys(&w).await.is_empty(),
+        "nothing to refund while charged back"
+    );
+    assert!(w.owns(&c.user).await, "the checkout payment stands");
+
+    w.stripe.close_dispute(&c.dispute, true).unwrap();
+    let closed = w.stripe.take_events();
+    // Stripe answers too late: the refund is made there, the webhook does not hear of it, and
+    // Stripe's next delivery of the same event finishes the job.
+    w.stripe.delay(Some(Duration::from_millis(500)));
+    assert_eq!(w.deliver(&closed[0]).await.0, 503);
+    w.stripe.delay(None);
+    let (status, body) = w.deliver(&closed[0]).await;
+    assert_eq!(
+        (status, body["outcome"].clone()),
+        (200, json!("duplicate")),
+        "{body}"
+    );
+    assert!(w.deliver_all().await.is_empty());
+
+    let refunds = w.stripe.refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["payment_intent"], json!(c.link_pi));
+    let keys = refund_keys(&w).await;
+    assert!(
+        keys.len() >= 2
+            && keys
+                .iter()
+                .all(|k| *k == format!("refund-duplicate-{}", c.link_pi)),
+        "the first try and its replays: {keys:?}"
+    );
+    assert_eq!(w.order_of(&c.link).await["status"], "refunded");
+    assert_eq!(w.order_of(&c.session).await["status"], "paid");
+    assert!(w.owns(&c.user).await);
+    assert_eq!(w.webhook_metric("DuplicateRefundFailures"), 0.0);
+}
+
+#[tokio::test]
+async fn a_duplicate_charged_back_before_we_know_waits_for_its_dispute() {
+    // The duplicate's refund is asked for before the chargeback's events arrive: Stripe refuses
+    // it (`charge_disputed`, kept under the key). No alarm: a lost dispute leaves the money with
+    // the cardholder; a won one refunds it under the next key.
+    let w = world().await;
+    let c = duplicate_charged_back(&w).await;
+    let (status, body) = w.deliver(&c.events[0]).await;
+    assert_eq!(
+        (status, body["outcome"].clone()),
+        (200, json!("applied")),
+        "{body}"
+    );
+    assert_eq!(refund_keys(&w).await.len(), 1, "asked once");
+    assert_eq!(w.stripe.refunds().len(), 0, "and refused");
+    assert_eq!(w.webhook_metric("DuplicateRefundFailures"), 0.0);
+    for event in &c.events[1..] {
+        assert_eq!(w.deliver(event).await.0, 200);
+    }
+    assert_eq!(w.order_of(&c.link).await["status"], "disputed");
+
+    w.stripe.close_dispute(&c.dispute, true).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    let key = format!("refund-duplicate-{}", c.link_pi);
+    assert_eq!(
+        refund_keys(&w).await,
+        vec![key.clone(), key.clone(), format!("{key}-2")],
+        "the refusal, its replay, then the next key"
+    );
+    assert_eq!(w.stripe.refunds().len(), 1);
+    assert_eq!(w.order_of(&c.link).await["status"], "refunded");
+    assert!(w.owns(&c.user).await);
+    assert_eq!(w.webhook_metric("DuplicateRefundFailures"), 0.0);
+}
+
+#[tokio::test]
+async fn a_charged_back_duplicate_whose_dispute_is_lost_is_not_refunded() {
+    let w = world().await;
+    let c = duplicate_charged_back(&w).await;
+    w.stripe.close_dispute(&c.dispute, false).unwrap();
+
+    for event in &c.events {
+        assert_eq!(w.deliver(event).await.0, 200);
+    }
+    assert!(w.deliver_all().await.is_empty());
+
+    assert!(refund_keys(&w).await.len() <= 1, "at most the refused try");
+    assert_eq!(
+        w.stripe.refunds().len(),
+        0,
+        "the cardholder has that money already"
+    );
+    assert_eq!(w.order_of(&c.link).await["status"], "refunded");
+    assert_eq!(w.order_of(&c.session).await["status"], "paid");
+    assert!(w.owns(&c.user).await);
 }
 
 #[tokio::test]
@@ -902,18 +1034,7 @@ async fn a_duplicates_refund_that_fails_is_made_again_under_the_next_key() {
     let refunds = w.stripe.refunds();
     assert_eq!(refunds.len(), 2, "{refunds:?}");
     assert_eq!(refunds[1]["status"], "succeeded");
-    let keys: Vec<String> = w
-        .stripe
-        .requests_to("POST", "/v1/refunds")
-        .await
-        .iter()
-        .filter_map(|r| {
-            r.headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .collect();
+    let keys = refund_keys(&w).await;
     assert_eq!(keys.last(), Some(&format!("refund-duplicate-{pi}-2")));
     assert_eq!(w.order_of(&second).await["status"], "refunded");
     assert!(w.owns(&user).await);

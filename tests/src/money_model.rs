@@ -808,7 +808,9 @@ impl<'w> Run<'w> {
                 } else {
                     "paid"
                 };
-                if !refunded && !lost {
+                // Kept: the merchant holds the money. An open chargeback holds it for the
+                // cardholder (Stripe refuses a refund meanwhile); a won one gives it back.
+                if !refunded && !lost && !open {
                     kept += 1;
                 }
                 standing |= expected == "paid";

@@ -175,6 +175,15 @@ pub async fn follow_up(
                 tracing::warn!(order_id = %due.order_id, attempt, error = %e,
                     "the refund's key holds an error; trying the next key");
             }
+            Err(e) if e.code() == Some("charge_disputed") => {
+                // Charged back (the dispute's events have not reached us yet): the money is
+                // with the cardholder while the dispute runs. A lost dispute leaves it there; a
+                // won one gives it back, and that event asks for this refund again (this key
+                // then replays the refusal and the next key refunds).
+                tracing::warn!(order_id = %due.order_id, payment_intent = %due.payment_intent_id,
+                    "the duplicate is under a chargeback; its refund waits for the dispute");
+                return Ok(());
+            }
             Err(e) => {
                 refund_failed(due, &e, metrics);
                 return Ok(());
@@ -189,7 +198,7 @@ pub async fn follow_up(
     Ok(())
 }
 
-/// A permanent refusal (a disputed charge, every key used): the audit keeps the duplicate open,
+/// A permanent refusal (every key used, the charge not refundable): the audit keeps the duplicate open,
 /// payment_health reports it, and the alarm asks a person to refund it.
 fn refund_failed(due: &RefundDue, error: &StripeError, metrics: &mut MetricSet) {
     metrics.count("DuplicateRefundFailures", 1);

@@ -347,6 +347,22 @@ impl FakeState {
                 ),
             );
         }
+        // A chargeback took the money: Stripe refuses to refund the charge until a won dispute
+        // gives it back (an inquiry withdrew nothing: `is_charge_refundable`).
+        if self
+            .disputes
+            .values()
+            .any(|d| d["payment_intent"] == json!(pi) && d["is_charge_refundable"] == false)
+        {
+            return (
+                400,
+                error_body(
+                    "invalid_request_error",
+                    Some("charge_disputed"),
+                    "The charge you're attempting to refund has been charged back.",
+                ),
+            );
+        }
         let total = charge["amount"].as_i64().unwrap_or_default();
         let refunded = charge["amount_refunded"].as_i64().unwrap_or_default();
         let amount = amount.unwrap_or(total - refunded);
@@ -483,6 +499,7 @@ impl FakeState {
             return Err(format!("the dispute is {}", dispute["status"]));
         }
         dispute["status"] = json!("needs_response");
+        dispute["is_charge_refundable"] = json!(false);
         let dispute = dispute.clone();
         self.emit("charge.dispute.funds_withdrawn", dispute);
         Ok(())
@@ -500,6 +517,9 @@ impl FakeState {
             _ => "lost",
         };
         dispute["status"] = json!(status);
+        // Closed: a lost dispute keeps the money with the cardholder; otherwise it is the
+        // merchant's again, and refundable.
+        dispute["is_charge_refundable"] = json!(status != "lost");
         let dispute = dispute.clone();
         self.emit("charge.dispute.closed", dispute);
         Ok(())
