@@ -30,61 +30,28 @@ as $$
   end
 $$;
 
-create or replace function billing.apply_dispute(p_event_id text, p_effect jsonb)
+-- A dispute event also carries what its payment's order still needs: a duplicate whose dispute
+-- was won holds the merchant's money again, and its refund is due. (Read in a statement of its
+-- own: the stable functions see what apply_dispute wrote only from the next statement on.)
+create or replace function billing.dispatch(p_event_id text, p_created timestamptz, p_effect jsonb)
 returns jsonb
 language plpgsql set search_path = ''
 as $$
 declare
-  v_dispute public.disputes;
-  v_closed boolean := p_effect ->> 'transition' = 'closed'
-    or p_effect ->> 'status' in ('won', 'lost', 'warning_closed');
-  v_withdrawn boolean := p_effect ->> 'transition' = 'funds_withdrawn'
-    or coalesce(p_effect ->> 'status', '') not like 'warning%';
-  v_pi text;
-  v_order public.orders;
-  v_kind text;
+  v_result jsonb;
 begin
-  insert into public.disputes as d (id, payment_intent_id, charge_id, status, reason, amount,
-                                    currency, closed, closed_at, funds_withdrawn)
-  values (p_effect ->> 'id', p_effect ->> 'payment_intent_id', p_effect ->> 'charge_id',
-          p_effect ->> 'status', p_effect ->> 'reason', (p_effect ->> 'amount')::bigint,
-          p_effect ->> 'currency', v_closed, case when v_closed then now() end, v_withdrawn)
-  on conflict (id) do update set
-    payment_intent_id = coalesce(d.payment_intent_id, excluded.payment_intent_id),
-    charge_id = coalesce(d.charge_id, excluded.charge_id),
-    status = case when d.closed and not excluded.closed then d.status else excluded.status end,
-    closed = d.closed or excluded.closed,
-    closed_at = coalesce(d.closed_at, excluded.closed_at),
-    funds_withdrawn = d.funds_withdrawn or excluded.funds_withdrawn,
-    updated_at = now()
-  returning * into v_dispute;
-
-  v_pi := coalesce(v_dispute.payment_intent_id,
-    (select payment_intent_id from public.payments where charge_id = v_dispute.charge_id limit 1));
-  if v_pi is null then
-    return jsonb_build_object('outcome', 'unmatched', 'dispute', v_dispute.status,
-      'detail', 'dispute without a payment intent we know');
+  if p_effect ->> 'kind' = 'dispute' then
+    v_result := billing.apply_dispute(p_event_id, p_effect);
+    return v_result || billing.still_due(billing.order_of_payment(p_effect));
   end if;
-  insert into public.payments as p (payment_intent_id, charge_id, currency)
-  values (v_pi, v_dispute.charge_id, v_dispute.currency)
-  on conflict (payment_intent_id) do update
-    set charge_id = coalesce(p.charge_id, excluded.charge_id), updated_at = now();
-  v_order := billing.settle_payment(v_pi);
-  if v_order.id is null then
-    return jsonb_build_object('outcome', 'ignored', 'dispute', v_dispute.status,
-      'detail', 'no order paid with this payment intent (yet): kept for when it is');
-  end if;
-  v_kind := case when not v_dispute.closed then 'dispute_opened'
-                 when v_dispute.status = 'lost' then 'dispute_lost'
-                 else 'dispute_won' end;
-  insert into public.payment_audit (event_id, user_id, kind, order_id, amount, currency, reference)
-  values (p_event_id, v_order.user_id, v_kind, v_order.id, v_dispute.amount, v_dispute.currency,
-          v_dispute.id);
-  -- A duplicate whose dispute was won holds the merchant's money again: its refund is due.
-  return jsonb_build_object('outcome', 'applied', 'dispute', v_dispute.status,
-    'funds_withdrawn', v_dispute.funds_withdrawn and not v_dispute.closed,
-    'detail', v_kind || ', order ' || v_order.status,
-    'user_id', v_order.user_id) || billing.still_due(v_order);
+  return case p_effect ->> 'kind'
+    when 'checkout_session' then billing.apply_checkout_session_confirmed(p_event_id, p_effect)
+    when 'subscription' then billing.apply_subscription(p_event_id, p_created, p_effect)
+    when 'invoice' then billing.apply_invoice_owned(p_event_id, p_created, p_effect)
+    when 'charge' then billing.apply_charge(p_event_id, p_effect)
+    when 'refund' then billing.apply_refund(p_event_id, p_effect)
+    else jsonb_build_object('outcome', 'ignored', 'detail', 'event type not handled')
+  end;
 end
 $$;
 
