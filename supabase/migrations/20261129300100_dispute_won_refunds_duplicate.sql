@@ -1,14 +1,43 @@
--- A duplicate payment under a chargeback is refunded once the dispute is won (I3). Found by the
--- payments model: a user's Payment Link payment is disputed and arrives after their checkout
--- payment, so it is the duplicate; it reads `disputed`, and Stripe refuses to refund a charged-back
--- charge (`charge_disputed`), so nothing is due while the dispute is open (the money is with
--- the cardholder). A lost dispute leaves it so. A won dispute gives the money back to the
--- merchant and the duplicate reads `paid` again: the dispute event now carries the refund that
--- is due, as a payment event does.
+-- Duplicates and disputes (I3), found by the payments model and an outside review.
+--
+-- A duplicate under a chargeback: a user's Payment Link payment is charged back and arrives after
+-- their checkout payment, so it is the duplicate and reads `disputed`. Stripe refuses to refund a
+-- charged-back charge (`charge_disputed`); the money is with the cardholder. A lost dispute
+-- leaves it so; a won one gives it back to the merchant and the duplicate reads `paid` again:
+-- the dispute event now carries the refund that is due, as a payment event does.
+--
+-- A duplicate is refunded only while the order it duplicates is `paid` (no longer while that one
+-- is `disputed`): a user whose first payment is charged back and who paid again keeps the report
+-- through the second payment if the dispute is lost; if it is won, the owner's dispute event
+-- carries the refund of its duplicates. An order is never refunded as the duplicate of an order
+-- that is its own duplicate (a refund reversal can make two orders point at each other).
+--
+-- A refund the webhook made whose key Stripe replays after that refund failed (the replay shows
+-- the old success) leaves the duplicate due: the webhook goes on to the next key.
 --
 -- A redelivered charge, refund or dispute event carries what its payment still needs too (a
 -- duplicate's refund, closed orders' sessions to expire), as a redelivered checkout event
 -- already did: a refund that failed for now is made by Stripe's next delivery.
+
+-- I3: the refund this order still needs, or null: a duplicate payment, not refunded yet, while
+-- the order it duplicates is paid (not refunded, not under a chargeback) and not itself a
+-- duplicate of this one.
+create or replace function billing.refund_due(p_order public.orders) returns jsonb
+language sql stable set search_path = ''
+as $$
+  select case when p_order.duplicate_of is not null and p_order.refund_id is null
+      and p_order.status = 'paid' and p_order.stripe_payment_intent_id is not null
+      and exists (select 1 from public.orders o
+                  where o.id = p_order.duplicate_of and o.status = 'paid'
+                    and o.duplicate_of is distinct from p_order.id)
+    then jsonb_build_object('order_id', p_order.id,
+      'payment_intent_id', p_order.stripe_payment_intent_id,
+      'amount', p_order.amount_total, 'currency', p_order.currency,
+      'attempt', 1 + (select count(*) from public.refunds r
+                      where r.payment_intent_id = p_order.stripe_payment_intent_id
+                        and r.status in ('failed', 'canceled')))
+  end
+$$;
 
 -- The order paid with the payment an effect names (by payment intent, or by its charge).
 create or replace function billing.order_of_payment(p_effect jsonb) returns public.orders
@@ -20,18 +49,79 @@ as $$
      limit 1))
 $$;
 
--- What a payment's order still needs done at Stripe, for the webhook's follow-up.
+-- Two orders never name each other as duplicates: when an order becomes the duplicate of another
+-- (a refund reversal makes the old owner the duplicate of the payment that stood meanwhile),
+-- that other one is the purchase, and no longer a duplicate of it.
+create or replace function billing.one_owner() returns trigger
+language plpgsql set search_path = ''
+as $$
+begin
+  update public.orders set duplicate_of = null, updated_at = now()
+  where id = new.duplicate_of and duplicate_of = new.id;
+  return null;
+end
+$$;
+
+create trigger orders_one_owner after update of duplicate_of on public.orders
+for each row when (new.duplicate_of is not null and new.duplicate_of is distinct from old.duplicate_of)
+execute function billing.one_owner();
+
+-- What a payment's order still needs done at Stripe, for the webhook's follow-up: its own refund
+-- as a duplicate, its duplicates' refunds (once it is paid again, after a won dispute), the
+-- sessions of closed orders to expire.
 create or replace function billing.still_due(p_order public.orders) returns jsonb
 language sql stable set search_path = ''
 as $$
   select case when p_order.id is null then '{}'::jsonb
-    else jsonb_build_object('order_id', p_order.id, 'refund', billing.refund_due(p_order),
+    else jsonb_build_object('order_id', p_order.id,
+      'refunds', (select coalesce(jsonb_agg(due), '[]'::jsonb) from (
+          select billing.refund_due(p_order) due
+          union all
+          select billing.refund_due(d) from public.orders d where d.duplicate_of = p_order.id
+        ) dues where due is not null),
       'expire_sessions', billing.expiries_due(p_order.user_id, p_order.product))
   end
 $$;
 
+-- A duplicate's refund made by the webhook, as before; the refund's status is the one recorded
+-- (a failed or canceled one stays so), not the answer's: Stripe replays a key's first answer.
+create or replace function public.record_duplicate_refund(p_order uuid, p_refund jsonb)
+returns jsonb
+language plpgsql set search_path = ''
+as $$
+declare
+  v_order public.orders;
+  v_status text;
+begin
+  select * into v_order from public.orders where id = p_order;
+  if v_order.id is null or v_order.stripe_payment_intent_id is null then
+    return jsonb_build_object('recorded', false);
+  end if;
+  perform billing.record_refund(
+    p_refund || jsonb_build_object('payment_intent_id', v_order.stripe_payment_intent_id),
+    v_order.stripe_payment_intent_id);
+  perform billing.refresh_payment(v_order.stripe_payment_intent_id);
+  select status into v_status from public.refunds where id = p_refund ->> 'id';
+  -- A refund that failed (at once, or since: a replayed key) leaves the duplicate due: the
+  -- webhook tries the next key.
+  if v_status in ('failed', 'canceled') then
+    return jsonb_build_object('recorded', true, 'refund_due', true);
+  end if;
+  update public.orders set refund_id = p_refund ->> 'id', updated_at = now()
+  where id = p_order and refund_id is null;
+  insert into public.payment_audit (user_id, kind, order_id, amount, currency, reference)
+  values (v_order.user_id, 'duplicate_refunded', v_order.id, (p_refund ->> 'amount')::bigint,
+          p_refund ->> 'currency', p_refund ->> 'id')
+  on conflict do nothing;
+  v_order := billing.settle_order(p_order);
+  perform billing.sync_entitlement(v_order.user_id, v_order.product);
+  return jsonb_build_object('recorded', true, 'refund_due', false, 'order', billing.order_json(v_order));
+end
+$$;
+
 -- A dispute event also carries what its payment's order still needs: a duplicate whose dispute
--- was won holds the merchant's money again, and its refund is due. (Read in a statement of its
+-- was won holds the merchant's money again, and its refund is due; an owner whose dispute was
+-- won is paid again, and its duplicates' refunds are due. (Read in a statement of its
 -- own: the stable functions see what apply_dispute wrote only from the next statement on.)
 create or replace function billing.dispatch(p_event_id text, p_created timestamptz, p_effect jsonb)
 returns jsonb

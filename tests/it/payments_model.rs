@@ -49,13 +49,17 @@ fn setup() -> impl Strategy<Value = Setup> {
     (
         prop_oneof![Just(1860u32), Just(7200), Just(86_400)],
         prop::bool::weighted(0.8),
+        any::<bool>(),
     )
-        .prop_map(|(session_ttl_s, webhook_key)| Setup {
-            instances: 3,
-            session_ttl_s,
-            webhook_key,
-            auto_refund: true,
-        })
+        .prop_map(
+            |(session_ttl_s, webhook_key, open_disputes_end_won)| Setup {
+                instances: 3,
+                session_ttl_s,
+                webhook_key,
+                auto_refund: true,
+                open_disputes_end_won,
+            },
+        )
 }
 
 #[test]

@@ -25,6 +25,8 @@ pub struct Setup {
     /// The webhook has a Stripe key (verification, refunds, expiry).
     pub webhook_key: bool,
     pub auto_refund: bool,
+    /// The model test: how the chargebacks still open at the end are decided.
+    pub open_disputes_end_won: bool,
 }
 
 impl Default for Setup {
@@ -34,6 +36,7 @@ impl Default for Setup {
             session_ttl_s: 7200,
             webhook_key: true,
             auto_refund: true,
+            open_disputes_end_won: true,
         }
     }
 }

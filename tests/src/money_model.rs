@@ -758,83 +758,147 @@ impl<'w> Run<'w> {
         Ok(())
     }
 
+    /// One user's payments for the report as Stripe holds them, against the database (I3, I4):
+    /// whether the user owns the report (a payment stands) and whether one is under a chargeback.
+    async fn money_of(&self, i: usize, user: &str) -> Result<(bool, bool), String> {
+        let w = self.w;
+        let charges = w.stripe.charges();
+        let disputes = w.stripe.disputes();
+        let mut kept = 0;
+        let mut counted = Vec::new();
+        let mut standing = false;
+        let mut disputed = false;
+        for session in w
+            .stripe
+            .sessions()
+            .iter()
+            .filter(|s| s["client_reference_id"] == json!(user))
+        {
+            let Some(pi) = session["payment_intent"].as_str() else {
+                continue;
+            };
+            let sid = session["id"].as_str().unwrap_or_default();
+            let ours = session["metadata"]["order_id"].is_string();
+            let report = w
+                .stripe
+                .line_item_prices(sid)
+                .iter()
+                .any(|p| p == apps::PRICE);
+            let counts = ours || (report && self.setup.webhook_key);
+            let Some((_, charge)) = charges.iter().find(|(p, _)| p == pi) else {
+                continue;
+            };
+            if !counts || charge["paid"] != true {
+                continue;
+            }
+            counted.push(pi.to_owned());
+            let of_this: Vec<&Value> = disputes
+                .iter()
+                .filter(|d| d["payment_intent"] == json!(pi))
+                .collect();
+            let lost = of_this.iter().any(|d| d["status"] == "lost");
+            let open = of_this.iter().any(|d| d["status"] == "needs_response");
+            let refunded = charge["refunded"] == true;
+            let expected = if refunded || lost {
+                "refunded"
+            } else if open {
+                "disputed"
+            } else {
+                "paid"
+            };
+            // Kept: the merchant holds the money. An open chargeback holds it for the
+            // cardholder (Stripe refuses a refund meanwhile); a won one gives it back.
+            if !refunded && !lost && !open {
+                kept += 1;
+            }
+            standing |= expected == "paid";
+            disputed |= expected == "disputed";
+            let row = query_json(w, &format!(
+                "select coalesce((select jsonb_build_object('status', status, 'audits',
+                    (select count(*) from payment_audit a where a.order_id = o.id and a.kind = 'order_paid'))
+                  from orders o where stripe_payment_intent_id = '{pi}'), 'null')"
+            )).await;
+            if row["status"] != json!(expected) || row["audits"] != json!(1) {
+                return Err(format!(
+                    "I4: payment {pi} is {expected} at Stripe, order {row}"
+                ));
+            }
+        }
+        if self.setup.webhook_key && self.setup.auto_refund && kept > 1 {
+            return Err(format!("I3: user {i} kept {kept} payments for one report"));
+        }
+        // I3: a duplicate is refunded only while another payment stands: the webhook never
+        // gives back every payment a user made.
+        let by_webhook = w
+            .stripe
+            .refunds()
+            .iter()
+            .filter(|r| {
+                r["metadata"]["refunded_by"] == "webhook"
+                    && matches!(r["status"].as_str(), Some("succeeded" | "pending"))
+                    && r["payment_intent"]
+                        .as_str()
+                        .is_some_and(|p| counted.iter().any(|c| c == p))
+            })
+            .filter_map(|r| r["payment_intent"].as_str().map(str::to_owned))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if !counted.is_empty() && by_webhook >= counted.len() {
+            return Err(format!(
+                "I3: the webhook refunded all {by_webhook} payments of user {i}"
+            ));
+        }
+        if w.owns(user).await != standing {
+            return Err(format!(
+                "I4: user {i} owns={} but Stripe says {standing}",
+                !standing
+            ));
+        }
+        Ok((standing, disputed))
+    }
+
     /// Delivers everything, lets every lease run out, and compares the database with what the
-    /// money at the fake says (I3-I7, I9).
+    /// money at the fake says (I3-I7, I9); then decides the chargebacks still open (all won or
+    /// all lost, as the setup says) and compares again.
     pub async fn finish(&mut self) -> Result<(), String> {
         self.w.stripe.set_event_time(None);
         self.deliver_all(false).await?;
         self.check().await?;
         let w = self.w;
-        let charges = w.stripe.charges();
-        let disputes = w.stripe.disputes();
-        let sessions = w.stripe.sessions();
-        for (i, user) in self.users.clone().iter().enumerate() {
-            // The payments for the report this user made, as Stripe holds them.
-            let mut kept = 0;
-            let mut standing = false;
-            let mut disputed = false;
-            for session in sessions
-                .iter()
-                .filter(|s| s["client_reference_id"] == json!(user))
-            {
-                let Some(pi) = session["payment_intent"].as_str() else {
-                    continue;
-                };
-                let sid = session["id"].as_str().unwrap_or_default();
-                let ours = session["metadata"]["order_id"].is_string();
-                let report = w
-                    .stripe
-                    .line_item_prices(sid)
-                    .iter()
-                    .any(|p| p == apps::PRICE);
-                let counts = ours || (report && self.setup.webhook_key);
-                let Some((_, charge)) = charges.iter().find(|(p, _)| p == pi) else {
-                    continue;
-                };
-                if !counts || charge["paid"] != true {
-                    continue;
-                }
-                let of_this: Vec<&Value> = disputes
-                    .iter()
-                    .filter(|d| d["payment_intent"] == json!(pi))
-                    .collect();
-                let lost = of_this.iter().any(|d| d["status"] == "lost");
-                let open = of_this.iter().any(|d| d["status"] == "needs_response");
-                let refunded = charge["refunded"] == true;
-                let expected = if refunded || lost {
-                    "refunded"
-                } else if open {
-                    "disputed"
-                } else {
-                    "paid"
-                };
-                // Kept: the merchant holds the money. An open chargeback holds it for the
-                // cardholder (Stripe refuses a refund meanwhile); a won one gives it back.
-                if !refunded && !lost && !open {
-                    kept += 1;
-                }
-                standing |= expected == "paid";
-                disputed |= expected == "disputed";
-                let row = query_json(w, &format!(
-                    "select coalesce((select jsonb_build_object('status', status, 'audits',
-                        (select count(*) from payment_audit a where a.order_id = o.id and a.kind = 'order_paid'))
-                      from orders o where stripe_payment_intent_id = '{pi}'), 'null')"
-                )).await;
-                if row["status"] != json!(expected) || row["audits"] != json!(1) {
-                    return Err(format!(
-                        "I4: payment {pi} is {expected} at Stripe, order {row}"
-                    ));
-                }
-            }
-            if self.setup.webhook_key && self.setup.auto_refund && kept > 1 {
-                return Err(format!("I3: user {i} kept {kept} payments for one report"));
-            }
-            if w.owns(user).await != standing {
-                return Err(format!(
-                    "I4: user {i} owns={} but Stripe says {standing}",
-                    !standing
+        let mut money = Vec::new();
+        for (i, user) in self.users.iter().enumerate() {
+            money.push(self.money_of(i, user).await?);
+        }
+        let open: Vec<String> = w
+            .stripe
+            .disputes()
+            .iter()
+            .filter(|d| {
+                matches!(
+                    d["status"].as_str(),
+                    Some("needs_response" | "warning_needs_response")
+                )
+            })
+            .filter_map(|d| d["id"].as_str().map(str::to_owned))
+            .collect();
+        if !open.is_empty() {
+            let won = self.setup.open_disputes_end_won;
+            for id in &open {
+                let closed = w.stripe.close_dispute(id, won);
+                self.note(format!(
+                    "at the end: close dispute {id} won={won}: {closed:?}"
                 ));
             }
+            self.deliver_all(false).await?;
+            self.check().await?;
+            money.clear();
+            for (i, user) in self.users.iter().enumerate() {
+                money.push(self.money_of(i, user).await?);
+            }
+        }
+        let sessions = w.stripe.sessions();
+        for (i, user) in self.users.clone().iter().enumerate() {
+            let (standing, disputed) = money[i];
             // I9: nobody is locked out: once leases ran out, a click is answered for good.
             self.expire_leases().await;
             let t0 = self.db_clock().await;

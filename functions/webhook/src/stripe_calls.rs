@@ -14,7 +14,7 @@
 
 use shared::store::effect::{Verification, VerificationStatus};
 use shared::store::{ApplyOutcome, Effect, RefundDue};
-use shared::stripe::client::{CallStats, LineItem, StripeError};
+use shared::stripe::client::{CallStats, LineItem, StripeClient, StripeError};
 use shared::stripe::ids::{PriceId, SessionId};
 use shared::telemetry::MetricSet;
 
@@ -118,28 +118,42 @@ pub async fn complete_dispute(
     Ok(())
 }
 
-/// Refunds a duplicate and expires closed orders' sessions, as the applied event asks.
+/// Refunds duplicates and expires closed orders' sessions, as the applied event asks.
 pub async fn follow_up(
     state: &State,
     applied: &ApplyOutcome,
     metrics: &mut MetricSet,
 ) -> Result<(), WebhookError> {
+    let due = applied.refunds_due();
     let Some(stripe) = &state.stripe else {
-        if let Some(refund) = &applied.refund {
+        for refund in due {
             tracing::error!(order_id = %refund.order_id, payment_intent = %refund.payment_intent_id,
                 "duplicate payment not refunded: the webhook has no STRIPE_SECRET_KEY; refund it in the Stripe Dashboard");
         }
         return Ok(());
     };
     expire_sessions(state, &applied.expire_sessions, metrics).await?;
-    let Some(due) = &applied.refund else {
-        return Ok(());
-    };
-    if !state.config.auto_refund {
-        tracing::error!(order_id = %due.order_id, payment_intent = %due.payment_intent_id,
-            "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
-        return Ok(());
+    for refund in due {
+        if !state.config.auto_refund {
+            tracing::error!(order_id = %refund.order_id, payment_intent = %refund.payment_intent_id,
+                "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
+            continue;
+        }
+        // After a dispute event the database knows the chargeback's outcome: a refusal is news.
+        let after_dispute = applied.dispute.is_some();
+        refund_duplicate(state, stripe, refund, after_dispute, metrics).await?;
     }
+    Ok(())
+}
+
+/// Refunds one duplicate under its idempotency keys, from the first one not known to be spent.
+async fn refund_duplicate(
+    state: &State,
+    stripe: &StripeClient,
+    due: &RefundDue,
+    after_dispute: bool,
+    metrics: &mut MetricSet,
+) -> Result<(), WebhookError> {
     let order = due.order_id.to_string();
     for attempt in due.attempt..due.attempt + REFUND_KEYS {
         let mut stats = CallStats::default();
@@ -156,7 +170,7 @@ pub async fn follow_up(
                 if still_due {
                     tracing::warn!(order_id = %due.order_id, refund = %refund.id,
                         status = refund.status.as_deref().unwrap_or(""),
-                        "the duplicate's refund failed at once; trying the next key");
+                        "the duplicate's refund under this key failed; trying the next key");
                     continue;
                 }
                 metrics.count("DuplicateRefunds", 1);
@@ -175,11 +189,10 @@ pub async fn follow_up(
                 tracing::warn!(order_id = %due.order_id, attempt, error = %e,
                     "the refund's key holds an error; trying the next key");
             }
-            Err(e) if e.code() == Some("charge_disputed") => {
-                // Charged back (the dispute's events have not reached us yet): the money is
+            Err(e) if e.code() == Some("charge_disputed") && !after_dispute => {
+                // Charged back, and the dispute's events have not reached us yet: the money is
                 // with the cardholder while the dispute runs. A lost dispute leaves it there; a
-                // won one gives it back, and that event asks for this refund again (this key
-                // then replays the refusal and the next key refunds).
+                // won one gives it back, and that event asks for this refund again.
                 tracing::warn!(order_id = %due.order_id, payment_intent = %due.payment_intent_id,
                     "the duplicate is under a chargeback; its refund waits for the dispute");
                 return Ok(());

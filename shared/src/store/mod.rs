@@ -261,6 +261,10 @@ pub struct ApplyOutcome {
     /// A duplicate payment that still has to be refunded (also on a redelivery, until done).
     #[serde(default)]
     pub refund: Option<RefundDue>,
+    /// What the payment's order still needs refunded: its own refund as a duplicate, or its
+    /// duplicates' once it is paid again (a won dispute). See [`ApplyOutcome::refunds_due`].
+    #[serde(default)]
+    pub refunds: Vec<RefundDue>,
     /// Sessions of orders this payment closed: expire them at Stripe (invariant I1).
     #[serde(default)]
     pub expire_sessions: Vec<String>,
@@ -273,6 +277,19 @@ pub struct ApplyOutcome {
     /// A paid session without an order was not granted.
     #[serde(default)]
     pub unverified: bool,
+}
+
+impl ApplyOutcome {
+    /// Every refund due, each order once.
+    pub fn refunds_due(&self) -> Vec<&RefundDue> {
+        let mut due: Vec<&RefundDue> = Vec::new();
+        for refund in self.refund.iter().chain(&self.refunds) {
+            if !due.iter().any(|d| d.order_id == refund.order_id) {
+                due.push(refund);
+            }
+        }
+        due
+    }
 }
 
 /// A duplicate payment to refund: the whole payment intent.
