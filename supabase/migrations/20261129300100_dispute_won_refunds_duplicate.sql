@@ -6,11 +6,19 @@
 -- leaves it so; a won one gives it back to the merchant and the duplicate reads `paid` again:
 -- the dispute event now carries the refund that is due, as a payment event does.
 --
--- A duplicate is refunded only while the order it duplicates is `paid` (no longer while that one
--- is `disputed`): a user whose first payment is charged back and who paid again keeps the report
--- through the second payment if the dispute is lost; if it is won, the owner's dispute event
--- carries the refund of its duplicates. An order is never refunded as the duplicate of an order
--- that is its own duplicate (a refund reversal can make two orders point at each other).
+-- Which payment stands is decided from the money as it is now, not from the owner recorded when a
+-- payment arrived: of a user's `paid` orders for a product not being refunded, one stands (the
+-- one that is nobody's duplicate, else the earliest paid) and every other one is due for a
+-- refund. A `disputed` order holds no money for the merchant: a user whose first payment is
+-- charged back and who pays again keeps the report through the second payment (a third is
+-- refunded); if the chargeback is lost that payment stays, if it is won the first one stands
+-- again and the dispute event carries the refund of the other. Two orders never name each
+-- other as duplicates (a refund reversal makes the old owner the duplicate of the payment that
+-- stood meanwhile, which then is nobody's duplicate).
+--
+-- Dispute and charge events take the purchase lock of their user and product, as clicks,
+-- payments and refunds do: two chargebacks of one user decided at the same moment see each
+-- other's outcome.
 --
 -- A refund the webhook made whose key Stripe replays after that refund failed (the replay shows
 -- the old success) leaves the duplicate due: the webhook goes on to the next key.
@@ -19,17 +27,18 @@
 -- duplicate's refund, closed orders' sessions to expire), as a redelivered checkout event
 -- already did: a refund that failed for now is made by Stripe's next delivery.
 
--- I3: the refund this order still needs, or null: a duplicate payment, not refunded yet, while
--- the order it duplicates is paid (not refunded, not under a chargeback) and not itself a
--- duplicate of this one.
+-- I3: the refund this order still needs, or null: it is paid, not being refunded, and another of
+-- the user's paid orders for the product stands (nobody's duplicate first, then the earliest).
 create or replace function billing.refund_due(p_order public.orders) returns jsonb
 language sql stable set search_path = ''
 as $$
-  select case when p_order.duplicate_of is not null and p_order.refund_id is null
-      and p_order.status = 'paid' and p_order.stripe_payment_intent_id is not null
-      and exists (select 1 from public.orders o
-                  where o.id = p_order.duplicate_of and o.status = 'paid'
-                    and o.duplicate_of is distinct from p_order.id)
+  select case when p_order.status = 'paid' and p_order.refund_id is null
+      and p_order.stripe_payment_intent_id is not null
+      and p_order.id <> (select k.id from public.orders k
+                         where k.user_id = p_order.user_id and k.product = p_order.product
+                           and k.status = 'paid' and k.refund_id is null
+                         order by k.duplicate_of is not null, k.paid_at, k.id
+                         limit 1)
     then jsonb_build_object('order_id', p_order.id,
       'payment_intent_id', p_order.stripe_payment_intent_id,
       'amount', p_order.amount_total, 'currency', p_order.currency,
@@ -66,18 +75,17 @@ create trigger orders_one_owner after update of duplicate_of on public.orders
 for each row when (new.duplicate_of is not null and new.duplicate_of is distinct from old.duplicate_of)
 execute function billing.one_owner();
 
--- What a payment's order still needs done at Stripe, for the webhook's follow-up: its own refund
--- as a duplicate, its duplicates' refunds (once it is paid again, after a won dispute), the
--- sessions of closed orders to expire.
+-- What a payment's order still needs done at Stripe, for the webhook's follow-up: the refunds due
+-- among its user's orders for the product (its own as a duplicate, or another one's once it
+-- stands again after a won dispute), the sessions of closed orders to expire.
 create or replace function billing.still_due(p_order public.orders) returns jsonb
 language sql stable set search_path = ''
 as $$
   select case when p_order.id is null then '{}'::jsonb
     else jsonb_build_object('order_id', p_order.id,
       'refunds', (select coalesce(jsonb_agg(due), '[]'::jsonb) from (
-          select billing.refund_due(p_order) due
-          union all
-          select billing.refund_due(d) from public.orders d where d.duplicate_of = p_order.id
+          select billing.refund_due(o) due from public.orders o
+          where o.user_id = p_order.user_id and o.product = p_order.product
         ) dues where due is not null),
       'expire_sessions', billing.expiries_due(p_order.user_id, p_order.product))
   end
@@ -129,7 +137,14 @@ language plpgsql set search_path = ''
 as $$
 declare
   v_result jsonb;
+  v_order public.orders;
 begin
+  if p_effect ->> 'kind' in ('dispute', 'charge') then
+    v_order := billing.order_of_payment(p_effect);
+    if v_order.id is not null then
+      perform billing.lock_purchase(v_order.user_id, v_order.product);
+    end if;
+  end if;
   if p_effect ->> 'kind' = 'dispute' then
     v_result := billing.apply_dispute(p_event_id, p_effect);
     return v_result || billing.still_due(billing.order_of_payment(p_effect));
@@ -197,3 +212,6 @@ begin
   return v_result;
 end
 $$;
+
+revoke all on all functions in schema billing from public, anon, authenticated;
+grant execute on all functions in schema billing to service_role;

@@ -760,6 +760,18 @@ async fn duplicate_charged_back(w: &World) -> ChargedBack {
     }
 }
 
+/// Where a charged-back duplicate whose dispute is won ends: its money back once, the checkout
+/// payment standing, no alarm.
+async fn assert_only_the_duplicate_refunded(w: &World, c: &ChargedBack) {
+    let refunds = w.stripe.refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["payment_intent"], json!(c.link_pi));
+    assert_eq!(w.order_of(&c.link).await["status"], "refunded");
+    assert_eq!(w.order_of(&c.session).await["status"], "paid");
+    assert!(w.owns(&c.user).await);
+    assert_eq!(w.webhook_metric("DuplicateRefundFailures"), 0.0);
+}
+
 #[tokio::test]
 async fn a_charged_back_duplicate_is_refunded_when_its_dispute_is_won() {
     // Found by the payments model: the duplicate is under a chargeback, so its money is with the
@@ -795,9 +807,6 @@ async fn a_charged_back_duplicate_is_refunded_when_its_dispute_is_won() {
     );
     assert!(w.deliver_all().await.is_empty());
 
-    let refunds = w.stripe.refunds();
-    assert_eq!(refunds.len(), 1, "{refunds:?}");
-    assert_eq!(refunds[0]["payment_intent"], json!(c.link_pi));
     let keys = refund_keys(&w).await;
     assert!(
         keys.len() >= 2
@@ -806,10 +815,7 @@ async fn a_charged_back_duplicate_is_refunded_when_its_dispute_is_won() {
                 .all(|k| *k == format!("refund-duplicate-{}", c.link_pi)),
         "the first try and its replays: {keys:?}"
     );
-    assert_eq!(w.order_of(&c.link).await["status"], "refunded");
-    assert_eq!(w.order_of(&c.session).await["status"], "paid");
-    assert!(w.owns(&c.user).await);
-    assert_eq!(w.webhook_metric("DuplicateRefundFailures"), 0.0);
+    assert_only_the_duplicate_refunded(&w, &c).await;
 }
 
 #[tokio::test]
@@ -842,10 +848,7 @@ async fn a_duplicate_charged_back_before_we_know_waits_for_its_dispute() {
         vec![key.clone(), key.clone(), format!("{key}-2")],
         "the refusal, its replay, then the next key"
     );
-    assert_eq!(w.stripe.refunds().len(), 1);
-    assert_eq!(w.order_of(&c.link).await["status"], "refunded");
-    assert!(w.owns(&c.user).await);
-    assert_eq!(w.webhook_metric("DuplicateRefundFailures"), 0.0);
+    assert_only_the_duplicate_refunded(&w, &c).await;
 }
 
 #[tokio::test]
@@ -1208,6 +1211,58 @@ async fn a_user_who_pays_again_under_a_chargeback_that_is_lost_keeps_the_report(
     assert_eq!(w.stripe.refunds().len(), 0);
     assert_eq!(w.order_of(&session).await["status"], "refunded");
     assert_eq!(w.order_of(&link).await["status"], "paid");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn a_third_payment_under_a_chargeback_is_refunded() {
+    // Found in review: the second payment stands while the first is charged back; a third one
+    // is a duplicate of it, whoever the first one's order names.
+    let w = world().await;
+    let user = w.user().await;
+    let (session, pi) = buy(&w, &user).await;
+    let dispute = w.stripe.dispute(&pi).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&second).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let third = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let third_pi = w.stripe.pay(&third).unwrap();
+
+    assert!(w.deliver_all().await.is_empty());
+
+    let refunds = w.stripe.refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["payment_intent"], json!(third_pi));
+    assert_eq!(w.order_of(&second).await["status"], "paid");
+    w.stripe.close_dispute(&dispute, false).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(w.stripe.refunds().len(), 1, "the second payment stays");
+    assert_eq!(w.order_of(&session).await["status"], "refunded");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
+async fn a_duplicates_refund_that_fails_after_the_user_bought_again_is_made_again() {
+    // Found in review: the duplicate's refund fails after its owner was refunded and the user
+    // bought again; the duplicate still names the refunded owner, and the new purchase stands.
+    let w = world().await;
+    let user = w.user().await;
+    let (_, pi) = buy(&w, &user).await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let link_pi = w.stripe.pay(&link).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let link_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
+    w.stripe.refund(&pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let (again, _) = buy(&w, &user).await;
+
+    w.stripe.fail_refund(&link_refund).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    assert_eq!(w.stripe.charge(&link_pi).unwrap()["refunded"], true);
+    assert_eq!(w.order_of(&link).await["status"], "refunded");
+    assert_eq!(w.order_of(&again).await["status"], "paid");
     assert!(w.owns(&user).await);
 }
 

@@ -133,17 +133,24 @@ pub async fn follow_up(
         return Ok(());
     };
     expire_sessions(state, &applied.expire_sessions, metrics).await?;
+    // Every refund is tried; the first one that failed for now makes the answer a 503, and
+    // Stripe's next delivery carries what is still due.
+    let mut unavailable = None;
     for refund in due {
         if !state.config.auto_refund {
             tracing::error!(order_id = %refund.order_id, payment_intent = %refund.payment_intent_id,
                 "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
             continue;
         }
-        // After a dispute event the database knows the chargeback's outcome: a refusal is news.
-        let after_dispute = applied.dispute.is_some();
-        refund_duplicate(state, stripe, refund, after_dispute, metrics).await?;
+        // After a dispute event of this very payment the database knows the chargeback's
+        // outcome: a refusal is news.
+        let after_dispute = applied.dispute.is_some()
+            && applied.order_id.as_deref() == Some(refund.order_id.to_string().as_str());
+        if let Err(e) = refund_duplicate(state, stripe, refund, after_dispute, metrics).await {
+            unavailable.get_or_insert(e);
+        }
     }
-    Ok(())
+    unavailable.map_or(Ok(()), Err)
 }
 
 /// Refunds one duplicate under its idempotency keys, from the first one not known to be spent.
