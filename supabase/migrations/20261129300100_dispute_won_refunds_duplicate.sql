@@ -105,6 +105,8 @@ begin
   if v_order.id is null or v_order.stripe_payment_intent_id is null then
     return jsonb_build_object('recorded', false);
   end if;
+  -- Serialized with the events that decide which payment stands (and in their lock order).
+  perform billing.lock_purchase(v_order.user_id, v_order.product);
   perform billing.record_refund(
     p_refund || jsonb_build_object('payment_intent_id', v_order.stripe_payment_intent_id),
     v_order.stripe_payment_intent_id);
@@ -127,10 +129,25 @@ begin
 end
 $$;
 
--- A dispute event also carries what its payment's order still needs: a duplicate whose dispute
--- was won holds the merchant's money again, and its refund is due; an owner whose dispute was
--- won is paid again, and its duplicates' refunds are due. (Read in a statement of its
--- own: the stable functions see what apply_dispute wrote only from the next statement on.)
+-- The order a payment event is about: a checkout session's, or a charge's, refund's or dispute's.
+create or replace function billing.order_of_effect(p_effect jsonb) returns public.orders
+language plpgsql stable set search_path = ''
+as $$
+begin
+  if p_effect ->> 'kind' = 'checkout_session' then
+    return billing.order_of_session(p_effect);
+  elsif p_effect ->> 'kind' in ('charge', 'refund', 'dispute') then
+    return billing.order_of_payment(p_effect);
+  end if;
+  return null;
+end
+$$;
+
+-- Which function applies an effect. Dispute and charge events take the purchase lock (refunds and
+-- payments take it themselves). Every payment event also carries what its user's orders for the
+-- product still need: a dispute won, a refund that failed or a payment can change which payment
+-- stands, and the other one is then due. (Read in a statement of its own: the stable functions
+-- see what the apply functions wrote only from the next statement on.)
 create or replace function billing.dispatch(p_event_id text, p_created timestamptz, p_effect jsonb)
 returns jsonb
 language plpgsql set search_path = ''
@@ -140,23 +157,21 @@ declare
   v_order public.orders;
 begin
   if p_effect ->> 'kind' in ('dispute', 'charge') then
-    v_order := billing.order_of_payment(p_effect);
+    v_order := billing.order_of_effect(p_effect);
     if v_order.id is not null then
       perform billing.lock_purchase(v_order.user_id, v_order.product);
     end if;
   end if;
-  if p_effect ->> 'kind' = 'dispute' then
-    v_result := billing.apply_dispute(p_event_id, p_effect);
-    return v_result || billing.still_due(billing.order_of_payment(p_effect));
-  end if;
-  return case p_effect ->> 'kind'
+  v_result := case p_effect ->> 'kind'
     when 'checkout_session' then billing.apply_checkout_session_confirmed(p_event_id, p_effect)
     when 'subscription' then billing.apply_subscription(p_event_id, p_created, p_effect)
     when 'invoice' then billing.apply_invoice_owned(p_event_id, p_created, p_effect)
     when 'charge' then billing.apply_charge(p_event_id, p_effect)
     when 'refund' then billing.apply_refund(p_event_id, p_effect)
+    when 'dispute' then billing.apply_dispute(p_event_id, p_effect)
     else jsonb_build_object('outcome', 'ignored', 'detail', 'event type not handled')
   end;
+  return v_result || billing.still_due(billing.order_of_effect(p_effect));
 end
 $$;
 
@@ -168,7 +183,6 @@ declare
   v_id text := p_event ->> 'id';
   v_created timestamptz := billing.unix_ts(p_event -> 'created');
   v_result jsonb;
-  v_order public.orders;
 begin
   if v_id is null or v_created is null or p_event ->> 'type' is null then
     raise exception 'event id, type and created are required' using errcode = '22023';
@@ -194,11 +208,8 @@ begin
     -- first one may have marked a verification after the first one cleared it: clear it again.
     if p_effect ->> 'kind' = 'checkout_session' then
       delete from internal.verifications where session_id = p_effect ->> 'session_id';
-      v_order := billing.order_of_session(p_effect);
-    elsif p_effect ->> 'kind' in ('charge', 'refund', 'dispute') then
-      v_order := billing.order_of_payment(p_effect);
     end if;
-    return v_result || billing.still_due(v_order);
+    return v_result || billing.still_due(billing.order_of_effect(p_effect));
   end if;
 
   v_result := billing.dispatch(v_id, v_created, p_effect);

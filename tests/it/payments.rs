@@ -1267,6 +1267,37 @@ async fn a_duplicates_refund_that_fails_after_the_user_bought_again_is_made_agai
 }
 
 #[tokio::test]
+async fn a_refund_that_fails_after_a_lost_chargeback_refunds_the_payment_that_then_is_due() {
+    // Found in review: the user's duplicate was refunded, their first payment charged back and
+    // a third one made; the chargeback is lost, then the duplicate's refund fails. The refund
+    // event changes which payment stands: it carries the refund of the other one.
+    let w = world().await;
+    let user = w.user().await;
+    let (_, pi) = buy(&w, &user).await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let link_pi = w.stripe.pay(&link).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let link_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
+    let dispute = w.stripe.dispute(&pi).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let third = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let third_pi = w.stripe.pay(&third).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    w.stripe.close_dispute(&dispute, false).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    w.stripe.fail_refund(&link_refund).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    let held: Vec<&String> = [&link_pi, &third_pi]
+        .into_iter()
+        .filter(|p| w.stripe.charge(p).unwrap()["refunded"] == false)
+        .collect();
+    assert_eq!(held.len(), 1, "the merchant holds one payment: {held:?}");
+    assert!(w.owns(&user).await);
+}
+
+#[tokio::test]
 async fn a_refund_that_fails_after_the_user_bought_again_refunds_that_payment() {
     let w = world().await;
     let user = w.user().await;
