@@ -311,8 +311,7 @@ async fn a_paid_session_without_an_order_is_granted_only_for_our_price() {
     let honest = w.user().await;
     let other = w.stripe.foreign_session(&cheap, "price_one_yen", 1);
     w.stripe.pay(&other).unwrap();
-    let ours = w.stripe.foreign_session(&honest, apps::PRICE, AMOUNT);
-    w.stripe.pay(&ours).unwrap();
+    let (ours, _) = pay_link(&w, &honest);
 
     assert!(w.deliver_all().await.is_empty());
 
@@ -344,8 +343,7 @@ async fn without_a_stripe_key_nothing_orderless_is_granted() {
     })
     .await;
     let user = w.user().await;
-    let ours = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&ours).unwrap();
+    let _ = pay_link(&w, &user);
 
     w.deliver_all().await;
 
@@ -357,8 +355,7 @@ async fn without_a_stripe_key_nothing_orderless_is_granted() {
 async fn stripe_down_while_verifying_is_a_503_and_redelivery_grants() {
     let w = world().await;
     let user = w.user().await;
-    let ours = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&ours).unwrap();
+    let _ = pay_link(&w, &user);
     let events = w.stripe.take_events();
     w.stripe.delay(Some(Duration::from_secs(5)));
 
@@ -652,8 +649,7 @@ async fn a_second_payment_is_refunded_once_and_the_report_stays() {
     let (_, first) = w.click(&user).await;
     let session = first["session_id"].as_str().unwrap().to_owned();
     // The user also bought through a Payment Link in another tab, and then paid our session.
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let link_pi = w.stripe.pay(&link).unwrap();
+    let (_, link_pi) = pay_link(&w, &user);
     let pi = w.stripe.pay(&session).unwrap();
     let events = w.stripe.take_events();
 
@@ -690,10 +686,8 @@ async fn a_refund_key_holding_a_stored_500_gives_way_to_the_next_key() {
     // that key gets the same 500, replayed. The refund must still be made, once.
     let w = world().await;
     let user = w.user().await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
-    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let pi = w.stripe.pay(&second).unwrap();
+    let _ = pay_link(&w, &user);
+    let (second, pi) = pay_link(&w, &user);
     let events = w.stripe.take_events();
     assert_eq!(w.deliver(&events[0]).await.0, 200);
     w.stripe.fail_next_refunds(1);
@@ -715,6 +709,13 @@ async fn a_refund_key_holding_a_stored_500_gives_way_to_the_next_key() {
         "the 500, its replay, then the next key"
     );
     assert!(w.owns(&user).await);
+}
+
+/// The user pays the report through a Payment Link: (session, payment intent), nothing delivered.
+fn pay_link(w: &World, user: &str) -> (String, String) {
+    let session = w.stripe.foreign_session(user, apps::PRICE, AMOUNT);
+    let pi = w.stripe.pay(&session).unwrap();
+    (session, pi)
 }
 
 /// Delivers what Stripe emits until it is quiet, keeping each event in `sent`.
@@ -746,8 +747,7 @@ struct ChargedBack {
 async fn duplicate_charged_back(w: &World) -> ChargedBack {
     let user = w.user().await;
     let (session, _) = buy(w, &user).await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let link_pi = w.stripe.pay(&link).unwrap();
+    let (link, link_pi) = pay_link(w, &user);
     let dispute = w.stripe.dispute(&link_pi).unwrap();
     let events = w.stripe.take_events();
     ChargedBack {
@@ -908,8 +908,7 @@ async fn stripe_unreachable_for_a_refund_is_a_503_and_the_redelivery_refunds_onc
     let user = w.user().await;
     let (_, first) = w.click(&user).await;
     let session = first["session_id"].as_str().unwrap().to_owned();
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
+    let _ = pay_link(&w, &user);
     w.stripe.pay(&session).unwrap();
     let events = w.stripe.take_events();
     assert_eq!(w.deliver(&events[0]).await.0, 200);
@@ -943,10 +942,8 @@ async fn stripe_unreachable_for_a_refund_is_a_503_and_the_redelivery_refunds_onc
 async fn a_refund_waiting_for_the_customer_is_not_money_back_yet() {
     let w = world().await;
     let user = w.user().await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
-    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&second).unwrap();
+    let _ = pay_link(&w, &user);
+    let (second, _) = pay_link(&w, &user);
     w.stripe.next_refund_status(Some("requires_action"));
 
     assert!(w.deliver_all().await.is_empty());
@@ -1065,10 +1062,8 @@ async fn a_payment_applied_after_its_refund_is_audited_refunded() {
 async fn a_duplicates_refund_that_fails_is_made_again_under_the_next_key() {
     let w = world().await;
     let user = w.user().await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
-    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let pi = w.stripe.pay(&second).unwrap();
+    let _ = pay_link(&w, &user);
+    let (second, pi) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
     let first_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
 
@@ -1091,10 +1086,8 @@ async fn a_key_replaying_a_refund_that_failed_since_gives_way_to_the_next_key() 
     // replays the old success: the refund known to have failed must not count.
     let w = world().await;
     let user = w.user().await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
-    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let pi = w.stripe.pay(&second).unwrap();
+    let _ = pay_link(&w, &user);
+    let (second, pi) = pay_link(&w, &user);
     w.stripe.fail_next_refunds(1);
     assert!(w.deliver_all().await.is_empty());
     let first_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
@@ -1174,8 +1167,7 @@ async fn a_user_who_pays_again_under_a_chargeback_keeps_that_payment_until_it_is
     assert!(w.deliver_all().await.is_empty());
     assert!(!w.owns(&user).await);
     // The user pays again (a Payment Link): the money the merchant holds is this payment.
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
+    let (link, _) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
     assert!(w.owns(&user).await, "through the second payment");
     assert_eq!(
@@ -1201,8 +1193,7 @@ async fn a_user_who_pays_again_under_a_chargeback_that_is_lost_keeps_the_report(
     let (session, pi) = buy(&w, &user).await;
     let dispute = w.stripe.dispute(&pi).unwrap();
     assert!(w.deliver_all().await.is_empty());
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
+    let (link, _) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
 
     w.stripe.close_dispute(&dispute, false).unwrap();
@@ -1223,11 +1214,9 @@ async fn a_third_payment_under_a_chargeback_is_refunded() {
     let (session, pi) = buy(&w, &user).await;
     let dispute = w.stripe.dispute(&pi).unwrap();
     assert!(w.deliver_all().await.is_empty());
-    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&second).unwrap();
+    let (second, _) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
-    let third = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let third_pi = w.stripe.pay(&third).unwrap();
+    let (_, third_pi) = pay_link(&w, &user);
 
     assert!(w.deliver_all().await.is_empty());
 
@@ -1249,8 +1238,7 @@ async fn a_duplicates_refund_that_fails_after_the_user_bought_again_is_made_agai
     let w = world().await;
     let user = w.user().await;
     let (_, pi) = buy(&w, &user).await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let link_pi = w.stripe.pay(&link).unwrap();
+    let (link, link_pi) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
     let link_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
     w.stripe.refund(&pi, None).unwrap();
@@ -1274,14 +1262,12 @@ async fn a_refund_that_fails_after_a_lost_chargeback_refunds_the_payment_that_th
     let w = world().await;
     let user = w.user().await;
     let (_, pi) = buy(&w, &user).await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let link_pi = w.stripe.pay(&link).unwrap();
+    let (_, link_pi) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
     let link_refund = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
     let dispute = w.stripe.dispute(&pi).unwrap();
     assert!(w.deliver_all().await.is_empty());
-    let third = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let third_pi = w.stripe.pay(&third).unwrap();
+    let (_, third_pi) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
     w.stripe.close_dispute(&dispute, false).unwrap();
     assert!(w.deliver_all().await.is_empty());
@@ -1414,8 +1400,7 @@ async fn an_email_stripe_refuses_gives_a_session_without_it() {
 async fn a_click_while_a_payment_link_is_verified_is_a_payment_in_flight() {
     let w = world().await;
     let user = w.user().await;
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
+    let (link, _) = pay_link(&w, &user);
     let events = w.stripe.take_events();
     Mock::given(method("GET"))
         .and(path(format!("/v1/checkout/sessions/{link}/line_items")))
@@ -1461,8 +1446,7 @@ async fn a_superseded_session_is_expired_before_a_new_one_is_made() {
         .mount(&w.stripe.server)
         .await;
     // The user buys through a Payment Link meanwhile; support refunds it; they buy again.
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    let link_pi = w.stripe.pay(&link).unwrap();
+    let (_, link_pi) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
     assert_eq!(
         w.stripe.session(&old).unwrap()["status"],
@@ -1486,8 +1470,7 @@ async fn a_refund_made_but_not_recorded_is_recorded_by_the_redelivery() {
     let user = w.user().await;
     let (_, first) = w.click(&user).await;
     let session = first["session_id"].as_str().unwrap().to_owned();
-    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
-    w.stripe.pay(&link).unwrap();
+    let _ = pay_link(&w, &user);
     w.stripe.pay(&session).unwrap();
     let events = w.stripe.take_events();
     assert_eq!(w.deliver(&events[0]).await.0, 200);
