@@ -1474,10 +1474,13 @@ async fn a_refund_made_but_not_recorded_is_recorded_by_the_redelivery() {
     w.stripe.pay(&session).unwrap();
     let events = w.stripe.take_events();
     assert_eq!(w.deliver(&events[0]).await.0, 200);
-    // The refund call takes 600 ms; the database goes away while it is in flight.
+    // The refund call takes 600 ms; the database goes away while it is in flight (once Stripe
+    // has the request, whatever the machine's load).
     w.stripe.delay(Some(Duration::from_millis(600)));
     let cut = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        while w.stripe.requests_to("POST", "/v1/refunds").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         w.proxy.down();
     };
 

@@ -124,24 +124,25 @@ pub async fn follow_up(
     applied: &ApplyOutcome,
     metrics: &mut MetricSet,
 ) -> Result<(), WebhookError> {
-    let due = applied.refunds_due();
     let Some(stripe) = &state.stripe else {
-        for refund in due {
+        for refund in &applied.refunds {
             tracing::error!(order_id = %refund.order_id, payment_intent = %refund.payment_intent_id,
                 "duplicate payment not refunded: the webhook has no STRIPE_SECRET_KEY; refund it in the Stripe Dashboard");
         }
         return Ok(());
     };
     expire_sessions(state, &applied.expire_sessions, metrics).await?;
+    if !state.config.auto_refund {
+        for refund in &applied.refunds {
+            tracing::error!(order_id = %refund.order_id, payment_intent = %refund.payment_intent_id,
+                "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
+        }
+        return Ok(());
+    }
     // Every refund is tried; the first one that failed for now makes the answer a 503, and
     // Stripe's next delivery carries what is still due.
     let mut unavailable = None;
-    for refund in due {
-        if !state.config.auto_refund {
-            tracing::error!(order_id = %refund.order_id, payment_intent = %refund.payment_intent_id,
-                "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
-            continue;
-        }
+    for refund in &applied.refunds {
         // After a dispute event of this very payment the database knows the chargeback's
         // outcome: a refusal is news.
         let after_dispute = applied.dispute.is_some()
@@ -218,8 +219,8 @@ async fn refund_duplicate(
     Ok(())
 }
 
-/// A permanent refusal (every key used, the charge not refundable): the audit keeps the duplicate open,
-/// payment_health reports it, and the alarm asks a person to refund it.
+/// A permanent refusal (every key used, the charge not refundable): the audit keeps the
+/// duplicate open, payment_health reports it, and the alarm asks a person to refund it.
 fn refund_failed(due: &RefundDue, error: &StripeError, metrics: &mut MetricSet) {
     metrics.count("DuplicateRefundFailures", 1);
     metrics.count_by("StripeErrors", "Class", error.class(), 1);

@@ -258,11 +258,8 @@ pub struct ApplyOutcome {
     /// True when this payment made a second paid order for the same user and product.
     #[serde(default)]
     pub duplicate_payment: bool,
-    /// A duplicate payment that still has to be refunded (also on a redelivery, until done).
-    #[serde(default)]
-    pub refund: Option<RefundDue>,
-    /// What the payment's order still needs refunded: its own refund as a duplicate, or its
-    /// duplicates' once it is paid again (a won dispute). See [`ApplyOutcome::refunds_due`].
+    /// The refunds due among the user's orders for the product (`billing.still_due`): duplicate
+    /// payments, after a payment event and on every redelivery, until each one is done.
     #[serde(default)]
     pub refunds: Vec<RefundDue>,
     /// Sessions of orders this payment closed: expire them at Stripe (invariant I1).
@@ -277,19 +274,6 @@ pub struct ApplyOutcome {
     /// A paid session without an order was not granted.
     #[serde(default)]
     pub unverified: bool,
-}
-
-impl ApplyOutcome {
-    /// Every refund due, each order once.
-    pub fn refunds_due(&self) -> Vec<&RefundDue> {
-        let mut due: Vec<&RefundDue> = Vec::new();
-        for refund in self.refund.iter().chain(&self.refunds) {
-            if !due.iter().any(|d| d.order_id == refund.order_id) {
-                due.push(refund);
-            }
-        }
-        due
-    }
 }
 
 /// A duplicate payment to refund: the whole payment intent.
