@@ -226,3 +226,53 @@ $$;
 
 revoke all on all functions in schema billing from public, anon, authenticated;
 grant execute on all functions in schema billing to service_role;
+
+-- I2, I9: a session of ours completed with its payment still on its way (an async method) after
+-- its order was closed because another payment was applied first. The money is in flight: the
+-- order opens again (and reads processing once the event is applied), so a click answers
+-- payment_processing, and its success counts (a duplicate is refunded, or it is the purchase if
+-- the other payment was refunded meanwhile). Found by the payments model: the other payment was
+-- refunded, and a click got a new session while this payment was still in flight.
+create or replace function billing.reopen_in_flight(p_event_id text, p_effect jsonb) returns void
+language plpgsql set search_path = ''
+as $$
+declare
+  v_order public.orders;
+begin
+  if p_effect ->> 'transition' is distinct from 'completed'
+     or p_effect ->> 'payment_status' is distinct from 'unpaid' then
+    return;
+  end if;
+  v_order := billing.order_of_session(p_effect);
+  if v_order.id is null or v_order.closed_reason is distinct from 'superseded'
+     or v_order.stripe_checkout_session_id is distinct from p_effect ->> 'session_id' then
+    return;
+  end if;
+  perform billing.lock_purchase(v_order.user_id, v_order.product);
+  select * into v_order from public.orders where id = v_order.id for update;
+  -- One open order per user and product: another payment in flight already answers clicks.
+  if v_order.status <> 'expired' or exists (
+      select 1 from public.orders where user_id = v_order.user_id
+        and product = v_order.product and status = 'processing') then
+    return;
+  end if;
+  perform billing.supersede_pending(p_event_id, v_order);
+  update public.orders set status = 'pending', closed_reason = null,
+    session_expire_pending = false, updated_at = now()
+  where id = v_order.id;
+end
+$$;
+
+create or replace function billing.apply_checkout_session_confirmed(p_event_id text, p_effect jsonb)
+returns jsonb
+language plpgsql set search_path = ''
+as $$
+begin
+  perform billing.confirm_expired(p_effect);
+  perform billing.reopen_in_flight(p_event_id, p_effect);
+  return billing.apply_checkout_session(p_event_id, p_effect);
+end
+$$;
+
+revoke all on all functions in schema billing from public, anon, authenticated;
+grant execute on all functions in schema billing to service_role;

@@ -1284,6 +1284,38 @@ async fn a_refund_that_fails_after_a_lost_chargeback_refunds_the_payment_that_th
 }
 
 #[tokio::test]
+async fn an_async_payment_in_flight_after_its_order_was_closed_still_counts() {
+    // Found by the payments model: the user pays our session with an async method and a Payment
+    // Link too; the link is applied first and closes our order; then the link is refunded. Our
+    // session's payment is still on its way: a click is a payment in flight, not a new session.
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    w.stripe.pay_async(&session).unwrap();
+    let (_, link_pi) = pay_link(&w, &user);
+    for event in w.stripe.take_events().iter().rev() {
+        assert_eq!(w.deliver(event).await.0, 200);
+    }
+    w.stripe.refund(&link_pi, None).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert!(!w.owns(&user).await);
+
+    let (status, body) = w.click(&user).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("payment_processing")),
+        "{body}"
+    );
+
+    w.stripe.settle_async(&session, true).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(w.order_of(&session).await["status"], "paid");
+    assert!(w.owns(&user).await);
+    assert_eq!(w.stripe.refunds().len(), 1, "only the refunded link");
+}
+
+#[tokio::test]
 async fn a_refund_that_fails_after_the_user_bought_again_refunds_that_payment() {
     let w = world().await;
     let user = w.user().await;
