@@ -21,4 +21,5 @@ mod postgrest_contract;
 mod schema;
 mod secrets;
 mod storm;
+mod stripe_truth;
 mod webhook;

@@ -198,6 +198,11 @@ fn expire_session(state: &mut FakeState, request: &Request) -> ResponseTemplate 
         idempotency_key(request),
         form(request),
         |s| {
+            if s.expire_failures > 0 {
+                s.expire_failures -= 1;
+                let body = state::error_body("api_error", None, "An unknown error occurred");
+                return (500, body, true);
+            }
             let (status, body) = s.expire(&id);
             (status, body, status == 200)
         },
@@ -421,6 +426,11 @@ impl FakeStripe {
     /// Stripe keeps the result of an endpoint that ran (the same key replays the 500).
     pub fn fail_next_refunds(&self, n: u32) {
         self.with(|s| s.refund_failures = n);
+    }
+
+    /// Answers the next `n` expiry requests with a 500, kept under their idempotency key.
+    pub fn fail_next_expires(&self, n: u32) {
+        self.with(|s| s.expire_failures = n);
     }
 
     /// Creates the next refunds with this status (`requires_action`, `pending`, `failed`, ...;

@@ -82,6 +82,8 @@ pub struct FakeState {
     /// The next refund requests answered 500, kept under their key as Stripe keeps an error
     /// of an endpoint that ran (a retry with the key gets the same 500, replayed).
     pub refund_failures: u32,
+    /// The next expiry requests answered 500, kept under their key.
+    pub expire_failures: u32,
     /// The status the next refunds are created with (default `succeeded`).
     pub next_refund_status: Option<String>,
     pub counter: u64,
@@ -279,7 +281,6 @@ impl FakeState {
             "amount_captured": if paid { amount } else { 0 }, "amount_refunded": 0,
             "currency": CURRENCY, "customer": customer, "disputed": false, "paid": paid,
             "payment_intent": pi, "refunded": false, "status": if paid { "succeeded" } else { "pending" },
-            "refunds": {"object": "list", "data": [], "has_more": false},
             "metadata": session["metadata"].clone(), "livemode": false, "created": now(),
         });
         self.charges.insert(pi.clone(), charge);
@@ -404,9 +405,6 @@ impl FakeState {
         let charge = self.charges.get_mut(pi).expect("present");
         charge["amount_refunded"] = json!(refunded + amount);
         charge["refunded"] = json!(refunded + amount >= total);
-        if let Some(list) = charge["refunds"]["data"].as_array_mut() {
-            list.push(refund.clone());
-        }
         let charge = charge.clone();
         self.emit("charge.refunded", charge);
         (200, refund)
