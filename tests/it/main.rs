@@ -19,6 +19,7 @@ mod payments_model;
 mod pooler;
 mod postgrest_contract;
 mod schema;
+mod schema_files;
 mod secrets;
 mod storm;
 mod stripe_truth;

@@ -93,6 +93,21 @@ impl TestDb {
         }
     }
 
+    /// Creates an empty database (nothing applied), dropped when the value is.
+    pub async fn empty() -> TestDb {
+        let admin = admin_url();
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        connect(&admin)
+            .await
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: url_for(&admin, &name),
+            name,
+        }
+    }
+
     /// This database through the transaction-mode pooler (see [`pooler_admin_url`]).
     pub fn pooler_url(&self) -> String {
         url_for(&pooler_admin_url(), &self.name)
