@@ -9,6 +9,7 @@ pub mod function_url;
 pub mod http_client;
 pub mod lambda;
 pub mod llm;
+pub mod payments;
 pub mod retry;
 pub mod sentry;
 pub mod store;

@@ -186,7 +186,8 @@ $$;
 --              the same: they are newer); null for checkout's and the reconciler's reads;
 --   p_payload  the event as received (the audit trail);
 --   p_facts    {read_at_ms, sessions, payments, refunds, disputes, subscriptions, invoices}: the
---              objects read at read_at_ms;
+--              objects read at read_at_ms, and `missing` when Stripe did not know the object;
+--              null for an event of a type the app does not act on (recorded `ignored`);
 --   p_actions  [{kind, object_id, attempt, error}]: calls to Stripe that failed since the last
 --              call: their idempotency keys are spent.
 -- Takes the purchase lock of every (user, product) the facts concern, stores each object unless a
@@ -288,10 +289,18 @@ begin
   end if;
 
   v_outcome := case when v_duplicate then 'duplicate'
-                    when v_pairs > 0 or v_other > 0 or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
-                         + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0 then 'applied'
+                    when p_facts is null then 'ignored'
+                    when p_facts ->> 'missing' is null and (v_pairs > 0
+                      or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
+                         + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0
+                      or exists (select 1 from public.stripe_sessions s
+                                 where s.user_id is not null and s.id in (select f.value ->> 'id'
+                                   from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f)))
+                      then 'applied'
                     else 'unmatched' end;
-  v_detail := case when v_outcome = 'unmatched' then 'the objects concern no purchase of a user we know'
+  v_detail := case when v_outcome = 'ignored' then 'event type not handled'
+                   when p_facts ->> 'missing' is not null then left(p_facts ->> 'missing', 500)
+                   when v_outcome = 'unmatched' then 'the objects concern no purchase of a user we know'
                    else v_changed || ' changed, ' || v_pairs || ' purchase(s) settled' end;
   if v_event is not null and not v_duplicate then
     update public.stripe_events set outcome = v_outcome, detail = v_detail, processed_at = now()
@@ -339,11 +348,11 @@ grant all on internal.reconciler_runs to service_role;
 -- Stripe's 30 days of events, 3 days for the first run), and what to read again: sessions of ours
 -- Stripe may still let someone pay (or that were never read), payments in flight, due for a
 -- refund or never read, refunds waiting for the customer.
-create function public.reconcile_begin(p_since timestamptz, p_limit integer) returns jsonb
+create function public.reconcile_begin(p_since_s bigint, p_limit integer) returns jsonb
 language plpgsql set search_path = ''
 as $$
 declare
-  v_since timestamptz := greatest(coalesce(p_since,
+  v_since timestamptz := greatest(coalesce(billing.unix_ts(p_since_s),
     (select max(started_at) - interval '10 minutes' from internal.reconciler_runs
      where finished_at is not null and error is null),
     now() - interval '3 days'), now() - interval '30 days');
@@ -391,12 +400,12 @@ grant execute on all functions in schema billing to service_role;
 revoke all on function
   public.record_stripe_facts(jsonb, jsonb, jsonb, jsonb),
   public.stripe_sync_begin(text, text),
-  public.reconcile_begin(timestamptz, integer),
+  public.reconcile_begin(bigint, integer),
   public.reconcile_finish(bigint, integer, integer, text)
 from public, anon, authenticated;
 grant execute on function
   public.record_stripe_facts(jsonb, jsonb, jsonb, jsonb),
   public.stripe_sync_begin(text, text),
-  public.reconcile_begin(timestamptz, integer),
+  public.reconcile_begin(bigint, integer),
   public.reconcile_finish(bigint, integer, integer, text)
 to service_role;

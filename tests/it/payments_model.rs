@@ -1,8 +1,11 @@
 //! The model-based concurrency test of the money paths (docs/payments.md): generated sequences
-//! of clicks, payments, refunds, disputes, subscription events and deliveries (late, twice,
-//! concurrent, in the same second), leases and orders ageing, the database cut off, run against
-//! the real SQL functions, both handlers and the fake Stripe; I1-I9 checked after every step and
-//! against the money at the end. On failure: the seed, the shrunk sequence and what happened.
+//! of clicks, payments, refunds, disputes, subscriptions and deliveries (late, twice,
+//! concurrent, in the same second, lost for good), stored Stripe failures, reconciler runs,
+//! leases and orders ageing, the database cut off, run against the real SQL functions, both
+//! handlers, the reconciler and the fake Stripe. After every step the stored decisions must be
+//! the decisions over the stored facts; at the end (every event delivered, or one reconciler
+//! run) the database must say what Stripe's objects say, every decision the reference model's
+//! (`testkit::money_reference`). On failure: the seed, the shrunk sequence and what happened.
 //!
 //! `PAYMENTS_MODEL_CASES` (default 64) and `PAYMENTS_MODEL_SEED` (hex, to replay a failure).
 
@@ -30,8 +33,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => user.clone().prop_map(|user| Op::Inquiry { user }),
         1 => user.clone().prop_map(|user| Op::Escalate { user }),
         1 => user.clone().prop_map(|user| Op::FailRefund { user }),
-        1 => (user.clone(), any::<bool>(), any::<bool>())
-            .prop_map(|(user, cancel, same_second)| Op::Subscribe { user, cancel, same_second }),
+        1 => (user.clone(), any::<bool>()).prop_map(|(user, cancel)| Op::Subscribe { user, cancel }),
+        1 => any::<bool>().prop_map(|refund| Op::StoredFailure { refund }),
+        1 => any::<u8>().prop_map(|pick| Op::LoseEvent { pick }),
+        1 => Just(Op::Reconcile),
         6 => (any::<u8>(), any::<bool>()).prop_map(|(pick, twice)| Op::Deliver { pick, twice }),
         2 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::DeliverPair { a, b }),
         2 => any::<bool>().prop_map(|reversed| Op::DeliverAll { reversed }),
@@ -48,16 +53,16 @@ fn op() -> impl Strategy<Value = Op> {
 fn setup() -> impl Strategy<Value = Setup> {
     (
         prop_oneof![Just(1860u32), Just(7200), Just(86_400)],
-        prop::bool::weighted(0.8),
         any::<bool>(),
+        prop::bool::weighted(0.3),
     )
         .prop_map(
-            |(session_ttl_s, webhook_key, open_disputes_end_won)| Setup {
+            |(session_ttl_s, open_disputes_end_won, finish_by_reconciler)| Setup {
                 instances: 3,
                 session_ttl_s,
-                webhook_key,
                 auto_refund: true,
                 open_disputes_end_won,
+                finish_by_reconciler,
             },
         )
 }

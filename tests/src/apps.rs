@@ -74,27 +74,40 @@ pub fn stripe_client(api: &StripeApi) -> StripeClient {
     .expect("stripe client")
 }
 
-/// The webhook's config over `store`, test mode, without a Stripe key.
-pub fn webhook_config(store: StoreConfig) -> webhook::Config {
+/// The webhook's config over `store` and a Stripe fake at `stripe_base`, test mode.
+pub fn webhook_config(store: StoreConfig, stripe_base: &str) -> webhook::Config {
     webhook::Config {
         store,
         secrets: vec![Secret::new(WEBHOOK_SECRET)],
         tolerance: Duration::from_secs(300),
         stripe_mode: StripeMode::Test,
         max_body_bytes: 1 << 20,
-        stripe: None,
-        price_id: None,
+        stripe: stripe_api(stripe_base, 1, Duration::from_secs(2)),
+        price_id: Some(price()),
         auto_refund: true,
     }
 }
 
-/// The webhook over `store` (its connections), metrics in memory.
+/// The webhook over `store` (its connections), with [`fast_retries`], metrics in memory.
 pub fn webhook_state(config: webhook::Config, store: Store) -> (webhook::State, MetricLines) {
     let (metrics, lines) = Metrics::in_memory("webhook");
     let mut state = webhook::State::from_parts(config, store, metrics).expect("webhook state");
-    if let (Some(api), Some(client)) = (&state.config.stripe, &mut state.stripe) {
-        *client = stripe_client(api);
-    }
+    state.stripe = stripe_client(&state.config.stripe);
+    (state, lines)
+}
+
+/// The reconciler over `store` and a Stripe fake at `stripe_base`, metrics in memory.
+pub fn reconcile_state(store: Store, stripe_base: &str) -> (reconcile::State, MetricLines) {
+    let config = reconcile::Config {
+        store: store_config("postgres://unused"),
+        stripe: stripe_api(stripe_base, 1, Duration::from_secs(2)),
+        price_id: Some(price()),
+        auto_refund: true,
+        max_reads: 500,
+    };
+    let (metrics, lines) = Metrics::in_memory("reconcile");
+    let mut state = reconcile::State::from_parts(config, store, metrics).expect("reconcile state");
+    state.stripe = stripe_client(&state.config.stripe);
     (state, lines)
 }
 

@@ -9,6 +9,7 @@ pub mod https_front;
 pub mod llm_fake;
 pub mod money;
 pub mod money_model;
+pub mod money_reference;
 pub mod pg_tls;
 pub mod postgrest;
 pub mod proxy;

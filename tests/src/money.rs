@@ -22,11 +22,11 @@ pub struct Setup {
     /// Checkout instances (each its own pool, as Lambda instances are).
     pub instances: usize,
     pub session_ttl_s: u32,
-    /// The webhook has a Stripe key (verification, refunds, expiry).
-    pub webhook_key: bool,
     pub auto_refund: bool,
     /// The model test: how the chargebacks still open at the end are decided.
     pub open_disputes_end_won: bool,
+    /// The model test: the end catches up through one reconciler run instead of deliveries.
+    pub finish_by_reconciler: bool,
 }
 
 impl Default for Setup {
@@ -34,9 +34,9 @@ impl Default for Setup {
         Setup {
             instances: 2,
             session_ttl_s: 7200,
-            webhook_key: true,
             auto_refund: true,
             open_disputes_end_won: true,
+            finish_by_reconciler: false,
         }
     }
 }
@@ -52,6 +52,9 @@ pub struct World {
     pub webhook: webhook::State,
     pub webhook_metrics: MetricLines,
     pub checkout_metrics: Vec<MetricLines>,
+    /// The reconciler, on the webhook's store.
+    pub reconciler: reconcile::State,
+    pub reconcile_metrics: MetricLines,
 }
 
 /// An HTTP answer: status and JSON body.
@@ -79,15 +82,12 @@ impl World {
             checkout_metrics.push(lines);
         }
         let config = webhook::Config {
-            stripe: setup
-                .webhook_key
-                .then(|| apps::stripe_api(&stripe.uri(), 1, Duration::from_secs(2))),
-            price_id: Some(apps::price()),
             auto_refund: setup.auto_refund,
-            ..apps::webhook_config(apps::store_config(&url))
+            ..apps::webhook_config(apps::store_config(&url), &stripe.uri())
         };
-        let (webhook, webhook_metrics) =
-            apps::webhook_state(config, Store::postgres(&url, 2).expect("store"));
+        let store = Store::postgres(&url, 2).expect("store");
+        let (webhook, webhook_metrics) = apps::webhook_state(config, store.clone());
+        let (reconciler, reconcile_metrics) = apps::reconcile_state(store, &stripe.uri());
         World {
             db,
             sql,
@@ -97,6 +97,8 @@ impl World {
             webhook,
             webhook_metrics,
             checkout_metrics,
+            reconciler,
+            reconcile_metrics,
         }
     }
 
@@ -107,9 +109,11 @@ impl World {
         self.sql
             .batch_execute(
                 "truncate public.payment_audit, public.stripe_events, public.entitlements,
-                   public.payments, public.disputes, public.invoices, public.subscriptions,
+                   public.stripe_sessions, public.stripe_payments, public.stripe_refunds,
+                   public.stripe_disputes, public.invoices, public.subscriptions,
                    public.stripe_customers, public.chat_cache, public.chat_usage,
-                   internal.rate_limits, public.orders, auth.users cascade",
+                   internal.rate_limits, internal.stripe_actions, internal.verifications,
+                   internal.reconciler_runs, public.orders, auth.users cascade",
             )
             .await
             .expect("truncate");
@@ -117,17 +121,12 @@ impl World {
         for state in &mut self.checkouts {
             state.config.session_ttl_s = setup.session_ttl_s;
         }
-        let api = self.webhook.config.stripe.clone().or_else(|| {
-            Some(apps::stripe_api(
-                &self.stripe.uri(),
-                1,
-                Duration::from_secs(2),
-            ))
-        });
-        self.webhook.config.stripe = if setup.webhook_key { api } else { None };
-        self.webhook.stripe = self.webhook.config.stripe.as_ref().map(apps::stripe_client);
         self.webhook.config.auto_refund = setup.auto_refund;
-        for lines in std::iter::once(&self.webhook_metrics).chain(&self.checkout_metrics) {
+        self.reconciler.config.auto_refund = setup.auto_refund;
+        for lines in [&self.webhook_metrics, &self.reconcile_metrics]
+            .into_iter()
+            .chain(&self.checkout_metrics)
+        {
             if let Ok(mut lines) = lines.lock() {
                 lines.clear();
             }
@@ -173,7 +172,8 @@ impl World {
         call_checkout(&self.checkouts[0], request).await
     }
 
-    /// Delivers one event to the webhook, signed now.
+    /// Delivers one event to the webhook, signed now; a 2xx marks it delivered at the fake (it
+    /// is then no longer listed as undelivered).
     pub async fn deliver(&self, event: &Value) -> Answer {
         let body = fixtures::body(event);
         let request = FunctionUrlRequest::post("/", &body).header(
@@ -184,7 +184,18 @@ impl World {
             Ok(request) => webhook::handle(&self.webhook, request).await,
             Err(response) => response,
         };
+        if response.status().is_success() {
+            self.stripe
+                .mark_delivered(event["id"].as_str().unwrap_or_default());
+        }
         (response.status().as_u16(), fixtures::json_body(&response))
+    }
+
+    /// One reconciler run (from the last one, or `since`, Unix seconds).
+    pub async fn reconcile(&self, since: Option<i64>) -> reconcile::Report {
+        reconcile::handle(&self.reconciler, since)
+            .await
+            .unwrap_or_else(|e| panic!("reconciler run failed: {e}"))
     }
 
     /// Delivers everything in the outbox in order, as Stripe does when all is well; events the

@@ -1,10 +1,13 @@
-//! The model-based money test's operations and its reference model (docs/payments.md).
+//! The model-based money test's operations and its checks (docs/payments.md).
 //!
 //! A case is a sequence of [`Op`]s run against a [`World`]: the real SQL functions, both
-//! handlers and the fake Stripe. Stripe's events wait in `pending` until an op delivers them
-//! (late, twice at once, two at once, in the same second). After every op [`Run::check`] tests
-//! the invariants that must hold at every moment; at the end, with every event delivered,
-//! [`Run::finish`] compares the database with what the money at the fake says must be true.
+//! handlers, the reconciler and the fake Stripe. Stripe's events wait in `pending` until an op
+//! delivers them (late, twice at once, two at once, in the same second) or loses them for good.
+//! After every op [`Run::check`] tests what must hold at every moment (the decisions stored on
+//! orders and entitlements equal the decisions over the stored facts; one payable session; I2
+//! at each click); at the end, once every event was delivered or the reconciler ran,
+//! [`Run::finish`] compares the database with what Stripe's objects say: every fact, and every
+//! decision against the reference model (`money_reference`).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -16,6 +19,7 @@ use shared::store::orders::{Begin, BeginLimits, FULL_REPORT};
 use crate::apps;
 use crate::fixtures;
 use crate::money::{Answer, Setup, World};
+use crate::money_reference::{self, Purchase};
 
 /// Users in every case (indexes wrap).
 pub const USERS: usize = 2;
@@ -51,13 +55,15 @@ pub enum Op {
     Escalate { user: u8 },
     /// The user's newest refund fails after it was made: the money is the merchant's again.
     FailRefund { user: u8 },
-    /// A subscription's life (created, active, maybe canceled), its invoice, and the checkout
-    /// session that names its owner: events queued in Stripe's order, delivered by other ops.
-    Subscribe {
-        user: u8,
-        cancel: bool,
-        same_second: bool,
-    },
+    /// A subscription bought through Checkout (created, the session naming its owner, active,
+    /// its first invoice), maybe canceled later: events delivered by other ops.
+    Subscribe { user: u8, cancel: bool },
+    /// Stripe keeps a 500 under the key of the next expiry (or refund) it is asked for.
+    StoredFailure { refund: bool },
+    /// Stripe gives up delivering pending event `pick`: only the reconciler can find it.
+    LoseEvent { pick: u8 },
+    /// The reconciler runs.
+    Reconcile,
     /// Delivers pending event `pick`, once or twice at the same time.
     Deliver { pick: u8, twice: bool },
     /// Delivers two pending events at the same time.
@@ -80,11 +86,10 @@ pub enum Op {
     DatabaseCut { user: u8, pick: u8 },
 }
 
-/// A subscription's events in Stripe's order and what they end in.
+/// A subscription and whose it is.
 struct Timeline {
     user: usize,
     subscription: String,
-    final_status: &'static str,
 }
 
 /// The state of one case.
@@ -97,8 +102,8 @@ pub struct Run<'w> {
     /// Sessions handed to each user by a 200 click, oldest first.
     handed: Vec<Vec<String>>,
     timelines: Vec<Timeline>,
-    /// Clicks answered 200, with the database clock just before each (I2).
-    clicks_ok: Vec<(usize, String)>,
+    /// Events Stripe gave up delivering: the end needs the reconciler.
+    lost: usize,
     /// What happened, for the failure report.
     pub log: String,
 }
@@ -119,7 +124,7 @@ impl<'w> Run<'w> {
             pending: Vec::new(),
             handed: vec![Vec::new(); USERS],
             timelines: Vec::new(),
-            clicks_ok: Vec::new(),
+            lost: 0,
             log: String::new(),
         }
     }
@@ -147,7 +152,7 @@ impl<'w> Run<'w> {
                 let t0 = self.db_clock().await;
                 let answers = self.w.clicks(&id, usize::from(*n).clamp(1, 4)).await;
                 for answer in &answers {
-                    self.click_answer(i, &t0, answer, false)?;
+                    self.click_answer(i, &t0, answer, false).await?;
                 }
             }
             Op::Poll { user } => {
@@ -274,11 +279,31 @@ impl<'w> Run<'w> {
                     self.note(format!("close dispute {did} won={won}: {closed:?}"));
                 }
             }
-            Op::Subscribe {
-                user,
-                cancel,
-                same_second,
-            } => self.subscribe(*user, *cancel, *same_second),
+            Op::Subscribe { user, cancel } => self.subscribe(*user, *cancel),
+            Op::StoredFailure { refund } => {
+                if *refund {
+                    self.w.stripe.fail_next_refunds(1);
+                } else {
+                    self.w.stripe.fail_next_expires(1);
+                }
+            }
+            Op::LoseEvent { pick } => {
+                if !self.pending.is_empty() {
+                    let event = self.pending.remove(usize::from(*pick) % self.pending.len());
+                    self.lost += 1;
+                    self.note(format!(
+                        "lost {} {}",
+                        event["type"].as_str().unwrap_or_default(),
+                        event["data"]["object"]["id"].as_str().unwrap_or_default()
+                    ));
+                }
+            }
+            Op::Reconcile => {
+                let report = reconcile::handle(&self.w.reconciler, None)
+                    .await
+                    .map_err(|e| format!("the reconciler failed: {e}"))?;
+                self.note(format!("reconciled: {report:?}"));
+            }
             Op::Deliver { pick, twice } => {
                 if !self.pending.is_empty() {
                     let event = self.pending.remove(usize::from(*pick) % self.pending.len());
@@ -356,7 +381,9 @@ impl<'w> Run<'w> {
             .unwrap_or_default()
     }
 
-    fn click_answer(
+    /// Checks a click's answer; I2: a click answered 200 never finds the user owning the report
+    /// since before it started (the entitlement active and unchanged since before `t0`).
+    async fn click_answer(
         &mut self,
         user: usize,
         t0: &str,
@@ -370,7 +397,20 @@ impl<'w> Run<'w> {
                 if !self.handed[user].contains(&session) {
                     self.handed[user].push(session);
                 }
-                self.clicks_ok.push((user, t0.to_owned()));
+                let owned: i64 = scalar(
+                    self.w,
+                    &format!(
+                        "select count(*) from entitlements where user_id = '{}'::uuid
+                         and product = 'full_report' and active and updated_at < '{t0}'::timestamptz",
+                        self.users[user]
+                    ),
+                )
+                .await;
+                if owned > 0 {
+                    return Err(format!(
+                        "I2: user {user} got a session while owning the report (click at {t0})"
+                    ));
+                }
                 Ok(())
             }
             (409, Some("already_paid" | "payment_processing" | "payment_disputed")) => Ok(()),
@@ -456,75 +496,15 @@ impl<'w> Run<'w> {
             .find(|pi| self.w.stripe.charge(pi).is_some_and(|c| want(&c)))
     }
 
-    fn subscribe(&mut self, user: u8, cancel: bool, same_second: bool) {
+    fn subscribe(&mut self, user: u8, cancel: bool) {
         let (i, id) = self.user(user);
-        let id = id.to_owned();
-        let n = self.timelines.len();
-        let subscription = format!("sub_model_{n}");
-        let customer = format!("cus_model_{n}");
-        let t = fixtures::now() - 3600 + 20 * n as i64;
-        let step = if same_second { 0 } else { 1 };
-        let sub = |type_: &str, status: &str, created: i64| {
-            let mut e = fixtures::load("stripe/customer.subscription.updated.dahlia.json");
-            fixtures::set(&mut e, "/id", json!(fixtures::event_id()));
-            fixtures::set(&mut e, "/type", json!(type_));
-            fixtures::set(&mut e, "/created", json!(created));
-            fixtures::set(&mut e, "/data/object/id", json!(subscription));
-            fixtures::set(&mut e, "/data/object/customer", json!(customer));
-            fixtures::set(&mut e, "/data/object/status", json!(status));
-            e
-        };
-        let mut events = vec![
-            sub("customer.subscription.created", "incomplete", t),
-            sub("customer.subscription.updated", "active", t + step),
-        ];
-        let mut invoice = fixtures::load("stripe/invoice.paid.dahlia.json");
-        fixtures::set(&mut invoice, "/id", json!(fixtures::event_id()));
-        fixtures::set(&mut invoice, "/created", json!(t + step));
-        fixtures::set(
-            &mut invoice,
-            "/data/object/id",
-            json!(format!("in_model_{n}")),
-        );
-        fixtures::set(&mut invoice, "/data/object/customer", json!(customer));
-        fixtures::set(
-            &mut invoice,
-            "/data/object/parent/subscription_details/subscription",
-            json!(subscription),
-        );
-        events.push(invoice);
-        let mut link = fixtures::checkout_event(
-            "checkout.session.completed",
-            &format!("cs_test_model_sub_{n}"),
-            "",
-            &id,
-            "paid",
-        );
-        fixtures::set(&mut link, "/created", json!(t + step));
-        fixtures::set(&mut link, "/data/object/mode", json!("subscription"));
-        fixtures::set(&mut link, "/data/object/customer", json!(customer));
-        events.push(link);
-        let final_status = if cancel {
-            events.push(sub("customer.subscription.updated", "past_due", t + 2));
-            events.push(sub(
-                "customer.subscription.deleted",
-                "canceled",
-                t + 2 + step,
-            ));
-            "canceled"
-        } else {
-            "active"
-        };
-        self.note(format!(
-            "{subscription} of user {i}: {} events",
-            events.len()
-        ));
-        self.pending.extend(events);
-        self.timelines.push(Timeline {
-            user: i,
-            subscription,
-            final_status,
-        });
+        let subscription = self.w.stripe.subscribe(id, "price_monthly_plan");
+        if cancel {
+            let canceled = self.w.stripe.set_subscription_status(&subscription, "canceled");
+            self.note(format!("{subscription} canceled: {canceled:?}"));
+        }
+        self.note(format!("{subscription} of user {i}"));
+        self.timelines.push(Timeline { user: i, subscription });
     }
 
     async fn crash_mid_create(&mut self, user: u8) -> Result<(), String> {
@@ -590,7 +570,7 @@ impl<'w> Run<'w> {
         });
         hold_payments(self.w, 0).await;
         self.delivered(&event, &[delivery], false)?;
-        self.click_answer(i, &t0, &click, false)
+        self.click_answer(i, &t0, &click, false).await
     }
 
     async fn click_races_payment(&mut self, user: u8) -> Result<(), String> {
@@ -614,15 +594,15 @@ impl<'w> Run<'w> {
         });
         self.w.stripe.delay_creates(None);
         self.delivered(&event, &[delivery], false)?;
-        self.click_answer(i, &t0, &click, false)
+        self.click_answer(i, &t0, &click, false).await
     }
 
     /// The invariants that hold at every moment (after every op).
     pub async fn check(&self) -> Result<(), String> {
         let w = self.w;
-        // I1: at most one open session handed out per user; with a key, each one's order is
-        // open. (A session created by an instance that died before attaching it never left
-        // that instance: nobody can pay it. It is handed out once a later click attaches it.)
+        // I1: at most one open session handed out per user, its order open; a user who owns the
+        // report or has a payment in flight holds nothing left to pay (unless its expiry failed
+        // for now and is being retried).
         for (i, sessions) in self.handed.iter().enumerate() {
             let open: Vec<&String> = sessions
                 .iter()
@@ -631,84 +611,56 @@ impl<'w> Run<'w> {
             if open.len() > 1 {
                 return Err(format!("I1: user {i} holds open sessions {open:?}"));
             }
-            if !self.setup.webhook_key {
-                continue;
-            }
-            // Paid means paid: a user who owns the report holds nothing left to pay.
-            if !open.is_empty() && w.owns(&self.users[i]).await {
-                return Err(format!(
-                    "I1/I2: user {i} owns the report and holds open {open:?}"
-                ));
-            }
-            for session in open {
-                let row = query_json(
-                    w,
-                    &format!(
-                        "select coalesce((select to_jsonb(o) from orders o
-                      where stripe_checkout_session_id = '{session}'), 'null')"
-                    ),
+            let blocked: bool = w
+                .sql
+                .query_one(
+                    "select owns or in_flight from billing.ownership($1::text::uuid, 'full_report')",
+                    &[&self.users[i]],
                 )
-                .await;
-                if row["status"] != "pending" {
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            for session in open {
+                let retrying: i64 = scalar(w, &format!(
+                    "select count(*) from internal.stripe_actions where kind = 'expire'
+                     and object_id = '{session}' and last_error is not null")).await;
+                if blocked && retrying == 0 {
                     return Err(format!(
-                        "I1: open session {session} of a closed order {row}"
+                        "I1/I2: user {i} owns the report (or pays) and holds open {session}"
                     ));
+                }
+                let row = query_json(w, &format!(
+                    "select coalesce((select to_jsonb(o) from orders o
+                      where stripe_checkout_session_id = '{session}'), 'null')")).await;
+                if !row["closed_reason"].is_null() {
+                    return Err(format!("I1: open session {session} of a closed order {row}"));
                 }
             }
         }
-        // I2: no click answered 200 while the user owned the product: an order paid before the
-        // click and not refunded at that moment (a full refund revokes; its failure restores,
-        // and then the click's session must be expired, I1 above).
-        for (user, t0) in &self.clicks_ok {
-            let late: i64 = scalar(
-                w,
-                &format!(
-                    "select count(*) from orders o where o.user_id = '{}'::uuid
-                   and o.status in ('paid', 'disputed') and o.paid_at < '{t0}'::timestamptz
-                   and coalesce((select a.kind from payment_audit a
-                                 where a.order_id = o.id and a.created_at < '{t0}'::timestamptz
-                                   and a.kind in ('order_refunded', 'refund_reversed')
-                                 order by a.created_at desc, a.id desc limit 1),
-                                'refund_reversed') <> 'order_refunded'",
-                    self.users[*user]
-                ),
-            )
-            .await;
-            if late > 0 {
-                return Err(format!(
-                    "I2: user {user} got a session after paying (click at {t0})"
-                ));
-            }
+        // I3: one order_paid per order.
+        let twice: i64 = scalar(w, "select count(*) from (select order_id from payment_audit
+            where kind = 'order_paid' group by order_id having count(*) > 1) x").await;
+        if twice > 0 {
+            return Err("I3: a payment counted twice".into());
         }
-        // I3: one order_paid per order; every duplicate audited.
-        let broken: i64 = scalar(w, "select
-            (select count(*) from (select order_id from payment_audit where kind = 'order_paid'
-                                   group by order_id having count(*) > 1) x)
-          + (select count(*) from orders o where duplicate_of is not null and not exists (
-                select 1 from payment_audit a where a.order_id = o.id and a.kind = 'duplicate_payment'))").await;
-        if broken > 0 {
-            return Err("I3: a payment counted twice or a duplicate not audited".into());
-        }
-        // I4: the entitlement is true to the orders, the orders to what Stripe reported.
+        // I4: what is stored on orders and entitlements is the decision over the stored facts.
         let wrong = query_json(w, "select coalesce(jsonb_agg(x), '[]') from (
-              select o.user_id, bool_or(o.status = 'paid') as paid, coalesce(e.active, false) as active
-              from orders o left join entitlements e on e.user_id = o.user_id and e.product = o.product
-              group by o.user_id, e.active
-              having bool_or(o.status = 'paid') <> coalesce(e.active, false)) x").await;
+              select o.id, o.status, d.status as decided, o.closed_reason,
+                     d.closed_reason as decided_closed
+              from orders o cross join lateral billing.order_decision(o) d
+              where o.status is distinct from d.status
+                 or o.closed_reason is distinct from d.closed_reason) x").await;
         if wrong != json!([]) {
-            return Err(format!("I4: entitlements differ from orders: {wrong}"));
+            return Err(format!("I4: orders differ from the decisions over the facts: {wrong}"));
         }
         let wrong = query_json(w, "select coalesce(jsonb_agg(x), '[]') from (
-              select o.id, o.status, case
-                when coalesce(p.fully_refunded, false) or exists (select 1 from disputes d
-                  where d.payment_intent_id = o.stripe_payment_intent_id and d.status = 'lost') then 'refunded'
-                when exists (select 1 from disputes d
-                  where d.payment_intent_id = o.stripe_payment_intent_id and not d.closed and d.funds_withdrawn) then 'disputed'
-                else 'paid' end as expected
-              from orders o left join payments p on p.payment_intent_id = o.stripe_payment_intent_id
-              where o.paid_at is not null) x where status <> expected").await;
+              select u.id, coalesce(e.active, false) as active, w.owns
+              from auth.users u
+              cross join lateral billing.ownership(u.id, 'full_report') w
+              left join entitlements e on e.user_id = u.id and e.product = 'full_report'
+              where coalesce(e.active, false) <> w.owns) x").await;
         if wrong != json!([]) {
-            return Err(format!("I4: orders differ from their payments: {wrong}"));
+            return Err(format!("I4: entitlements differ from the decisions: {wrong}"));
         }
         // I5: every unlocked report rests on a session of ours or one that sold the report.
         let sources = query_json(
@@ -728,15 +680,13 @@ impl<'w> Run<'w> {
                 .stripe
                 .session(session)
                 .is_some_and(|s| s["metadata"]["order_id"].is_string());
-            let verified = w
+            let sells = w
                 .stripe
                 .line_item_prices(session)
                 .iter()
                 .any(|p| p == apps::PRICE);
-            if !(ours || verified) {
-                return Err(format!(
-                    "I5: report unlocked by unverified session {session}"
-                ));
+            if !(ours || sells) {
+                return Err(format!("I5: report unlocked by session {session}"));
             }
         }
         // I7: known customers' subscriptions and invoices carry their owner; the subscription
@@ -758,117 +708,210 @@ impl<'w> Run<'w> {
         Ok(())
     }
 
-    /// One user's payments for the report as Stripe holds them, against the database (I3, I4):
-    /// whether the user owns the report (a payment stands) and whether one is under a chargeback.
-    async fn money_of(&self, i: usize, user: &str) -> Result<(bool, bool), String> {
+    /// A user's purchases of the report as Stripe's objects say (the reference model's input):
+    /// completed payment-mode sessions of ours, or of a Payment Link that sells the report.
+    fn purchases_of(&self, user: &str) -> Vec<Purchase> {
         let w = self.w;
-        let charges = w.stripe.charges();
         let disputes = w.stripe.disputes();
-        let mut kept = 0;
-        let mut counted = Vec::new();
-        let mut standing = false;
-        let mut disputed = false;
-        for session in w
-            .stripe
+        let refunds = w.stripe.refunds();
+        w.stripe
             .sessions()
             .iter()
-            .filter(|s| s["client_reference_id"] == json!(user))
-        {
-            let Some(pi) = session["payment_intent"].as_str() else {
-                continue;
-            };
-            let sid = session["id"].as_str().unwrap_or_default();
-            let ours = session["metadata"]["order_id"].is_string();
-            let report = w
-                .stripe
-                .line_item_prices(sid)
-                .iter()
-                .any(|p| p == apps::PRICE);
-            let counts = ours || (report && self.setup.webhook_key);
-            let Some((_, charge)) = charges.iter().find(|(p, _)| p == pi) else {
-                continue;
-            };
-            if !counts || charge["paid"] != true {
-                continue;
-            }
-            counted.push(pi.to_owned());
-            let of_this: Vec<&Value> = disputes
-                .iter()
-                .filter(|d| d["payment_intent"] == json!(pi))
-                .collect();
-            let lost = of_this.iter().any(|d| d["status"] == "lost");
-            let open = of_this.iter().any(|d| d["status"] == "needs_response");
-            let refunded = charge["refunded"] == true;
-            let expected = if refunded || lost {
-                "refunded"
-            } else if open {
-                "disputed"
-            } else {
-                "paid"
-            };
-            // Kept: the merchant holds the money. An open chargeback holds it for the
-            // cardholder (Stripe refuses a refund meanwhile); a won one gives it back.
-            if !refunded && !lost && !open {
-                kept += 1;
-            }
-            standing |= expected == "paid";
-            disputed |= expected == "disputed";
-            let row = query_json(w, &format!(
-                "select coalesce((select jsonb_build_object('status', status, 'audits',
-                    (select count(*) from payment_audit a where a.order_id = o.id and a.kind = 'order_paid'))
-                  from orders o where stripe_payment_intent_id = '{pi}'), 'null')"
-            )).await;
-            if row["status"] != json!(expected) || row["audits"] != json!(1) {
-                return Err(format!(
-                    "I4: payment {pi} is {expected} at Stripe, order {row}"
-                ));
-            }
-        }
-        if self.setup.webhook_key && self.setup.auto_refund && kept > 1 {
-            return Err(format!("I3: user {i} kept {kept} payments for one report"));
-        }
-        // I3: a duplicate is refunded only while another payment stands: the webhook never
-        // gives back every payment a user made.
-        let by_webhook = w
-            .stripe
-            .refunds()
-            .iter()
-            .filter(|r| {
-                r["metadata"]["refunded_by"] == "webhook"
-                    && matches!(r["status"].as_str(), Some("succeeded" | "pending"))
-                    && r["payment_intent"]
-                        .as_str()
-                        .is_some_and(|p| counted.iter().any(|c| c == p))
+            .filter(|s| {
+                s["client_reference_id"] == json!(user)
+                    && s["mode"] == "payment"
+                    && s["status"] == "complete"
             })
-            .filter_map(|r| r["payment_intent"].as_str().map(str::to_owned))
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
-        if !counted.is_empty() && by_webhook >= counted.len() {
-            return Err(format!(
-                "I3: the webhook refunded all {by_webhook} payments of user {i}"
-            ));
-        }
-        if w.owns(user).await != standing {
-            return Err(format!(
-                "I4: user {i} owns={} but Stripe says {standing}",
-                !standing
-            ));
-        }
-        Ok((standing, disputed))
+            .filter(|s| {
+                let sid = s["id"].as_str().unwrap_or_default();
+                s["metadata"]["order_id"].is_string()
+                    || w.stripe.line_item_prices(sid).iter().any(|p| p == apps::PRICE)
+            })
+            .map(|s| {
+                let pi = s["payment_intent"].as_str().map(str::to_owned);
+                let intent = pi.as_deref().and_then(|pi| w.stripe.payment_intent(pi));
+                let charge = pi.as_deref().and_then(|pi| w.stripe.charge(pi));
+                Purchase {
+                    session: s["id"].as_str().unwrap_or_default().to_owned(),
+                    session_paid: matches!(
+                        s["payment_status"].as_str(),
+                        Some("paid" | "no_payment_required")
+                    ),
+                    intent_status: intent
+                        .as_ref()
+                        .and_then(|i| i["status"].as_str().map(str::to_owned)),
+                    refunded: charge.as_ref().is_some_and(|c| c["refunded"] == true),
+                    disputes: disputes
+                        .iter()
+                        .filter(|d| pi.is_some() && d["payment_intent"] == json!(pi))
+                        .filter_map(|d| d["status"].as_str().map(str::to_owned))
+                        .collect(),
+                    refund_waiting: refunds.iter().any(|r| {
+                        pi.is_some()
+                            && r["payment_intent"] == json!(pi)
+                            && r["status"] == "requires_action"
+                    }),
+                    made_at: intent
+                        .as_ref()
+                        .and_then(|i| i["created"].as_i64())
+                        .or_else(|| s["created"].as_i64())
+                        .unwrap_or_default(),
+                    payment_intent: pi,
+                }
+            })
+            .collect()
     }
 
-    /// Delivers everything, lets every lease run out, and compares the database with what the
-    /// money at the fake says (I3-I7, I9); then decides the chargebacks still open (all won or
-    /// all lost, as the setup says) and compares again.
+    /// The database says what Stripe's objects say: every fact the database should know equals
+    /// the object at the fake, and every decision equals the reference model's. Returns, per
+    /// user, the verdict.
+    async fn compare_with_stripe(&self) -> Result<Vec<money_reference::Verdict>, String> {
+        let w = self.w;
+        let mut verdicts = Vec::new();
+        for (i, user) in self.users.iter().enumerate() {
+            let purchases = self.purchases_of(user);
+            for p in &purchases {
+                let row = query_json(w, &format!(
+                    "select coalesce((select jsonb_build_object('session', s.status,
+                       'payment_status', s.payment_status, 'intent', p.status,
+                       'refunded', p.refunded, 'amount_refunded', p.amount_refunded,
+                       'order', o.status)
+                     from stripe_sessions s left join stripe_payments p on p.id = s.payment_intent_id
+                     left join orders o on o.stripe_checkout_session_id = s.id
+                     where s.id = '{}'), 'null')", p.session)).await;
+                let charge = p.payment_intent.as_deref().and_then(|pi| w.stripe.charge(pi));
+                let want = json!({
+                    "session": "complete",
+                    "payment_status": w.stripe.session(&p.session).map(|s| s["payment_status"].clone()),
+                    "intent": p.intent_status,
+                    "refunded": charge.as_ref().map(|c| c["refunded"].clone()),
+                    "amount_refunded": charge.as_ref().map(|c| c["amount_refunded"].clone()),
+                    "order": money_reference::money(p).order_status(),
+                });
+                if row != want {
+                    return Err(format!(
+                        "facts: user {i}'s purchase {} is {row} in the database, Stripe says {want}",
+                        p.session
+                    ));
+                }
+            }
+            // Refunds and disputes of those payments, one by one.
+            for p in purchases.iter().filter(|p| p.payment_intent.is_some()) {
+                let pi = p.payment_intent.as_deref().unwrap_or_default();
+                for refund in w.stripe.refunds().iter().filter(|r| r["payment_intent"] == json!(pi)) {
+                    let id = refund["id"].as_str().unwrap_or_default();
+                    let stored = query_json(w, &format!(
+                        "select coalesce((select to_jsonb(status) from stripe_refunds where id = '{id}'), 'null')")).await;
+                    if stored != refund["status"] {
+                        return Err(format!("facts: refund {id} is {stored} in the database, Stripe says {}", refund["status"]));
+                    }
+                }
+                for dispute in w.stripe.disputes().iter().filter(|d| d["payment_intent"] == json!(pi)) {
+                    let id = dispute["id"].as_str().unwrap_or_default();
+                    let stored = query_json(w, &format!(
+                        "select coalesce((select to_jsonb(status) from stripe_disputes where id = '{id}'), 'null')")).await;
+                    if stored != dispute["status"] {
+                        return Err(format!("facts: dispute {id} is {stored} in the database, Stripe says {}", dispute["status"]));
+                    }
+                }
+            }
+            let verdict = money_reference::verdict(&purchases);
+            if w.owns(user).await != verdict.owns {
+                return Err(format!("I4: user {i} owns={} but Stripe's objects say {}", !verdict.owns, verdict.owns));
+            }
+            let source = query_json(w, &format!(
+                "select coalesce((select to_jsonb(o.stripe_checkout_session_id) from entitlements e
+                   join orders o on o.id::text = e.source
+                   where e.user_id = '{user}'::uuid and e.product = 'full_report' and e.active), 'null')")).await;
+            if source != json!(verdict.standing) {
+                return Err(format!("I3: user {i}'s report rests on {source}, the reference says {:?}", verdict.standing));
+            }
+            // I3: with automatic refunds, the merchant keeps one payment (an open chargeback's
+            // money is the cardholder's); and the webhook never gives back every payment.
+            if self.setup.auto_refund && !verdict.refunds_due.is_empty() {
+                return Err(format!("I3: user {i} kept payments due for a refund: {:?}", verdict.refunds_due));
+            }
+            let paid: Vec<&str> = purchases
+                .iter()
+                .filter(|p| p.intent_status.as_deref() == Some("succeeded"))
+                .filter_map(|p| p.payment_intent.as_deref())
+                .collect();
+            let by_webhook: BTreeSet<String> = w
+                .stripe
+                .refunds()
+                .iter()
+                .filter(|r| {
+                    r["metadata"]["refunded_by"] == "webhook"
+                        && matches!(r["status"].as_str(), Some("succeeded" | "pending"))
+                        && r["payment_intent"].as_str().is_some_and(|pi| paid.contains(&pi))
+                })
+                .filter_map(|r| r["payment_intent"].as_str().map(str::to_owned))
+                .collect();
+            if !paid.is_empty() && by_webhook.len() >= paid.len() {
+                return Err(format!("I3: the webhook refunded all {} payments of user {i}", paid.len()));
+            }
+            verdicts.push(verdict);
+        }
+        // Subscriptions and invoices as Stripe holds them, owned by their users (I6, I7).
+        for t in &self.timelines {
+            let Some(sub) = w.stripe.subscription(&t.subscription) else {
+                continue;
+            };
+            let row = query_json(w, &format!(
+                "select coalesce((select jsonb_build_object('status', status, 'user', user_id)
+                  from subscriptions where id = '{}'), 'null')", t.subscription)).await;
+            if row != json!({"status": sub["status"], "user": self.users[t.user]}) {
+                return Err(format!("I6/I7: {} is {row}, Stripe says {} of user {}", t.subscription, sub["status"], t.user));
+            }
+        }
+        for (i, user) in self.users.iter().enumerate() {
+            let live = self.timelines.iter().any(|t| {
+                t.user == i
+                    && w.stripe.subscription(&t.subscription).is_some_and(|s| LIVE.contains(&s["status"].as_str().unwrap_or_default()))
+            });
+            let has = self.timelines.iter().any(|t| t.user == i);
+            let active: Option<bool> = w.sql.query_opt(
+                "select active from entitlements where user_id = $1::text::uuid and product = 'subscription'",
+                &[user],
+            ).await.map_err(|e| e.to_string())?.map(|r| r.get(0));
+            if has && active != Some(live) {
+                return Err(format!("I7: user {i} subscription entitlement {active:?}, Stripe says {live}"));
+            }
+        }
+        Ok(verdicts)
+    }
+
+    /// Brings the database up to date with Stripe: every pending event delivered (in Stripe's
+    /// order), or, when some were lost or the setup says so, one reconciler run instead.
+    async fn catch_up(&mut self) -> Result<(), String> {
+        self.take_events();
+        if self.lost > 0 || self.setup.finish_by_reconciler {
+            let lost = std::mem::take(&mut self.pending);
+            self.note(format!("catch up through the reconciler ({} pending)", lost.len()));
+            let report = reconcile::handle(&self.w.reconciler, None)
+                .await
+                .map_err(|e| format!("the reconciler failed: {e}"))?;
+            self.note(format!("reconciled: {report:?}"));
+            if !report.failures.is_empty() {
+                return Err(format!("the reconciler left {:?}", report.failures));
+            }
+            // What its own actions emitted is news of what it already stored.
+            self.w.stripe.take_events();
+            Ok(())
+        } else {
+            self.deliver_all(false).await
+        }
+    }
+
+    /// Catches up, compares the database with Stripe's objects, decides the chargebacks still
+    /// open (all won or all lost, as the setup says), catches up and compares again; then one
+    /// click per user gets the answer their money says (I9).
     pub async fn finish(&mut self) -> Result<(), String> {
         self.w.stripe.set_event_time(None);
-        self.deliver_all(false).await?;
+        self.catch_up().await?;
         self.check().await?;
+        let mut verdicts = self.compare_with_stripe().await?;
         let w = self.w;
-        let mut money = Vec::new();
-        for (i, user) in self.users.iter().enumerate() {
-            money.push(self.money_of(i, user).await?);
-        }
         let open: Vec<String> = w
             .stripe
             .disputes()
@@ -885,41 +928,26 @@ impl<'w> Run<'w> {
             let won = self.setup.open_disputes_end_won;
             for id in &open {
                 let closed = w.stripe.close_dispute(id, won);
-                self.note(format!(
-                    "at the end: close dispute {id} won={won}: {closed:?}"
-                ));
+                self.note(format!("at the end: close dispute {id} won={won}: {closed:?}"));
             }
-            self.deliver_all(false).await?;
+            self.catch_up().await?;
             self.check().await?;
-            money.clear();
-            for (i, user) in self.users.iter().enumerate() {
-                money.push(self.money_of(i, user).await?);
-            }
+            verdicts = self.compare_with_stripe().await?;
         }
-        let sessions = w.stripe.sessions();
         for (i, user) in self.users.clone().iter().enumerate() {
-            let (standing, disputed) = money[i];
+            let verdict = &verdicts[i];
             // I9: nobody is locked out: once leases ran out, a click is answered for good.
             self.expire_leases().await;
             let t0 = self.db_clock().await;
             let answer = w.click(user).await;
-            self.click_answer(i, &t0, &answer, false)?;
+            self.click_answer(i, &t0, &answer, false).await?;
             let code = answer.1["error"]["code"].as_str().unwrap_or("ok");
-            let processing = sessions.iter().any(|s| {
-                s["client_reference_id"] == json!(user)
-                    && s["status"] == "complete"
-                    && s["payment_status"] == "unpaid"
-                    && s["metadata"]["order_id"].is_string()
-                    && w.stripe
-                        .charge(s["payment_intent"].as_str().unwrap_or_default())
-                        .is_some_and(|c| c["status"] == "pending")
-            });
-            let want = if standing {
+            let want = if verdict.owns {
                 "already_paid"
-            } else if disputed {
-                "payment_disputed"
-            } else if processing {
+            } else if verdict.in_flight {
                 "payment_processing"
+            } else if verdict.disputed {
+                "payment_disputed"
             } else {
                 "ok"
             };
@@ -938,40 +966,6 @@ impl<'w> Run<'w> {
                         "I9: user {i} was handed a session that is not open: {session}"
                     ));
                 }
-            }
-        }
-        // I6/I7: every subscription ended as its newest event says, owned by its user.
-        for t in &self.timelines {
-            let row = query_json(
-                w,
-                &format!(
-                    "select coalesce((select jsonb_build_object('status', status, 'user', user_id)
-                  from subscriptions where id = '{}'), 'null')",
-                    t.subscription
-                ),
-            )
-            .await;
-            if row["status"] != json!(t.final_status) || row["user"] != json!(self.users[t.user]) {
-                return Err(format!(
-                    "I6/I7: {} is {row}, expected {} of user {}",
-                    t.subscription, t.final_status, t.user
-                ));
-            }
-        }
-        for (i, user) in self.users.iter().enumerate() {
-            let live = self
-                .timelines
-                .iter()
-                .any(|t| t.user == i && LIVE.contains(&t.final_status));
-            let has = self.timelines.iter().any(|t| t.user == i);
-            let active: Option<bool> = w.sql.query_opt(
-                "select active from entitlements where user_id = $1::text::uuid and product = 'subscription'",
-                &[user],
-            ).await.map_err(|e| e.to_string())?.map(|r| r.get(0));
-            if has && active != Some(live) {
-                return Err(format!(
-                    "I7: user {i} subscription entitlement {active:?}, expected {live}"
-                ));
             }
         }
         Ok(())

@@ -1,18 +1,21 @@
-//! A webhook storm: thousands of Stripe events across every handled type for hundreds of users,
-//! delivered with duplicates, in shuffled order, by concurrent senders that redeliver every
-//! non-2xx answer as Stripe does, optionally while the database connections are cut midway.
-//! Afterwards the database must equal the state computed from the events.
+//! A webhook storm: thousands of Stripe events for hundreds of users (payments by card and by
+//! delayed methods that succeed or fail, subscriptions created, renewed after a failed attempt,
+//! canceled), made by the fake Stripe, delivered with duplicates, in shuffled order, by
+//! concurrent senders that redeliver every non-2xx answer as Stripe does, optionally while the
+//! database connections are cut midway. Every delivery reads its object from the fake, as from
+//! Stripe. Afterwards the database must equal what the fake's objects say.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use shared::store::Store;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::fixtures::{self, FunctionUrlRequest};
+use crate::stripe_fake::FakeStripe;
 
 const SECRET: &str = crate::apps::WEBHOOK_SECRET;
 
@@ -70,23 +73,12 @@ impl Rng {
     }
 }
 
-fn with(mut event: Value, id: String, type_: &str, created: i64) -> Value {
-    fixtures::set(&mut event, "/id", json!(id));
-    fixtures::set(&mut event, "/type", json!(type_));
-    fixtures::set(&mut event, "/created", json!(created));
-    event
-}
-
-async fn plan(sql: &Client, users: usize) -> (Vec<Value>, Vec<Expected>) {
-    let mut events = Vec::new();
+/// Users, their orders and what happens to their money and subscriptions, at the fake; the
+/// events it emits, in Stripe's order, and what the end must be.
+async fn plan(sql: &Client, stripe: &FakeStripe, users: usize) -> (Vec<Value>, Vec<Expected>) {
     let mut expected = Vec::new();
-    let t0 = fixtures::now() - 3600;
     for i in 0..users {
         let user = uuid::Uuid::new_v4().to_string();
-        let session = format!("cs_test_storm_{i}");
-        let customer = format!("cus_storm_{i}");
-        let subscription = format!("sub_storm_{i}");
-        let invoice = format!("in_storm_{i}");
         sql.execute(
             "insert into auth.users (id, email) values ($1::text::uuid, $2)",
             &[&user, &format!("u{i}@example.com")],
@@ -95,95 +87,50 @@ async fn plan(sql: &Client, users: usize) -> (Vec<Value>, Vec<Expected>) {
         .expect("user");
         let order: String = sql
             .query_one(
-                "insert into orders (user_id, stripe_checkout_session_id, session_created_at)
-                 values ($1::text::uuid, $2, now() - interval '1 minute') returning id::text",
-                &[&user, &session],
+                "insert into orders (user_id) values ($1::text::uuid) returning id::text",
+                &[&user],
             )
             .await
             .expect("order")
             .get(0);
-        sql.execute("insert into stripe_customers (stripe_customer_id, user_id) values ($1, $2::text::uuid)", &[&customer, &user])
-            .await
-            .expect("customer");
-        let checkout = |type_: &str, paid: &str| {
-            fixtures::checkout_event(type_, &session, &order, &user, paid)
-        };
+        let session = stripe.session_for_order(&user, &order);
+        sql.execute(
+            "update orders set stripe_checkout_session_id = $2, session_created_at = now() - interval '1 minute'
+             where id = $1::text::uuid",
+            &[&order, &session],
+        )
+        .await
+        .expect("attach");
         let order_status = match i % 4 {
             0 | 1 => {
-                events.push(checkout("checkout.session.completed", "paid"));
+                stripe.pay(&session).expect("pay");
                 "paid"
             }
             2 => {
-                events.push(checkout("checkout.session.completed", "unpaid"));
-                events.push(checkout("checkout.session.async_payment_succeeded", "paid"));
+                stripe.pay_async(&session).expect("pay");
+                stripe.settle_async(&session, true).expect("settle");
                 "paid"
             }
             _ => {
-                events.push(checkout("checkout.session.completed", "unpaid"));
-                events.push(checkout("checkout.session.async_payment_failed", "unpaid"));
+                stripe.pay_async(&session).expect("pay");
+                stripe.settle_async(&session, false).expect("settle");
                 "failed"
             }
         };
-        let mut sub = fixtures::load("stripe/customer.subscription.updated.dahlia.json");
-        fixtures::set(&mut sub, "/data/object/id", json!(subscription));
-        fixtures::set(&mut sub, "/data/object/customer", json!(customer));
-        let sub_event = |type_: &str, status: &str, dt: i64| {
-            let mut e = with(sub.clone(), fixtures::event_id(), type_, t0 + dt);
-            fixtures::set(&mut e, "/data/object/status", json!(status));
-            e
-        };
-        events.push(sub_event("customer.subscription.created", "incomplete", 0));
-        events.push(sub_event("customer.subscription.updated", "active", 10));
-        let subscription_status = if i % 5 == 0 {
-            events.push(sub_event("customer.subscription.updated", "past_due", 20));
-            events.push(sub_event("customer.subscription.deleted", "canceled", 30));
-            "canceled"
-        } else {
-            events.push(sub_event("customer.subscription.updated", "past_due", 20));
-            events.push(sub_event("customer.subscription.updated", "active", 30));
-            "active"
-        };
-        let mut failed = fixtures::load("stripe/invoice.payment_failed.acacia.json");
-        fixtures::set(&mut failed, "/data/object/id", json!(invoice));
-        fixtures::set(&mut failed, "/data/object/customer", json!(customer));
-        fixtures::set(
-            &mut failed,
-            "/data/object/subscription",
-            json!(subscription),
-        );
-        events.push(with(
-            failed,
-            fixtures::event_id(),
-            "invoice.payment_failed",
-            t0 + 15,
-        ));
-        let mut paid = fixtures::load("stripe/invoice.paid.dahlia.json");
-        fixtures::set(&mut paid, "/data/object/id", json!(invoice));
-        fixtures::set(&mut paid, "/data/object/customer", json!(customer));
-        fixtures::set(
-            &mut paid,
-            "/data/object/parent/subscription_details/subscription",
-            json!(subscription),
-        );
-        events.push(with(
-            paid.clone(),
-            fixtures::event_id(),
-            "invoice.paid",
-            t0 + 25,
-        ));
-        events.push(with(
-            paid,
-            fixtures::event_id(),
-            "invoice.payment_succeeded",
-            t0 + 25,
-        ));
+        let subscription = stripe.subscribe(&user, "price_monthly_plan");
+        stripe.set_subscription_status(&subscription, "past_due").expect("past due");
+        stripe.renew(&subscription).expect("renew");
+        let subscription_status = if i % 5 == 0 { "canceled" } else { "active" };
+        stripe
+            .set_subscription_status(&subscription, subscription_status)
+            .expect("status");
         expected.push(Expected {
             user,
             order_status,
             subscription_status,
         });
     }
-    (events, expected)
+    (stripe.take_events(), expected)
 }
 
 /// Runs a storm against the database at `db_url` (migrated, empty), reaching it through
@@ -195,7 +142,8 @@ pub async fn run(
     config: StormConfig,
 ) -> StormReport {
     let sql = crate::db::connect(db_url).await;
-    let (events, expected) = plan(&sql, config.users).await;
+    let stripe = FakeStripe::start().await;
+    let (events, expected) = plan(&sql, &stripe, config.users).await;
     let bodies: Vec<Vec<u8>> = events.iter().map(fixtures::body).collect();
     let mut rng = Rng(config.seed | 1);
     let mut deliveries: Vec<usize> = (0..bodies.len()).collect();
@@ -225,7 +173,7 @@ pub async fn run(
     let mut senders = Vec::new();
     for _ in 0..config.senders {
         let (state, _) = crate::apps::webhook_state(
-            crate::apps::webhook_config(crate::apps::store_config(delivery_url)),
+            crate::apps::webhook_config(crate::apps::store_config(delivery_url), &stripe.uri()),
             Store::postgres(delivery_url, 1).expect("store"),
         );
         let (queue, bodies, latencies, redeliveries, done) = (
@@ -367,9 +315,9 @@ async fn verify(sql: &Client, unique: usize, expected: &[Expected]) -> Vec<Strin
         paid,
     );
     expect(
-        "paid invoices",
+        "paid invoices (the first, and the renewal)",
         count(sql, "select count(*) from invoices where status = 'paid'").await,
-        users,
+        2 * users,
     );
     expect(
         "invoice_paid audits",
@@ -378,7 +326,7 @@ async fn verify(sql: &Client, unique: usize, expected: &[Expected]) -> Vec<Strin
             "select count(*) from payment_audit where kind = 'invoice_paid'",
         )
         .await,
-        users,
+        2 * users,
     );
     expect(
         "invoice_payment_failed audits",

@@ -1,10 +1,11 @@
 //! `POST`: start or resume the user's checkout of the full report.
 //!
-//! Already paid: 409 `already_paid` (also while that payment is being applied: the database
-//! makes the click wait for it). Disputed: 409 `payment_disputed`. An async payment in flight:
-//! 409 `payment_processing`. A pending order whose session Stripe still reports open: that
-//! session (`reused: true`). Complete: reconciled, 409. Expired: the order expires and a fresh
-//! order and session are made. Otherwise one new session for the user's one open order.
+//! Already paid: 409 `already_paid` (also while that payment is being stored: the database makes
+//! the click wait for it). Disputed: 409 `payment_disputed`. A payment in flight: 409
+//! `payment_processing`. An open order whose session Stripe still reports open: that session
+//! (`reused: true`). A session Stripe reports finished (complete or expired): what Stripe says is
+//! stored through the payments' sync path, and the click asks again (then already paid, in
+//! flight, or a fresh order). Otherwise one new session for the user's one open order.
 //!
 //! Concurrent clicks collapse twice over: one open order per user and product, and a short lease
 //! on creating its session (the others wait for it); the create carries the idempotency key
@@ -18,17 +19,18 @@ use std::time::{Duration, Instant};
 use lambda_http::Request;
 use serde::Serialize;
 use shared::auth::User;
-use shared::store::orders::{Begin, BeginLimits, Order, OrderStatus, FULL_REPORT};
+use shared::payments::facts::SessionFact;
+use shared::store::orders::{Begin, BeginLimits, Order, FULL_REPORT};
 use shared::stripe::client::{CallStats, NewCheckoutSession, StripeError};
-use shared::stripe::events::{CheckoutSession, CheckoutTransition, SessionStatus};
+use shared::stripe::events::{CheckoutSession, SessionStatus};
 use shared::telemetry::MetricSet;
 
-use crate::session::{self, expire, reconcile, retrieve, unknown_status};
+use crate::session::{self, retrieve, unknown_status};
 use crate::{request, CheckoutError, State, RATE_WINDOW_S};
 
-/// How often one click starts over with a fresh order (an expired session, a retired order, an
-/// order closed while its session was being created) before answering 503.
-const MAX_RESTARTS: u32 = 2;
+/// How often one click starts over (a session found finished, a retired order, sessions expired
+/// first, a session that must not be paid) before answering 503.
+const MAX_RESTARTS: u32 = 3;
 
 /// The answer to `POST`.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -94,23 +96,12 @@ pub async fn post(
                 return Err(CheckoutError::AlreadyPaid);
             }
             Begin::Disputed { .. } => return Err(CheckoutError::PaymentDisputed),
-            Begin::Processing { .. } | Begin::Verifying => {
-                return Err(CheckoutError::PaymentProcessing)
-            }
+            Begin::Processing { .. } => return Err(CheckoutError::PaymentProcessing),
             Begin::ExpireFirst { sessions } => {
-                // Sessions of orders a payment closed that Stripe may still let someone pay:
-                // none is handed out, and no new one is made, before they are expired (I1).
-                let mut confirmed = Vec::new();
-                for id in &sessions {
-                    if session::expire(state, id, metrics).await {
-                        confirmed.push(id.clone());
-                    }
-                }
-                if confirmed.is_empty() {
-                    return Err(StripeError::Network { timeout: false }.into());
-                }
-                state.store.checkout_sessions_expired(&confirmed).await?;
-                continue;
+                // Sessions of ours Stripe may still let someone pay that nobody should: none is
+                // handed out, and no new one is made, before they are expired (I1).
+                session::expire(state, sessions, metrics).await?;
+                Step::Restart
             }
             Begin::OpenSession { order } if waited => {
                 // A concurrent click created this session moments ago: it is open.
@@ -143,7 +134,8 @@ pub async fn post(
     }
 }
 
-/// A pending order with a session: hand it out again if Stripe says it is still open.
+/// An open order with a session: hand it out again if Stripe says it is still open; otherwise
+/// store what Stripe says (paid, in flight, expired) and ask again.
 async fn resume(
     state: &State,
     order: Order,
@@ -156,27 +148,8 @@ async fn resume(
             metrics.count("SessionsReused", 1);
             Ok(Step::Answer(answer(order, session.url, true)?))
         }
-        Some(SessionStatus::Complete) => {
-            let status = reconcile(state, CheckoutTransition::Completed, session, metrics)
-                .await?
-                .map(|o| o.status);
-            match status {
-                Some(OrderStatus::Paid) => {
-                    metrics.count("AlreadyPaid", 1);
-                    Err(CheckoutError::AlreadyPaid)
-                }
-                Some(OrderStatus::Disputed) => Err(CheckoutError::PaymentDisputed),
-                Some(OrderStatus::Pending | OrderStatus::Processing) | None => {
-                    Err(CheckoutError::PaymentProcessing)
-                }
-                // Refunded before its webhook came, failed, or expired: the user may buy again.
-                Some(OrderStatus::Refunded | OrderStatus::Failed | OrderStatus::Expired) => {
-                    Ok(Step::Restart)
-                }
-            }
-        }
-        Some(SessionStatus::Expired) => {
-            reconcile(state, CheckoutTransition::Expired, session, metrics).await?;
+        Some(SessionStatus::Complete | SessionStatus::Expired) => {
+            session::sync(state, &session.id, metrics).await?;
             Ok(Step::Restart)
         }
         _ => Err(unknown_status()),
@@ -261,8 +234,8 @@ pub async fn create_at_stripe(
     created
 }
 
-/// Stores the session on its order; a session whose order closed meanwhile (the user paid
-/// through another session) is expired at Stripe and never handed out (I1).
+/// Stores the session on its order; one that must not be paid (the user paid meanwhile, or
+/// Stripe no longer lets it be paid) is expired at Stripe and never handed out (I1).
 async fn attach(
     state: &State,
     order: Order,
@@ -271,22 +244,17 @@ async fn attach(
 ) -> Result<Step, CheckoutError> {
     let attached = state
         .store
-        .checkout_attach_session(
-            order.order_id,
-            &session.id,
-            session.url.as_deref(),
-            session.expires_at,
-            session.created,
-        )
+        .checkout_attach_session(order.order_id, &SessionFact::of(&session, None))
         .await?;
     if !attached.attached {
         tracing::warn!(order_id = %order.order_id, session_id = %session.id,
-            "the order closed while its session was being created; expiring the session");
-        expire(state, &session.id, metrics).await;
+            "the session must not be paid now; expiring it");
+        session::expire(state, attached.expiries, metrics).await?;
         return Ok(Step::Restart);
     }
     metrics.count("SessionsCreated", 1);
-    Ok(Step::Answer(answer(attached.order, session.url, false)?))
+    let order = attached.order.unwrap_or(order);
+    Ok(Step::Answer(answer(order, session.url, false)?))
 }
 
 fn answer(

@@ -1,10 +1,11 @@
-//! The Stripe side of an order's session, shared by `POST` and `GET`: read it back, apply what
-//! Stripe reports to the order (the webhook may be late), and expire sessions that must not be
-//! paid any more.
+//! The Stripe side of an order's session, shared by `POST` and `GET`: read it back, store what
+//! Stripe says through the payments' one sync path (the webhook may be late), and expire
+//! sessions nobody should pay. Checkout makes no refunds: the webhook and the reconciler do.
 
-use shared::store::orders::{Order, OrderStatus};
+use shared::payments::{Reader, SyncError, Synced, Syncer, Target};
+use shared::store::payments::ExpiryDue;
 use shared::stripe::client::{CallStats, StripeError};
-use shared::stripe::events::{CheckoutSession, CheckoutTransition, Event, PaymentStatus};
+use shared::stripe::events::CheckoutSession;
 use shared::stripe::ids::SessionId;
 use shared::telemetry::MetricSet;
 
@@ -27,74 +28,59 @@ pub async fn retrieve(
     Ok(result?)
 }
 
-/// Applies what Stripe reports about a session through the webhook's own SQL path and expires
-/// the sessions of orders a payment closed. Returns the order as it stands afterwards.
-pub async fn reconcile(
+fn syncer(state: &State) -> Syncer<'_> {
+    Syncer {
+        store: &state.store,
+        reader: Reader {
+            stripe: &state.stripe,
+            price: Some(&state.config.price_id),
+        },
+        clock: state.clock,
+        refunds: false,
+    }
+}
+
+/// Reads the session and its payment again and stores what Stripe says (the webhook may not have
+/// yet), carrying out the expiries that makes due.
+pub async fn sync(
     state: &State,
-    transition: CheckoutTransition,
-    session: CheckoutSession,
+    session_id: &str,
     metrics: &mut MetricSet,
-) -> Result<Option<Order>, CheckoutError> {
-    let effect = Event::CheckoutSession {
-        transition,
-        session,
-    }
-    .effect();
-    let reconciled = state.store.checkout_reconcile(&effect).await?;
+) -> Result<(), CheckoutError> {
+    let synced = syncer(state)
+        .sync(None, Some(&Target::Session(session_id.to_owned())), None)
+        .await;
     metrics.count("Reconciliations", 1);
-    if reconciled.duplicate_payment {
-        metrics.count("DuplicatePayments", 1);
-        tracing::error!(
-            "a second payment for a product the user already owns; the webhook refunds it"
-        );
-    }
-    let mut confirmed = Vec::new();
-    for id in &reconciled.expire_sessions {
-        if expire(state, id, metrics).await {
-            confirmed.push(id.clone());
-        }
-    }
-    state.store.checkout_sessions_expired(&confirmed).await?;
-    Ok(reconciled.order)
+    finish(synced, metrics)
 }
 
-/// The transition to apply for what Stripe reports, if any: a finished session completes a
-/// pending order (or pays a processing one), an expired one expires it.
-pub fn transition_for(order: OrderStatus, session: &CheckoutSession) -> Option<CheckoutTransition> {
-    use shared::stripe::events::SessionStatus as S;
-    match session.status? {
-        S::Complete
-            if order == OrderStatus::Pending
-                || session.payment_status == Some(PaymentStatus::Paid) =>
-        {
-            Some(CheckoutTransition::Completed)
-        }
-        S::Expired => Some(CheckoutTransition::Expired),
-        _ => None,
-    }
+/// Expires sessions nobody should pay and stores what Stripe answers. Fails when one could not
+/// be expired for now (Stripe down): no new session is made meanwhile (I1).
+pub async fn expire(
+    state: &State,
+    due: Vec<ExpiryDue>,
+    metrics: &mut MetricSet,
+) -> Result<(), CheckoutError> {
+    let synced = syncer(state).carry_out(Vec::new(), due).await;
+    finish(synced, metrics)
 }
 
-/// Expires a session at Stripe so that nobody can pay it (I1); `true` when Stripe confirms it
-/// can no longer be paid (expired now, or found complete or expired). Failures are logged: the
-/// order behind it is closed, so checkout never hands it out, and the expiry stays due.
-pub async fn expire(state: &State, session_id: &str, metrics: &mut MetricSet) -> bool {
-    let mut stats = CallStats::default();
-    let result = match SessionId::parse(session_id) {
-        Ok(id) => state.stripe.expire_if_open(&id, &mut stats).await,
-        Err(e) => Err(StripeError::Decode(e.to_string())),
+fn finish(synced: Result<Synced, SyncError>, metrics: &mut MetricSet) -> Result<(), CheckoutError> {
+    let synced = match synced {
+        Ok(synced) => synced,
+        Err(SyncError::Store(e)) => return Err(e.into()),
+        Err(SyncError::Stripe(e)) => return Err(e.into()),
     };
-    metrics.millis("StripeLatency", stats.elapsed);
-    match result {
-        Ok(s) if s.status != Some(shared::stripe::events::SessionStatus::Open) => {
-            metrics.count("SessionsExpired", 1);
-            true
-        }
-        Ok(_) => false,
-        Err(e) => {
-            metrics.count_by("StripeErrors", "Class", e.class(), 1);
-            tracing::warn!(session_id, error = %e, "could not expire a session that must not be paid");
-            false
-        }
+    metrics.millis("StripeLatency", synced.stripe_time);
+    for class in &synced.stripe_errors {
+        metrics.count_by("StripeErrors", "Class", class, 1);
+    }
+    if synced.sessions_expired > 0 {
+        metrics.count("SessionsExpired", u64::from(synced.sessions_expired));
+    }
+    match synced.unavailable {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
 }
 

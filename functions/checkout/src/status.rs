@@ -1,6 +1,6 @@
-//! `GET ?session_id=` (or the user's latest order): the order's status for the success page,
-//! reconciled from Stripe while it is pending, so the page shows `paid` before the webhook
-//! arrives.
+//! `GET ?session_id=` (or the user's latest order): the order's status for the success page.
+//! While it is pending or processing, the session is read at Stripe and, once finished, stored
+//! through the payments' sync path, so the page shows `paid` before the webhook arrives.
 
 use lambda_http::Request;
 use serde::Serialize;
@@ -8,7 +8,8 @@ use shared::store::orders::Status;
 use shared::stripe::ids::SessionId;
 use shared::telemetry::MetricSet;
 
-use crate::session::{reconcile, retrieve, transition_for};
+use crate::session::{retrieve, sync};
+use shared::stripe::events::SessionStatus;
 use crate::{request, CheckoutError, State, RATE_WINDOW_S};
 
 /// The answer to `GET`.
@@ -49,14 +50,17 @@ pub async fn get(
     };
     if let (true, Some(id)) = (order.status.is_open(), order.session_id.clone()) {
         // A poll never fails because Stripe does: the stored state is still an answer.
-        match retrieve(state, &id, metrics).await {
-            Ok(session) => {
-                if let Some(transition) = transition_for(order.status, &session) {
-                    if let Some(updated) = reconcile(state, transition, session, metrics).await? {
-                        order = updated;
-                    }
+        match refresh(state, &id, metrics).await {
+            Ok(true) => {
+                let again = state
+                    .store
+                    .checkout_status(user.id, Some(&id), u32::MAX, RATE_WINDOW_S)
+                    .await?;
+                if let Status::Found { order: updated } = again {
+                    order = updated;
                 }
             }
+            Ok(false) => {}
             Err(CheckoutError::Stripe(e)) => {
                 metrics.count_by("StripeErrors", "Class", e.class(), 1);
                 tracing::warn!(error = %e, "could not refresh the order from Stripe; answering the stored state");
@@ -70,4 +74,19 @@ pub async fn get(
         session_id: order.session_id,
         paid_at: order.paid_at,
     })
+}
+
+/// Reads the session of an open order at Stripe; once it is no longer open (or its payment may
+/// have settled), stores what Stripe says. True when something was stored.
+async fn refresh(
+    state: &State,
+    session_id: &str,
+    metrics: &mut MetricSet,
+) -> Result<bool, CheckoutError> {
+    let session = retrieve(state, session_id, metrics).await?;
+    if session.status == Some(SessionStatus::Open) {
+        return Ok(false);
+    }
+    sync(state, session_id, metrics).await?;
+    Ok(true)
 }

@@ -1,17 +1,17 @@
 //! The Stripe webhook (`/api/stripe/webhook`): verifies `Stripe-Signature` over the exact bytes
 //! received, parses the event, and applies it exactly once through the store.
 //!
-//! Answers: 200 once the event is recorded (applied, duplicate, ignored, stale or unmatched);
-//! 4xx for requests that are not genuine, current events for this mode (nothing is stored);
-//! 503/500 when the database (or, for the calls below, Stripe) cannot take the event now, so
-//! Stripe delivers it again.
+//! An event is a notification: the webhook reads the object it names from Stripe's API (a
+//! session and its payment; a payment with its charge, refunds and disputes; a subscription; an
+//! invoice), stores what Stripe says now, and carries out what the stored facts make due
+//! (refunds of duplicate payments, expiries of sessions nobody should pay): the one path of
+//! `shared::payments::sync`, which checkout and the reconciler share. The invariants are in
+//! docs/payments.md.
 //!
-//! With a Stripe key the webhook also acts at Stripe ([`stripe_calls`]): it checks the line
-//! items of a paid session that matches no order before granting anything, refunds a second
-//! payment for a product the user already owns, and expires the sessions of orders a payment
-//! closed. The invariants are in docs/payments.md.
-
-pub mod stripe_calls;
+//! Answers: 200 once the event and what Stripe says are stored (applied, duplicate, ignored or
+//! unmatched); 4xx for requests that are not genuine, current events for this mode (nothing is
+//! stored); 503 when Stripe cannot be read, the database cannot take the event, or an action
+//! due failed for now, so Stripe delivers it again.
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,9 @@ use serde::Serialize;
 use shared::clock::Clock;
 use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig, StripeApi, StripeMode};
 use shared::error::{json_response, ApiError};
-use shared::store::{ApplyOutcome, Outcome, Store, StoreError};
+use shared::payments::{target_of, Reader, SyncError, Synced, Syncer};
+use shared::store::payments::Delivery;
+use shared::store::{Outcome, Store, StoreError};
 use shared::stripe::client::StripeClient;
 use shared::stripe::events::{self, Event};
 use shared::stripe::ids::PriceId;
@@ -39,37 +41,37 @@ pub struct Config {
     pub tolerance: Duration,
     pub stripe_mode: StripeMode,
     pub max_body_bytes: usize,
-    /// Stripe API access (`STRIPE_SECRET_KEY` set): verification, refunds, expiry.
-    pub stripe: Option<StripeApi>,
-    /// `STRIPE_FULL_REPORT_PRICE_ID`: what a paid session without an order must contain.
+    /// Stripe API access (`STRIPE_SECRET_KEY`): every event's object is read from it.
+    pub stripe: StripeApi,
+    /// `STRIPE_FULL_REPORT_PRICE_ID`: what a paid session of another channel must contain.
     pub price_id: Option<PriceId>,
     /// `AUTO_REFUND_DUPLICATES` (default on): refund a second payment for an owned product.
     pub auto_refund: bool,
 }
 
 impl Config {
-    /// Reads through `env`; needs only the store variables and `STRIPE_WEBHOOK_SECRET`. With
-    /// `STRIPE_SECRET_KEY` (a restricted key with Checkout Sessions read and Refunds write is
-    /// enough) it also verifies, refunds and expires at Stripe.
+    /// Reads through `env`: the store variables, `STRIPE_WEBHOOK_SECRET` and `STRIPE_SECRET_KEY`
+    /// (a restricted key is enough: see docs/configuration.md for the permissions).
     pub fn read(mut env: EnvReader<'_>) -> Result<Self, ConfigError> {
         let app_env = env.app_env();
         let store = StoreConfig::read(&mut env, app_env);
         shared::http_client::check_extra_roots(&mut env);
         let secrets = config::read_webhook_secrets(&mut env, app_env);
         let tolerance = env.seconds("STRIPE_WEBHOOK_TOLERANCE_S", 300, 1..=86_400);
-        let stripe_mode = config::expected_stripe_mode(&mut env, app_env);
+        let key = config::read_stripe_secret_key(&mut env, app_env);
+        let stripe_mode = match &key {
+            Some((_, mode)) => *mode,
+            None => config::expected_stripe_mode(&mut env, app_env),
+        };
         let max_body_bytes =
             env.integer("WEBHOOK_MAX_BODY_BYTES", 1 << 20, 1024..=6 << 20) as usize;
-        let stripe = env
-            .optional("STRIPE_SECRET_KEY")
-            .filter(|key| config::stripe_key_mode(key).is_some())
-            .map(|key| StripeApi::read(&mut env, Secret::new(key), 3000, 1));
+        let stripe = key.map(|(key, _)| StripeApi::read(&mut env, key, 3000, 1));
         let price_id = match env.optional("STRIPE_FULL_REPORT_PRICE_ID") {
             Some(_) => config::read_price_id(&mut env, "STRIPE_FULL_REPORT_PRICE_ID", app_env),
-            None if stripe.is_some() && app_env.is_production() => {
+            None if app_env.is_production() => {
                 env.problem(
                     "STRIPE_FULL_REPORT_PRICE_ID",
-                    "is required with STRIPE_SECRET_KEY: paid sessions without an order are checked against it",
+                    "is required: paid sessions of other channels (Payment Links) are checked against it",
                 );
                 None
             }
@@ -78,17 +80,33 @@ impl Config {
         let auto_refund = env.parsed("AUTO_REFUND_DUPLICATES", true, "true or false", |raw| {
             raw.parse::<bool>().ok()
         });
-        let config = store.map(|store| Config {
-            store,
-            secrets,
-            tolerance,
-            stripe_mode,
-            max_body_bytes,
-            stripe,
-            price_id,
-            auto_refund,
-        });
+        let config = match (store, stripe) {
+            (Some(store), Some(stripe)) => Some(Config {
+                store,
+                secrets,
+                tolerance,
+                stripe_mode,
+                max_body_bytes,
+                stripe,
+                price_id,
+                auto_refund,
+            }),
+            _ => None,
+        };
         env.finish_required(config, "DATABASE_URL")
+    }
+
+    /// The syncer over `state`'s clients.
+    pub fn syncer<'a>(&'a self, state: &'a State) -> Syncer<'a> {
+        Syncer {
+            store: &state.store,
+            reader: Reader {
+                stripe: &state.stripe,
+                price: self.price_id.as_ref(),
+            },
+            clock: state.clock,
+            refunds: self.auto_refund,
+        }
     }
 }
 
@@ -97,8 +115,7 @@ impl Config {
 pub struct State {
     pub config: Config,
     pub store: Store,
-    /// Present when the config has a Stripe key.
-    pub stripe: Option<StripeClient>,
+    pub stripe: StripeClient,
     pub metrics: Metrics,
     /// The wall clock (signature tolerance, arrival times).
     pub clock: Clock,
@@ -178,10 +195,7 @@ impl State {
 
     /// The state over a given store and metrics sink (tests and benchmarks).
     pub fn from_parts(config: Config, store: Store, metrics: Metrics) -> Result<Self, String> {
-        let stripe = match &config.stripe {
-            Some(api) => Some(StripeClient::from_config(api).map_err(|e| e.to_string())?),
-            None => None,
-        };
+        let stripe = StripeClient::from_config(&config.stripe).map_err(|e| e.to_string())?;
         Ok(Self {
             config,
             store,
@@ -206,14 +220,13 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
 
     let result = process(state, &request, &mut context.metrics).await;
     let (response, outcome) = match result {
-        Ok((event_id, applied)) => {
-            let outcome = applied.outcome.as_str();
+        Ok((event_id, outcome)) => {
             let body = Accepted {
                 received: true,
                 event_id: &event_id,
-                outcome,
+                outcome: outcome.as_str(),
             };
-            (json_response(StatusCode::OK, &body), outcome.to_owned())
+            (json_response(StatusCode::OK, &body), outcome.as_str().to_owned())
         }
         Err(error) => {
             record_error(&error, &context.request_id, &mut context.metrics);
@@ -230,7 +243,7 @@ async fn process(
     state: &State,
     request: &Request,
     metrics: &mut MetricSet,
-) -> Result<(String, ApplyOutcome), WebhookError> {
+) -> Result<(String, Outcome), WebhookError> {
     if request.method() != Method::POST {
         return Err(WebhookError::MethodNotAllowed);
     }
@@ -262,93 +275,114 @@ async fn process(
             livemode: parsed.livemode,
         });
     }
-    let mut effect = parsed.event.effect();
-    stripe_calls::complete_dispute(state, &mut effect, metrics).await?;
-    let store_started = Instant::now();
-    let mut applied = apply(state, &parsed, &effect).await?;
-    if applied.outcome == Outcome::NeedsVerification {
-        // A paid session that matches no order of ours: granted only if Stripe says it bought
-        // the product (I5). A Stripe failure answers 503, nothing recorded, Stripe redelivers.
-        let verdict = stripe_calls::verify_session(state, &effect, metrics).await?;
-        effect = effect.verified(verdict);
-        applied = apply(state, &parsed, &effect).await?;
-    }
-    metrics.millis("StoreTime", store_started.elapsed());
+    let outcome = apply(state, &parsed, metrics).await?;
+    Ok((parsed.id, outcome))
+}
 
-    match applied.outcome {
+/// Applies a verified event through the one sync path: reads what it names, stores it, carries
+/// out what is due. Also the reconciler's path for an event Stripe could not deliver.
+pub async fn apply(
+    state: &State,
+    parsed: &events::ParsedEvent<'_>,
+    metrics: &mut MetricSet,
+) -> Result<Outcome, WebhookError> {
+    let target = target_of(&parsed.event);
+    let buyer_waits = shared::payments::target::paid_elsewhere_by(&parsed.event);
+    let delivery = Delivery {
+        event: parsed,
+        received_at_ms: state.clock.unix_ms(),
+    };
+    let started = Instant::now();
+    let synced = state
+        .config
+        .syncer(state)
+        .sync(
+            Some(delivery),
+            target.as_ref(),
+            buyer_waits.as_ref().map(|(s, u)| (s.as_str(), u.as_str())),
+        )
+        .await;
+    let synced = match synced {
+        Ok(synced) => synced,
+        Err(SyncError::Store(e)) => return Err(e.into()),
+        Err(SyncError::Stripe(e)) => {
+            metrics.millis("StoreTime", started.elapsed());
+            return Err(e.into());
+        }
+    };
+    metrics.millis("StoreTime", started.elapsed().saturating_sub(synced.stripe_time));
+    metrics.millis("StripeLatency", synced.stripe_time);
+    let outcome = report(parsed, &synced, metrics);
+    if let Some(e) = synced.unavailable {
+        // What is due stays due: Stripe's next delivery (or the reconciler) makes it.
+        return Err(e.into());
+    }
+    Ok(outcome)
+}
+
+/// Metrics and log lines for what a sync did; the event's outcome.
+fn report(parsed: &events::ParsedEvent<'_>, synced: &Synced, metrics: &mut MetricSet) -> Outcome {
+    for class in &synced.stripe_errors {
+        metrics.count_by("StripeErrors", "Class", class, 1);
+    }
+    let Some(recorded) = &synced.recorded else {
+        return Outcome::Unmatched;
+    };
+    let detail = recorded.detail.as_deref().unwrap_or("");
+    match recorded.outcome {
         Outcome::Duplicate => metrics.count("Duplicates", 1),
         Outcome::Unmatched => {
             metrics.count("Unmatched", 1);
-            tracing::warn!(event_id = %parsed.id, event_type = %parsed.type_, detail = applied.detail.as_deref().unwrap_or(""), "event matched no order or user");
+            tracing::warn!(event_id = %parsed.id, event_type = %parsed.type_, detail, "event matched no purchase or user");
         }
-        Outcome::Applied | Outcome::Ignored | Outcome::Stale | Outcome::NeedsVerification => {
+        Outcome::Applied | Outcome::Ignored => {
             metrics.count_by("Processed", "EventType", &parsed.type_, 1);
         }
     }
-    if let Some(delay) = applied.sync_delay_ms.filter(|d| *d >= 0) {
-        metrics.millis("OrderSyncDelay", Duration::from_millis(delay as u64));
+    for delay in recorded.sync_delays_ms.iter().filter(|d| **d >= 0) {
+        metrics.millis("OrderSyncDelay", Duration::from_millis(*delay as u64));
     }
-    if applied.unverified {
+    if recorded.unverified {
         metrics.count("UnverifiedSessions", 1);
-        tracing::error!(event_id = %parsed.id, detail = applied.detail.as_deref().unwrap_or(""), "paid session without an order was not granted");
+        tracing::error!(event_id = %parsed.id, "a paid session of another channel does not sell the product: nothing granted");
     }
-    if applied.refunded {
+    if recorded.duplicates > 0 {
+        metrics.count("DuplicatePayments", u64::from(recorded.duplicates));
+        tracing::error!(event_id = %parsed.id, "a second payment for a product the user already owns");
+    }
+    if matches!(parsed.event, Event::ChargeRefunded { .. }) {
         metrics.count("Refunds", 1);
     }
-    if let Some(status) = applied.dispute.as_deref() {
-        if matches!(
-            parsed.event,
-            Event::Dispute {
-                transition: events::DisputeTransition::Created,
-                ..
-            }
-        ) {
+    if let Event::Dispute { transition, dispute } = &parsed.event {
+        if *transition == events::DisputeTransition::Created {
             metrics.count("Disputes", 1);
         }
-        tracing::warn!(event_id = %parsed.id, status, detail = applied.detail.as_deref().unwrap_or(""), "dispute");
+        tracing::warn!(event_id = %parsed.id, status = %dispute.status, "dispute");
     }
-    if applied.duplicate_payment {
-        metrics.count("DuplicatePayments", 1);
-        tracing::error!(
-            event_id = %parsed.id,
-            order_id = applied.order_id.as_deref().unwrap_or(""),
-            "a second payment for a product the user already owns"
-        );
+    if synced.refunds_made > 0 {
+        metrics.count("DuplicateRefunds", u64::from(synced.refunds_made));
     }
-    stripe_calls::follow_up(state, &applied, metrics).await?;
+    if synced.sessions_expired > 0 {
+        metrics.count("SessionsExpired", u64::from(synced.sessions_expired));
+    }
+    for (due, error) in &synced.refunds_refused {
+        metrics.count("DuplicateRefundFailures", 1);
+        tracing::error!(order_id = %due.order_id, payment_intent = %due.payment_intent_id, error,
+            "Stripe refused to refund a duplicate payment that is still due; see the runbook");
+    }
+    for due in &synced.refunds_left {
+        tracing::error!(order_id = %due.order_id, payment_intent = %due.payment_intent_id,
+            "duplicate payment not refunded: AUTO_REFUND_DUPLICATES=false; refund it in the Stripe Dashboard");
+    }
     if matches!(parsed.event, Event::Other) {
         tracing::debug!(event_type = %parsed.type_, "event type not handled");
     }
-    Ok((parsed.id, applied))
+    recorded.outcome.clone()
 }
 
 /// A verified body as an event, or the webhook's refusal of it (400 `invalid_event`).
 pub fn parse_event(body: &[u8]) -> Result<events::ParsedEvent<'_>, WebhookError> {
     events::parse(body).map_err(|e| WebhookError::InvalidEvent(e.to_string()))
-}
-
-/// Applies the event; a unique violation means another delivery got there first, and the event
-/// is applied once more to learn the outcome (the function is one transaction: nothing of the
-/// first try remains).
-async fn apply(
-    state: &State,
-    parsed: &events::ParsedEvent<'_>,
-    effect: &shared::store::Effect,
-) -> Result<ApplyOutcome, StoreError> {
-    match state
-        .store
-        .apply_stripe_event(parsed, effect, state.clock.unix_ms())
-        .await
-    {
-        Err(StoreError::Conflict(detail)) => {
-            tracing::warn!(event_id = %parsed.id, detail, "unique violation; applying again");
-            state
-                .store
-                .apply_stripe_event(parsed, effect, state.clock.unix_ms())
-                .await
-        }
-        other => other,
-    }
 }
 
 fn record_error(error: &WebhookError, request_id: &str, metrics: &mut MetricSet) {

@@ -10,5 +10,6 @@ async fn main() -> Result<(), lambda_http::Error> {
         webhook::Config::read(EnvReader::from_env()).inspect_err(|e| tracing::error!("{e}"))?;
     let state = webhook::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
     state.store.connect_early();
+    state.stripe.warm_up();
     shared::lambda::run(|request| webhook::handle(&state, request)).await
 }

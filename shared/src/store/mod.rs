@@ -6,12 +6,12 @@
 //!   prepared statements, so it works behind Supabase's transaction pooler);
 //! - [`postgrest`]: Supabase's PostgREST RPC endpoint (`SUPABASE_URL` + service role key).
 //!
-//! The typed operations live here once, over [`Store::call`].
+//! The typed operations live in [`orders`], [`payments`] and [`chat`], over [`Store::call`].
 
 pub mod chat;
 pub mod database_url;
-pub mod effect;
 pub mod orders;
+pub mod payments;
 pub mod postgres;
 pub mod postgrest;
 pub mod tls;
@@ -19,13 +19,11 @@ pub mod tls;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::StoreConfig;
-use crate::stripe::events::ParsedEvent;
-pub use effect::Effect;
+pub use payments::Outcome;
 
 /// A named argument of a SQL function call.
 #[derive(Debug)]
@@ -165,131 +163,4 @@ impl Store {
         }
     }
 
-    /// Records a verified Stripe event and applies its effect, exactly once.
-    pub async fn apply_stripe_event(
-        &self,
-        event: &ParsedEvent<'_>,
-        effect: &Effect,
-        received_at_ms: i64,
-    ) -> Result<ApplyOutcome, StoreError> {
-        // Serialized straight to JSON text: no intermediate `Value` to build, print and drop.
-        let meta = serde_json::value::to_raw_value(&EventMeta {
-            id: &event.id,
-            type_: &event.type_,
-            created: event.created,
-            livemode: event.livemode,
-            api_version: event.api_version.as_deref(),
-            received_at_ms,
-        })
-        .map_err(|e| StoreError::Decode(e.to_string()))?;
-        let effect = serde_json::value::to_raw_value(effect)
-            .map_err(|e| StoreError::Decode(e.to_string()))?;
-        let result = self
-            .call(Call {
-                function: "apply_stripe_event",
-                args: vec![
-                    ("p_event", Arg::Json(&meta)),
-                    ("p_payload", Arg::Json(event.raw)),
-                    ("p_effect", Arg::Json(&effect)),
-                ],
-            })
-            .await?;
-        serde_json::from_value(result).map_err(|e| StoreError::Decode(e.to_string()))
-    }
-}
-
-/// `p_event` of `apply_stripe_event`: the envelope fields the audit trail keeps.
-#[derive(Serialize)]
-struct EventMeta<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    type_: &'a str,
-    created: i64,
-    livemode: bool,
-    api_version: Option<&'a str>,
-    received_at_ms: i64,
-}
-
-/// What applying an event did.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The effect was applied now.
-    Applied,
-    /// The event id was already recorded: nothing changed.
-    Duplicate,
-    /// A type the app does not act on; recorded only.
-    Ignored,
-    /// Older than the state already applied; recorded only.
-    Stale,
-    /// No order or user could be matched, or a paid session without an order was not granted;
-    /// recorded for follow-up.
-    Unmatched,
-    /// Not recorded: a paid session without an order of ours; the caller checks its line items
-    /// at Stripe and applies the event again with the verdict (invariant I5).
-    NeedsVerification,
-}
-
-impl Outcome {
-    /// The snake_case name, as logged and stored.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Ignored => "ignored",
-            Outcome::Stale => "stale",
-            Outcome::Unmatched => "unmatched",
-            Outcome::NeedsVerification => "needs_verification",
-        }
-    }
-}
-
-/// The result of `apply_stripe_event`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct ApplyOutcome {
-    pub outcome: Outcome,
-    #[serde(default)]
-    pub detail: Option<String>,
-    #[serde(default)]
-    pub order_id: Option<String>,
-    /// Checkout session created → order paid, when this event paid an order.
-    #[serde(default)]
-    pub sync_delay_ms: Option<i64>,
-    /// True when this payment made a second paid order for the same user and product.
-    #[serde(default)]
-    pub duplicate_payment: bool,
-    /// The refunds due among the user's orders for the product (`billing.still_due`): duplicate
-    /// payments, after a payment event and on every redelivery, until each one is done.
-    #[serde(default)]
-    pub refunds: Vec<RefundDue>,
-    /// Sessions of orders this payment closed: expire them at Stripe (invariant I1).
-    #[serde(default)]
-    pub expire_sessions: Vec<String>,
-    /// A refund (`charge.refunded`) was recorded.
-    #[serde(default)]
-    pub refunded: bool,
-    /// A dispute's status, when the event was a dispute.
-    #[serde(default)]
-    pub dispute: Option<String>,
-    /// A paid session without an order was not granted.
-    #[serde(default)]
-    pub unverified: bool,
-}
-
-/// A duplicate payment to refund: the whole payment intent.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-pub struct RefundDue {
-    pub order_id: uuid::Uuid,
-    pub payment_intent_id: String,
-    #[serde(default)]
-    pub amount: Option<i64>,
-    #[serde(default)]
-    pub currency: Option<String>,
-    /// The attempt to make it under: earlier attempts' keys hold refunds that failed.
-    #[serde(default = "first_attempt")]
-    pub attempt: u32,
-}
-
-fn first_attempt() -> u32 {
-    1
 }

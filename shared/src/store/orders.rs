@@ -1,13 +1,13 @@
 //! Orders for the one-time purchase: start or resume checkout, attach a session, retire an order
-//! whose session can never be created, reconcile from Stripe, record a duplicate's refund, and
-//! the status the success page polls. Each call is one SQL function, one round trip. The
-//! invariants these functions keep are in docs/payments.md.
+//! whose session can never be created, and the status the success page polls. Each call is one
+//! SQL function, one round trip. The invariants these functions keep are in docs/payments.md.
 
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::Effect;
+use super::payments::ExpiryDue;
 use super::{Arg, Call, Store, StoreError};
+use crate::payments::facts::SessionFact;
 
 /// The product the checkout sells.
 pub const FULL_REPORT: &str = "full_report";
@@ -83,15 +83,16 @@ pub enum Begin {
     Disputed {
         order: Order,
     },
-    /// A paid session of the user's is being verified at Stripe: a payment in flight.
-    Verifying,
-    /// Sessions of closed orders are not yet known to be expired at Stripe: expire them, confirm
-    /// with `checkout_sessions_expired`, ask again.
-    ExpireFirst {
-        sessions: Vec<String>,
-    },
+    /// A payment of the user's is in flight (a delayed method, or a paid session of another
+    /// channel being read at Stripe now).
     Processing {
-        order: Order,
+        #[serde(default)]
+        order: Option<Order>,
+    },
+    /// Sessions of ours Stripe may still let someone pay that nobody should: expire them, store
+    /// what Stripe answers, ask again.
+    ExpireFirst {
+        sessions: Vec<ExpiryDue>,
     },
     /// A pending order with a session: ask Stripe whether it is still open.
     OpenSession {
@@ -121,21 +122,14 @@ pub struct BeginLimits {
 /// What `checkout_attach_session` did.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Attached {
+    /// The session is the order's and may be handed out (Stripe lets it be paid, the user owns
+    /// nothing and has no payment in flight).
     pub attached: bool,
-    pub order: Order,
-}
-
-/// What `checkout_reconcile` did.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Reconciled {
-    pub outcome: super::Outcome,
-    #[serde(default)]
-    pub duplicate_payment: bool,
-    /// Sessions of orders this payment closed: expire them at Stripe.
-    #[serde(default)]
-    pub expire_sessions: Vec<String>,
     #[serde(default)]
     pub order: Option<Order>,
+    /// Sessions to expire now (this one, when it must not be paid).
+    #[serde(default)]
+    pub expiries: Vec<ExpiryDue>,
 }
 
 /// What `checkout_retire_order` did.
@@ -197,25 +191,19 @@ impl Store {
         )
     }
 
-    /// Stores a created session on its order and releases the lease.
+    /// Stores the session the order's create gave (as Stripe answered it) on the order and
+    /// releases the lease.
     pub async fn checkout_attach_session(
         &self,
         order: Uuid,
-        session_id: &str,
-        url: Option<&str>,
-        expires_at: Option<i64>,
-        session_created: Option<i64>,
+        session: &SessionFact,
     ) -> Result<Attached, StoreError> {
+        let session =
+            serde_json::to_value(session).map_err(|e| StoreError::Decode(e.to_string()))?;
         decode(
             self.call(Call {
                 function: "checkout_attach_session",
-                args: vec![
-                    ("p_order", Arg::Uuid(order)),
-                    ("p_session_id", Arg::Text(session_id)),
-                    ("p_url", Arg::OptText(url)),
-                    ("p_expires_at", Arg::BigInt(expires_at)),
-                    ("p_session_created", Arg::BigInt(session_created)),
-                ],
+                args: vec![("p_order", Arg::Uuid(order)), ("p_session", Arg::Value(session))],
             })
             .await?,
         )
@@ -245,51 +233,6 @@ impl Store {
                     ("p_order", Arg::Uuid(order)),
                     ("p_reason", Arg::Text(reason)),
                 ],
-            })
-            .await?,
-        )
-    }
-
-    /// Records a refund of a duplicate payment as Stripe answered it; `true` when the refund is
-    /// still due (this one failed at once: try the next key).
-    pub async fn record_duplicate_refund(
-        &self,
-        order: Uuid,
-        refund: &crate::stripe::client::Refund,
-    ) -> Result<bool, StoreError> {
-        let refund = serde_json::to_value(refund).map_err(|e| StoreError::Decode(e.to_string()))?;
-        let recorded = self
-            .call(Call {
-                function: "record_duplicate_refund",
-                args: vec![
-                    ("p_order", Arg::Uuid(order)),
-                    ("p_refund", Arg::Value(refund)),
-                ],
-            })
-            .await?;
-        Ok(recorded["refund_due"].as_bool().unwrap_or(false))
-    }
-
-    /// Stripe confirmed these sessions can no longer be paid.
-    pub async fn checkout_sessions_expired(&self, sessions: &[String]) -> Result<(), StoreError> {
-        if sessions.is_empty() {
-            return Ok(());
-        }
-        self.call(Call {
-            function: "checkout_sessions_expired",
-            args: vec![("p_session_ids", Arg::TextArray(sessions))],
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Applies what Stripe reports about a session (`effect` built from the retrieved session).
-    pub async fn checkout_reconcile(&self, effect: &Effect) -> Result<Reconciled, StoreError> {
-        let effect = serde_json::to_value(effect).map_err(|e| StoreError::Decode(e.to_string()))?;
-        decode(
-            self.call(Call {
-                function: "checkout_reconcile",
-                args: vec![("p_effect", Arg::Value(effect))],
             })
             .await?,
         )

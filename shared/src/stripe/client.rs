@@ -1,5 +1,7 @@
 //! A thin Stripe API client over the workspace's reqwest: Checkout Sessions (create, retrieve,
-//! expire, line items) and refunds.
+//! expire, line items, the open ones), refunds, and the reads the payments' facts come from
+//! (payment intents with their latest charge, refunds, disputes, charges, subscriptions,
+//! invoices, undelivered events).
 //!
 //! Requests are form-encoded with `Stripe-Version` pinned ([`super::API_VERSION`]). Retries follow
 //! Stripe's official libraries: network errors, 409 (lock timeout), 429 and 5xx are retried with
@@ -24,6 +26,8 @@ use crate::retry::{After, OutOfTime};
 #[derive(Clone, Debug, Deserialize)]
 pub struct LineItem {
     #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
     pub price: Option<super::events::Expandable>,
     #[serde(default)]
     pub quantity: Option<i64>,
@@ -38,16 +42,32 @@ impl LineItem {
     }
 }
 
-#[derive(Deserialize)]
-struct ChargeRef {
+/// One page of a Stripe list.
+#[derive(Debug, Deserialize)]
+pub struct Page<T> {
+    #[serde(default = "Vec::new")]
+    pub data: Vec<T>,
     #[serde(default)]
-    payment_intent: Option<super::events::Expandable>,
+    pub has_more: bool,
 }
 
-#[derive(Deserialize)]
-struct List<T> {
-    #[serde(default = "Vec::new")]
-    data: Vec<T>,
+/// The most pages one list call follows (100 objects each); a list longer than that is cut.
+const MAX_PAGES: usize = 20;
+
+/// An id that goes into a URL path or query: one of `prefixes`, then ASCII letters, digits and
+/// `_`, at most 255 characters. Checked before any request is built, wherever the id came from.
+pub fn checked_id<'a>(id: &'a str, prefixes: &[&str]) -> Result<&'a str, StripeError> {
+    let well_formed = prefixes.iter().any(|p| id.starts_with(p))
+        && id.len() <= 255
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+    if well_formed {
+        Ok(id)
+    } else {
+        Err(StripeError::Decode(format!(
+            "not a Stripe id ({})",
+            prefixes.join(", ")
+        )))
+    }
 }
 
 /// Parameters of a one-time payment Checkout Session.
@@ -172,15 +192,21 @@ impl StripeClient {
         self.send(stats, || self.http.get(&url)).await
     }
 
-    /// `POST /v1/checkout/sessions/{id}/expire`: an open session can no longer be paid. Stripe
-    /// answers 400 for a session that is not open (see [`StripeClient::expire_if_open`]).
+    /// `POST /v1/checkout/sessions/{id}/expire` under the key `expire-{id}` (`-{attempt}` from
+    /// the second attempt on: a key Stripe keeps an error under is never used again). An open
+    /// session can no longer be paid. Stripe answers 400 for a session that is not open (see
+    /// [`StripeClient::expire_if_open`]).
     pub async fn expire_checkout_session(
         &self,
         id: &SessionId,
+        attempt: u32,
         stats: &mut CallStats,
     ) -> Result<CheckoutSession, StripeError> {
         let url = self.session_url(id, "/expire");
-        let key = format!("expire-{id}");
+        let key = match attempt {
+            0 | 1 => format!("expire-{id}"),
+            n => format!("expire-{id}-{n}"),
+        };
         self.send(stats, || {
             self.http.post(&url).header("Idempotency-Key", &key)
         })
@@ -192,9 +218,10 @@ impl StripeClient {
     pub async fn expire_if_open(
         &self,
         id: &SessionId,
+        attempt: u32,
         stats: &mut CallStats,
     ) -> Result<CheckoutSession, StripeError> {
-        match self.expire_checkout_session(id, stats).await {
+        match self.expire_checkout_session(id, attempt, stats).await {
             Ok(session) => Ok(session),
             Err(StripeError::Api { status: 400, .. }) => {
                 self.retrieve_checkout_session(id, stats).await
@@ -209,9 +236,8 @@ impl StripeClient {
         id: &SessionId,
         stats: &mut CallStats,
     ) -> Result<Vec<LineItem>, StripeError> {
-        let url = self.session_url(id, "/line_items?limit=100");
-        let list: List<LineItem> = self.send(stats, || self.http.get(&url)).await?;
-        Ok(list.data)
+        self.list(stats, &self.session_url(id, "/line_items"), &[])
+            .await
     }
 
     /// `POST /v1/refunds` for the whole of a payment intent, `reason=duplicate`, with an
@@ -245,21 +271,132 @@ impl StripeClient {
         .await
     }
 
-    /// `GET /v1/charges/{id}`: the charge's payment intent, for a dispute that names only the
-    /// charge.
-    pub async fn charge_payment_intent(
+    /// `GET /v1/charges/{id}`: a charge, for a refund or dispute that names only its charge.
+    pub async fn retrieve_charge(
         &self,
         id: &str,
         stats: &mut CallStats,
-    ) -> Result<Option<String>, StripeError> {
-        if !id.starts_with("ch_") && !id.starts_with("py_")
-            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            return Err(StripeError::Decode("not a charge id".into()));
+    ) -> Result<super::events::Charge, StripeError> {
+        let url = format!("{}/v1/charges/{}", self.base, checked_id(id, &["ch_", "py_"])?);
+        self.send(stats, || self.http.get(&url)).await
+    }
+
+    /// `GET /v1/payment_intents/{id}?expand[]=latest_charge`: the payment and its latest charge.
+    pub async fn retrieve_payment_intent(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<super::events::PaymentIntent, StripeError> {
+        let url = format!("{}/v1/payment_intents/{}", self.base, checked_id(id, &["pi_"])?);
+        self.send(stats, || {
+            self.http.get(&url).query(&[("expand[]", "latest_charge")])
+        })
+        .await
+    }
+
+    /// `GET /v1/refunds?payment_intent=`: every refund of a payment, newest first.
+    pub async fn list_refunds(
+        &self,
+        payment_intent: &str,
+        stats: &mut CallStats,
+    ) -> Result<Vec<Refund>, StripeError> {
+        let pi = checked_id(payment_intent, &["pi_"])?;
+        self.list(stats, &format!("{}/v1/refunds", self.base), &[("payment_intent", pi)])
+            .await
+    }
+
+    /// `GET /v1/disputes?payment_intent=`: every dispute of a payment, newest first.
+    pub async fn list_disputes(
+        &self,
+        payment_intent: &str,
+        stats: &mut CallStats,
+    ) -> Result<Vec<super::events::Dispute>, StripeError> {
+        let pi = checked_id(payment_intent, &["pi_"])?;
+        self.list(stats, &format!("{}/v1/disputes", self.base), &[("payment_intent", pi)])
+            .await
+    }
+
+    /// `GET /v1/subscriptions/{id}`.
+    pub async fn retrieve_subscription(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<super::events::Subscription, StripeError> {
+        let url = format!("{}/v1/subscriptions/{}", self.base, checked_id(id, &["sub_"])?);
+        self.send(stats, || self.http.get(&url)).await
+    }
+
+    /// `GET /v1/invoices/{id}`.
+    pub async fn retrieve_invoice(
+        &self,
+        id: &str,
+        stats: &mut CallStats,
+    ) -> Result<super::events::Invoice, StripeError> {
+        let url = format!("{}/v1/invoices/{}", self.base, checked_id(id, &["in_"])?);
+        self.send(stats, || self.http.get(&url)).await
+    }
+
+    /// `GET /v1/events?delivery_success=false`: events created since `created_gte` (Unix seconds)
+    /// that did not reach every endpoint, of the given types (at most 20), newest first, as raw
+    /// JSON (each is read as the webhook reads a delivery).
+    pub async fn list_undelivered_events(
+        &self,
+        created_gte: i64,
+        types: &[&str],
+        stats: &mut CallStats,
+    ) -> Result<Vec<Box<serde_json::value::RawValue>>, StripeError> {
+        let since = created_gte.to_string();
+        let mut query = vec![("delivery_success", "false"), ("created[gte]", since.as_str())];
+        query.extend(types.iter().take(20).map(|t| ("types[]", *t)));
+        self.list(stats, &format!("{}/v1/events", self.base), &query)
+            .await
+    }
+
+    /// `GET /v1/checkout/sessions?status=open`: open sessions created since `created_gte`.
+    pub async fn list_open_sessions(
+        &self,
+        created_gte: i64,
+        stats: &mut CallStats,
+    ) -> Result<Vec<CheckoutSession>, StripeError> {
+        let since = created_gte.to_string();
+        let query = [("status", "open"), ("created[gte]", since.as_str())];
+        self.list(stats, &format!("{}/v1/checkout/sessions", self.base), &query)
+            .await
+    }
+
+    /// Every object of a list endpoint, 100 a page, following `starting_after` (at most
+    /// [`MAX_PAGES`] pages).
+    async fn list<T: serde::de::DeserializeOwned + HasId>(
+        &self,
+        stats: &mut CallStats,
+        url: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Vec<T>, StripeError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        let mut elapsed = std::time::Duration::ZERO;
+        for _ in 0..MAX_PAGES {
+            let mut page_stats = CallStats::default();
+            let page: Result<Page<T>, _> = self
+                .send(&mut page_stats, || {
+                    let request = self.http.get(url).query(query).query(&[("limit", "100")]);
+                    match &after {
+                        Some(id) => request.query(&[("starting_after", id.as_str())]),
+                        None => request,
+                    }
+                })
+                .await;
+            elapsed += page_stats.elapsed;
+            stats.elapsed = elapsed;
+            let page = page?;
+            let next = page.data.last().and_then(|o| o.object_id());
+            all.extend(page.data);
+            match next {
+                Some(id) if page.has_more => after = Some(id),
+                _ => break,
+            }
         }
-        let url = format!("{}/v1/charges/{id}", self.base);
-        let charge: ChargeRef = self.send(stats, || self.http.get(&url)).await?;
-        Ok(charge.payment_intent.map(|p| p.id().to_owned()))
+        Ok(all)
     }
 
     fn session_url(&self, id: &SessionId, suffix: &str) -> String {
@@ -354,6 +491,45 @@ impl StripeClient {
             },
             after,
         })
+    }
+}
+
+/// A listed object's id, for `starting_after`.
+pub trait HasId {
+    fn object_id(&self) -> Option<String>;
+}
+
+impl HasId for LineItem {
+    fn object_id(&self) -> Option<String> {
+        self.id.clone()
+    }
+}
+
+impl HasId for Refund {
+    fn object_id(&self) -> Option<String> {
+        Some(self.id.clone())
+    }
+}
+
+impl HasId for super::events::Dispute {
+    fn object_id(&self) -> Option<String> {
+        Some(self.id.clone())
+    }
+}
+
+impl HasId for CheckoutSession {
+    fn object_id(&self) -> Option<String> {
+        Some(self.id.clone())
+    }
+}
+
+impl HasId for Box<serde_json::value::RawValue> {
+    fn object_id(&self) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Id {
+            id: String,
+        }
+        serde_json::from_str::<Id>(self.get()).ok().map(|i| i.id)
     }
 }
 

@@ -209,13 +209,51 @@ pub struct Charge {
     pub refunded: bool,
     #[serde(default)]
     pub currency: Option<String>,
-    /// The charge's refunds, when the event's API version still lists them.
+    /// The charge's refunds: listed only when expanded since API 2022-11-15 (never read here).
     #[serde(default)]
     pub refunds: Option<List<Refund>>,
 }
 
-/// A refund, as far as the app reads it (`charge.refund.updated`, `refund.*`, a charge's list,
-/// the Refunds API's answer, which `record_duplicate_refund` takes as it is).
+/// A payment intent, as far as the app reads it (`GET /v1/payment_intents/{id}` with
+/// `expand[]=latest_charge`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct PaymentIntent {
+    pub id: String,
+    /// `requires_payment_method`, `requires_confirmation`, `requires_action`, `processing`,
+    /// `requires_capture`, `canceled` or `succeeded`.
+    pub status: String,
+    #[serde(default)]
+    pub amount: i64,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub customer: Option<Expandable>,
+    /// The latest charge: an object when expanded, else its id.
+    #[serde(default)]
+    pub latest_charge: Option<ChargeField>,
+    #[serde(default)]
+    pub created: Option<i64>,
+}
+
+/// A charge field: expanded (an object) or not (its id).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ChargeField {
+    Object(Box<Charge>),
+    Id(String),
+}
+
+impl PaymentIntent {
+    /// The latest charge, when the answer expanded it.
+    pub fn charge(&self) -> Option<&Charge> {
+        match &self.latest_charge {
+            Some(ChargeField::Object(charge)) => Some(charge),
+            _ => None,
+        }
+    }
+}
+
+/// A refund, as far as the app reads it (`charge.refund.updated`, `refund.*`, the Refunds API).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Refund {
     pub id: String,
@@ -232,6 +270,10 @@ pub struct Refund {
     pub payment_intent: Option<Expandable>,
     #[serde(default)]
     pub charge: Option<Expandable>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    #[serde(default)]
+    pub created: Option<i64>,
 }
 
 impl Refund {
@@ -257,6 +299,8 @@ pub struct Dispute {
     pub status: String,
     #[serde(default)]
     pub reason: Option<String>,
+    #[serde(default)]
+    pub created: Option<i64>,
 }
 
 /// What happened to a Checkout Session.

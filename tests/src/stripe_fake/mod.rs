@@ -135,7 +135,7 @@ impl Respond for Route {
         };
         let template = (self.handler)(&mut state, request);
         let template = with_delay(&state, template);
-        deliver_outbox(&mut state, self.sink.as_deref());
+        deliver_outbox(&mut state, &self.state, self.sink.as_deref());
         template
     }
 }
@@ -210,19 +210,194 @@ fn expire_session(state: &mut FakeState, request: &Request) -> ResponseTemplate 
 }
 
 fn line_items(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let pairs = match query(request, &["limit", "starting_after"]) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     let segments = last_segments(request);
     let id = segments
         .get(segments.len().saturating_sub(2))
         .cloned()
         .unwrap_or_default();
     match state.line_items.get(&id) {
-        Some(items) => json_response(
-            200,
-            json!({"object": "list", "data": items, "has_more": false,
-                   "url": format!("/v1/checkout/sessions/{id}/line_items")}),
+        Some(items) => page(
+            items.clone(),
+            &pairs,
+            &format!("/v1/checkout/sessions/{id}/line_items"),
         ),
         None => json_response(404, missing("checkout.session", &id)),
     }
+}
+
+/// The query's pairs, or Stripe's 400 for a parameter the endpoint does not take (Stripe refuses
+/// unknown parameters: `parameter_unknown`).
+fn query(request: &Request, allowed: &[&str]) -> Result<Vec<(String, String)>, ResponseTemplate> {
+    let pairs: Vec<(String, String)> = request
+        .url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    for (key, _) in &pairs {
+        if !allowed.contains(&key.as_str()) {
+            let mut body = state::error_body(
+                "invalid_request_error",
+                Some("parameter_unknown"),
+                &format!("Received unknown parameter: {key}"),
+            );
+            body["error"]["param"] = json!(key);
+            return Err(json_response(400, body));
+        }
+    }
+    Ok(pairs)
+}
+
+fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// A page of `items` (newest first) as Stripe lists it: `limit` (1-100, default 10) after
+/// `starting_after`.
+fn page(items: Vec<Value>, pairs: &[(String, String)], url: &str) -> ResponseTemplate {
+    let limit = match param(pairs, "limit").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        Some(_) => {
+            let (status, body) = state::param_error("limit", "Invalid integer: limit must be between 1 and 100");
+            return json_response(status, body);
+        }
+    };
+    let start = match param(pairs, "starting_after") {
+        Some(after) => match items.iter().position(|i| i["id"] == json!(after)) {
+            Some(i) => i + 1,
+            None => return json_response(404, missing("object", after)),
+        },
+        None => 0,
+    };
+    let rest = &items[start.min(items.len())..];
+    let data: Vec<Value> = rest.iter().take(limit).cloned().collect();
+    json_response(
+        200,
+        json!({"object": "list", "url": url, "has_more": rest.len() > limit, "data": data}),
+    )
+}
+
+fn retrieve_intent(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let pairs = match query(request, &["expand[]"]) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    let expand = pairs
+        .iter()
+        .any(|(k, v)| k == "expand[]" && v == "latest_charge");
+    let id = last_segments(request).pop().unwrap_or_default();
+    match state.payment_intent(&id, expand) {
+        Some(pi) => json_response(200, pi),
+        None => json_response(404, missing("payment_intent", &id)),
+    }
+}
+
+fn list_refunds(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let pairs = match query(request, &["payment_intent", "charge", "limit", "starting_after"]) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    let items = match param(&pairs, "payment_intent") {
+        Some(pi) if !state.charges.contains_key(pi) => {
+            return json_response(404, missing("payment_intent", pi))
+        }
+        Some(pi) => state.refunds_of(pi),
+        None => state.refunds.iter().rev().cloned().collect(),
+    };
+    page(items, &pairs, "/v1/refunds")
+}
+
+fn list_disputes(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let pairs = match query(request, &["payment_intent", "charge", "limit", "starting_after"]) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    let items = match param(&pairs, "payment_intent") {
+        Some(pi) if !state.charges.contains_key(pi) => {
+            return json_response(404, missing("payment_intent", pi))
+        }
+        Some(pi) => state.disputes_of(pi),
+        None => state.disputes.values().cloned().collect(),
+    };
+    page(items, &pairs, "/v1/disputes")
+}
+
+fn retrieve_subscription(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let id = last_segments(request).pop().unwrap_or_default();
+    match state.subscriptions.get(&id) {
+        Some(sub) => json_response(200, sub.clone()),
+        None => json_response(404, missing("subscription", &id)),
+    }
+}
+
+fn retrieve_invoice(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let id = last_segments(request).pop().unwrap_or_default();
+    match state.invoices.get(&id) {
+        Some(invoice) => json_response(200, invoice.clone()),
+        None => json_response(404, missing("invoice", &id)),
+    }
+}
+
+/// `GET /v1/events`: newest first; `delivery_success=false` keeps the events the webhook has not
+/// answered with a 2xx; `created[gte]`, `types[]` filter.
+fn list_events(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let pairs = match query(
+        request,
+        &["delivery_success", "created[gte]", "types[]", "type", "limit", "starting_after"],
+    ) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    let types: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "types[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if types.len() > 20 {
+        let (status, body) = state::param_error("types", "You may pass at most 20 types.");
+        return json_response(status, body);
+    }
+    let since = param(&pairs, "created[gte]").and_then(|v| v.parse::<i64>().ok());
+    let undelivered = param(&pairs, "delivery_success") == Some("false");
+    let items: Vec<Value> = state
+        .log
+        .iter()
+        .rev()
+        .filter(|e| since.is_none_or(|t| e["created"].as_i64().unwrap_or(0) >= t))
+        .filter(|e| types.is_empty() || types.contains(&e["type"].as_str().unwrap_or_default()))
+        .filter(|e| {
+            !undelivered || !state.delivered.contains(e["id"].as_str().unwrap_or_default())
+        })
+        .cloned()
+        .collect();
+    page(items, &pairs, "/v1/events")
+}
+
+/// `GET /v1/checkout/sessions`: newest first, by `status` and `created[gte]`.
+fn list_sessions(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let pairs = match query(
+        request,
+        &["status", "created[gte]", "limit", "starting_after", "payment_intent", "customer"],
+    ) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    let since = param(&pairs, "created[gte]").and_then(|v| v.parse::<i64>().ok());
+    let status = param(&pairs, "status");
+    let items: Vec<Value> = state
+        .session_order
+        .iter()
+        .rev()
+        .filter_map(|id| state.sessions.get(id))
+        .filter(|s| status.is_none_or(|st| s["status"] == json!(st)))
+        .filter(|s| since.is_none_or(|t| s["created"].as_i64().unwrap_or(0) >= t))
+        .cloned()
+        .collect();
+    page(items, &pairs, "/v1/checkout/sessions")
 }
 
 fn retrieve_charge(state: &mut FakeState, request: &Request) -> ResponseTemplate {
@@ -269,7 +444,7 @@ fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
 
 /// Delivers the outbox to the webhook (local runs only), each event signed and posted from a
 /// thread of its own, as Stripe delivers independently of the API call that caused it.
-fn deliver_outbox(state: &mut FakeState, sink: Option<&(String, String)>) {
+fn deliver_outbox(state: &mut FakeState, shared: &Shared, sink: Option<&(String, String)>) {
     let Some((url, secret)) = sink else {
         return;
     };
@@ -278,6 +453,8 @@ fn deliver_outbox(state: &mut FakeState, sink: Option<&(String, String)>) {
         let signature = crate::fixtures::sign(&body, secret);
         let url = url.clone();
         let type_ = event["type"].as_str().unwrap_or_default().to_owned();
+        let id = event["id"].as_str().unwrap_or_default().to_owned();
+        let delivered_to = shared.clone();
         crate::on_own_runtime(async move {
             let result = reqwest::Client::new()
                 .post(&url)
@@ -287,7 +464,14 @@ fn deliver_outbox(state: &mut FakeState, sink: Option<&(String, String)>) {
                 .send()
                 .await;
             match result {
-                Ok(r) => println!("fake-stripe: delivered {type_}: {}", r.status()),
+                Ok(r) => {
+                    println!("fake-stripe: delivered {type_}: {}", r.status());
+                    if r.status().is_success() {
+                        if let Ok(mut state) = delivered_to.lock() {
+                            state.delivered.insert(id);
+                        }
+                    }
+                }
                 Err(e) => println!("fake-stripe: delivery of {type_} failed: {e}"),
             }
         });
@@ -319,7 +503,7 @@ impl Respond for PayPage {
             .as_str()
             .unwrap_or_default()
             .replace("{CHECKOUT_SESSION_ID}", &id);
-        deliver_outbox(&mut state, self.sink.as_deref());
+        deliver_outbox(&mut state, &self.state, self.sink.as_deref());
         ResponseTemplate::new(303).insert_header("location", success.as_str())
     }
 }
@@ -354,7 +538,7 @@ impl FakeStripe {
 
     async fn start_with(server: MockServer, sink: Option<Arc<(String, String)>>) -> FakeStripe {
         let state: Shared = Arc::new(Mutex::new(FakeState::default()));
-        let routes: [(&str, &str, Handler); 6] = [
+        let routes: [(&str, &str, Handler); 13] = [
             ("POST", r"^/v1/checkout/sessions$", create_session),
             (
                 "GET",
@@ -372,7 +556,14 @@ impl FakeStripe {
                 line_items,
             ),
             ("POST", r"^/v1/refunds$", create_refund),
+            ("GET", r"^/v1/refunds$", list_refunds),
             ("GET", r"^/v1/charges/[A-Za-z0-9_]+$", retrieve_charge),
+            ("GET", r"^/v1/payment_intents/[A-Za-z0-9_]+$", retrieve_intent),
+            ("GET", r"^/v1/disputes$", list_disputes),
+            ("GET", r"^/v1/subscriptions/[A-Za-z0-9_]+$", retrieve_subscription),
+            ("GET", r"^/v1/invoices/[A-Za-z0-9_]+$", retrieve_invoice),
+            ("GET", r"^/v1/events$", list_events),
+            ("GET", r"^/v1/checkout/sessions$", list_sessions),
         ];
         for (verb, pattern, handler) in routes {
             Mock::given(method(verb))
@@ -398,7 +589,7 @@ impl FakeStripe {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = f(&mut state);
-        deliver_outbox(&mut state, self.sink.as_deref());
+        deliver_outbox(&mut state, &self.state, self.sink.as_deref());
         out
     }
 
@@ -511,6 +702,11 @@ impl FakeStripe {
         self.with(|s| s.expire(id).0 == 200)
     }
 
+    /// A session of ours for `order` of `user`, as checkout creates it.
+    pub fn session_for_order(&self, user: &str, order: &str) -> String {
+        self.with(|s| s.session_for_order(user, order))
+    }
+
     /// A session made outside our API calls (a Payment Link) for `user`, selling `price`.
     pub fn foreign_session(&self, user: &str, price: &str, amount: i64) -> String {
         self.with(|s| s.foreign_session(user, price, amount))
@@ -534,6 +730,40 @@ impl FakeStripe {
     /// A dispute is decided.
     pub fn close_dispute(&self, id: &str, won: bool) -> Result<(), String> {
         self.with(|s| s.close_dispute(id, won))
+    }
+
+    /// A subscription bought through Checkout by `user` at `price`; its events (created, the
+    /// session, active, the first invoice paid) wait in the outbox. Returns its id.
+    pub fn subscribe(&self, user: &str, price: &str) -> String {
+        self.with(|s| s.subscribe(user, price))
+    }
+
+    /// A renewal invoice that fails once, then is paid.
+    pub fn renew(&self, subscription: &str) -> Result<String, String> {
+        self.with(|s| s.renew(subscription))
+    }
+
+    /// A subscription moves to `status` (`canceled` ends it).
+    pub fn set_subscription_status(&self, id: &str, status: &str) -> Result<(), String> {
+        self.with(|s| s.set_subscription_status(id, status))
+    }
+
+    /// Holds an object a test made (a subscription, an invoice, a session), as Stripe holds the
+    /// object an event names.
+    pub fn hold(&self, object: &Value) {
+        self.with(|s| s.hold(object));
+    }
+
+    /// The webhook took this event (a 2xx): it is no longer listed as undelivered.
+    pub fn mark_delivered(&self, event_id: &str) {
+        self.with(|s| {
+            s.delivered.insert(event_id.to_owned());
+        });
+    }
+
+    /// A subscription as the fake holds it.
+    pub fn subscription(&self, id: &str) -> Option<Value> {
+        self.with(|s| s.subscriptions.get(id).cloned())
     }
 
     /// `created` of the events emitted from now on (`None`: the clock).
@@ -564,6 +794,11 @@ impl FakeStripe {
     /// The charge of a payment intent.
     pub fn charge(&self, pi: &str) -> Option<Value> {
         self.with(|s| s.charges.get(pi).cloned())
+    }
+
+    /// A payment intent as `GET /v1/payment_intents/{id}?expand[]=latest_charge` answers it.
+    pub fn payment_intent(&self, pi: &str) -> Option<Value> {
+        self.with(|s| s.payment_intent(pi, true))
     }
 
     /// Every charge, by payment intent.

@@ -70,6 +70,14 @@ pub struct FakeState {
     pub line_items: HashMap<String, Vec<Value>>,
     /// Charges by payment intent.
     pub charges: HashMap<String, Value>,
+    /// Payment intents' statuses (the rest of a payment intent is its charge's).
+    pub intents: HashMap<String, String>,
+    pub subscriptions: HashMap<String, Value>,
+    pub invoices: HashMap<String, Value>,
+    /// Every event emitted, oldest first, for `GET /v1/events`.
+    pub log: Vec<Value>,
+    /// Events the webhook answered with a 2xx (the rest are listed as undelivered).
+    pub delivered: std::collections::HashSet<String>,
     pub refunds: Vec<Value>,
     pub disputes: HashMap<String, Value>,
     /// `(endpoint, key)` -> first result, as Stripe keeps it.
@@ -130,15 +138,32 @@ impl FakeState {
         )
     }
 
-    /// Appends an event of `type_` about `object` to the outbox.
+    /// Appends an event of `type_` about `object` to the outbox (and the event log).
     pub fn emit(&mut self, type_: &str, object: Value) {
         let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
-        self.outbox.push(json!({
+        let event = json!({
             "id": id, "object": "event", "api_version": shared::stripe::API_VERSION,
             "created": self.event_time.unwrap_or_else(now), "livemode": false,
             "pending_webhooks": 1, "request": {"id": null, "idempotency_key": null},
             "type": type_, "data": {"object": object},
-        }));
+        });
+        self.log.push(event.clone());
+        self.outbox.push(event);
+    }
+
+    /// `GET /v1/payment_intents/{id}`: the payment intent of a charge the fake made, its latest
+    /// charge as an id or (`expand`) the charge object, which lists no refunds.
+    pub fn payment_intent(&self, pi: &str, expand: bool) -> Option<Value> {
+        let charge = self.charges.get(pi)?;
+        let status = self.intents.get(pi).cloned().unwrap_or_else(|| "succeeded".into());
+        Some(json!({
+            "id": pi, "object": "payment_intent", "amount": charge["amount"],
+            "amount_received": if status == "succeeded" { charge["amount"].clone() } else { json!(0) },
+            "currency": charge["currency"], "customer": charge["customer"], "status": status,
+            "latest_charge": if expand { charge.clone() } else { charge["id"].clone() },
+            "metadata": charge["metadata"], "created": charge["created"], "livemode": false,
+            "payment_method_types": ["card"],
+        }))
     }
 
     /// `POST /v1/checkout/sessions` after the idempotency check: a session, or an error. The
@@ -219,6 +244,22 @@ impl FakeState {
         self.session_order.push(id);
     }
 
+    /// A session of ours for `order`, as checkout would create it (without the HTTP call).
+    pub fn session_for_order(&mut self, user: &str, order: &str) -> String {
+        let id = self.next_id("cs_test");
+        let url = format!("https://checkout.stripe.com/c/pay/{id}");
+        let session = json!({
+            "id": id, "object": "checkout.session", "mode": "payment", "status": "open",
+            "payment_status": "unpaid", "amount_total": AMOUNT, "currency": CURRENCY,
+            "client_reference_id": user, "customer": null,
+            "metadata": {"order_id": order, "user_id": user, "product": "full_report"},
+            "expires_at": now() + 7200, "created": now(), "livemode": false,
+            "payment_intent": null, "url": url,
+        });
+        self.add_session(session, crate::apps::PRICE, 1);
+        id
+    }
+
     /// A session made outside our API calls, e.g. by a Payment Link: no order metadata,
     /// `client_reference_id` as the buyer set it. Returns its id.
     pub fn foreign_session(&mut self, user: &str, price: &str, amount: i64) -> String {
@@ -284,6 +325,10 @@ impl FakeState {
             "metadata": session["metadata"].clone(), "livemode": false, "created": now(),
         });
         self.charges.insert(pi.clone(), charge);
+        self.intents.insert(
+            pi.clone(),
+            (if paid { "succeeded" } else { "processing" }).into(),
+        );
         let session = self.sessions.get_mut(id).expect("present");
         session["status"] = json!("complete");
         session["payment_status"] = json!(if paid { "paid" } else { "unpaid" });
@@ -314,8 +359,13 @@ impl FakeState {
         if let Some(charge) = self.charges.get_mut(&pi) {
             charge["paid"] = json!(succeeded);
             charge["status"] = json!(if succeeded { "succeeded" } else { "failed" });
-            charge["amount_captured"] = charge["amount"].clone();
+            charge["amount_captured"] = if succeeded { charge["amount"].clone() } else { json!(0) };
         }
+        // A delayed payment that fails sends its payment intent back for another method.
+        self.intents.insert(
+            pi,
+            (if succeeded { "succeeded" } else { "requires_payment_method" }).into(),
+        );
         self.emit(
             if succeeded {
                 "checkout.session.async_payment_succeeded"
@@ -521,6 +571,160 @@ impl FakeState {
         let dispute = dispute.clone();
         self.emit("charge.dispute.closed", dispute);
         Ok(())
+    }
+}
+
+impl FakeState {
+    fn customer_of(&mut self, user: &str) -> String {
+        match self.customers.get(user) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.next_id("cus");
+                self.customers.insert(user.to_owned(), c.clone());
+                c
+            }
+        }
+    }
+
+    /// A subscription bought through Checkout by `user` (Stripe's order of events: the
+    /// subscription created incomplete, the session naming its buyer, the subscription active,
+    /// its first invoice paid). Returns the subscription id.
+    pub fn subscribe(&mut self, user: &str, price: &str) -> String {
+        let customer = self.customer_of(user);
+        let id = self.next_id("sub");
+        let t = now();
+        let subscription = json!({
+            "id": id, "object": "subscription", "customer": customer, "status": "incomplete",
+            "metadata": {}, "cancel_at_period_end": false, "cancel_at": null,
+            "canceled_at": null, "ended_at": null, "created": t, "livemode": false,
+            "items": {"object": "list", "has_more": false, "data": [{
+                "id": self.next_id("si"), "object": "subscription_item",
+                "price": {"id": price, "object": "price"},
+                "current_period_start": t, "current_period_end": t + 30 * 86_400}]},
+        });
+        self.subscriptions.insert(id.clone(), subscription.clone());
+        self.emit("customer.subscription.created", subscription);
+        let session_id = self.next_id("cs_test");
+        let session = json!({
+            "id": session_id, "object": "checkout.session", "mode": "subscription",
+            "status": "complete", "payment_status": "paid", "customer": customer,
+            "client_reference_id": user, "metadata": {}, "subscription": id,
+            "payment_intent": null, "amount_total": AMOUNT, "currency": CURRENCY,
+            "created": t, "expires_at": t + 86_400, "livemode": false, "url": null,
+        });
+        self.sessions.insert(session_id.clone(), session.clone());
+        self.session_order.push(session_id);
+        self.emit("checkout.session.completed", session);
+        self.set_subscription_status(&id, "active").expect("just made");
+        let invoice_id = self.next_id("in");
+        let invoice = json!({
+            "id": invoice_id, "object": "invoice", "customer": customer, "status": "paid",
+            "amount_due": AMOUNT, "amount_paid": AMOUNT, "currency": CURRENCY,
+            "billing_reason": "subscription_create", "attempt_count": 1,
+            "hosted_invoice_url": format!("https://invoice.stripe.com/i/{invoice_id}"),
+            "parent": {"type": "subscription_details",
+                       "subscription_details": {"subscription": id, "metadata": {}}},
+            "period_start": t, "period_end": t, "next_payment_attempt": null,
+            "created": t, "livemode": false,
+        });
+        self.invoices.insert(invoice_id, invoice.clone());
+        self.emit("invoice.paid", invoice);
+        id
+    }
+
+    /// A renewal of a subscription whose first attempt fails and second succeeds: the invoice
+    /// open (`invoice.payment_failed`), then paid (`invoice.paid`). Returns the invoice id.
+    pub fn renew(&mut self, subscription: &str) -> Result<String, String> {
+        let Some(sub) = self.subscriptions.get(subscription).cloned() else {
+            return Err(format!("no such subscription {subscription}"));
+        };
+        let id = self.next_id("in");
+        let t = now();
+        let mut invoice = json!({
+            "id": id, "object": "invoice", "customer": sub["customer"], "status": "open",
+            "amount_due": AMOUNT, "amount_paid": 0, "currency": CURRENCY,
+            "billing_reason": "subscription_cycle", "attempt_count": 1,
+            "hosted_invoice_url": format!("https://invoice.stripe.com/i/{id}"),
+            "parent": {"type": "subscription_details",
+                       "subscription_details": {"subscription": subscription, "metadata": {}}},
+            "period_start": t, "period_end": t, "next_payment_attempt": t + 86_400,
+            "created": t, "livemode": false,
+        });
+        self.invoices.insert(id.clone(), invoice.clone());
+        self.emit("invoice.payment_failed", invoice.clone());
+        invoice["status"] = json!("paid");
+        invoice["amount_paid"] = json!(AMOUNT);
+        invoice["attempt_count"] = json!(2);
+        invoice["next_payment_attempt"] = Value::Null;
+        self.invoices.insert(id.clone(), invoice.clone());
+        self.emit("invoice.paid", invoice);
+        Ok(id)
+    }
+
+    /// A subscription moves to `status` (`canceled`: it ends, `customer.subscription.deleted`).
+    pub fn set_subscription_status(&mut self, id: &str, status: &str) -> Result<(), String> {
+        let Some(sub) = self.subscriptions.get_mut(id) else {
+            return Err(format!("no such subscription {id}"));
+        };
+        if sub["status"] == "canceled" {
+            return Err("a canceled subscription stays canceled".into());
+        }
+        sub["status"] = json!(status);
+        if status == "canceled" {
+            sub["canceled_at"] = json!(now());
+            sub["ended_at"] = json!(now());
+        }
+        let sub = sub.clone();
+        let type_ = if status == "canceled" {
+            "customer.subscription.deleted"
+        } else {
+            "customer.subscription.updated"
+        };
+        self.emit(type_, sub);
+        Ok(())
+    }
+
+    /// Holds an object as Stripe would (a test's own fixture: the event naming it can then be
+    /// read back), by its `object` type.
+    pub fn hold(&mut self, object: &Value) {
+        let id = object["id"].as_str().unwrap_or_default().to_owned();
+        match object["object"].as_str() {
+            Some("subscription") => {
+                self.subscriptions.insert(id, object.clone());
+            }
+            Some("invoice") => {
+                self.invoices.insert(id, object.clone());
+            }
+            Some("checkout.session") => {
+                if !self.sessions.contains_key(&id) {
+                    self.session_order.push(id.clone());
+                }
+                self.sessions.insert(id, object.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// The refunds of a payment, newest first.
+    pub fn refunds_of(&self, pi: &str) -> Vec<Value> {
+        self.refunds
+            .iter()
+            .rev()
+            .filter(|r| r["payment_intent"] == json!(pi))
+            .cloned()
+            .collect()
+    }
+
+    /// The disputes of a payment, newest first.
+    pub fn disputes_of(&self, pi: &str) -> Vec<Value> {
+        let mut disputes: Vec<Value> = self
+            .disputes
+            .values()
+            .filter(|d| d["payment_intent"] == json!(pi))
+            .cloned()
+            .collect();
+        disputes.sort_by(|a, b| b["id"].as_str().cmp(&a["id"].as_str()));
+        disputes
     }
 }
 

@@ -1,0 +1,20 @@
+//! Lambda entry point of the reconciler (an EventBridge schedule invokes it): wiring only.
+
+use lambda_runtime::{service_fn, LambdaEvent};
+use shared::config::EnvReader;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    shared::telemetry::init_tracing();
+    shared::sentry::init_from_env(reconcile::ROUTE);
+    let config =
+        reconcile::Config::read(EnvReader::from_env()).inspect_err(|e| tracing::error!("{e}"))?;
+    let state = reconcile::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
+    state.store.connect_early();
+    state.stripe.warm_up();
+    lambda_runtime::run(service_fn(|_: LambdaEvent<serde_json::Value>| async {
+        // A failed run is an invocation error: Lambda's Errors metric, the reconciler's alarm.
+        reconcile::handle(&state, None).await.map_err(lambda_runtime::Error::from)
+    }))
+    .await
+}
