@@ -60,10 +60,16 @@ fn parsing(c: &mut Criterion) {
     let invoice =
         testkit::fixtures::body(&testkit::fixtures::load("stripe/invoice.paid.dahlia.json"));
     c.bench_function("event_parse_checkout", |b| {
-        b.iter(|| shared::stripe::events::parse(black_box(&event)).map(|e| e.event.effect()))
+        b.iter(|| {
+            shared::stripe::events::parse(black_box(&event))
+                .map(|e| shared::payments::target_of(&e.event))
+        })
     });
     c.bench_function("event_parse_invoice", |b| {
-        b.iter(|| shared::stripe::events::parse(black_box(&invoice)).map(|e| e.event.effect()))
+        b.iter(|| {
+            shared::stripe::events::parse(black_box(&invoice))
+                .map(|e| shared::payments::target_of(&e.event))
+        })
     });
     let limits = chat::request::Limits {
         max_messages: 50,
@@ -108,8 +114,10 @@ fn parsing(c: &mut Criterion) {
     });
 }
 
-/// Everything the webhook does per delivery except the database call: the function-URL event
-/// conversion, signature, parse, effect, the store call's arguments, metrics and the answer.
+/// Everything the webhook does per delivery except the Stripe read and the database call: the
+/// function-URL event conversion, signature, parse, the object to read, the facts read (a
+/// session, as the reader makes them) serialized as the store call's argument, metrics and the
+/// answer.
 fn webhook_without_database(c: &mut Criterion) {
     let body = testkit::fixtures::body(&testkit::fixtures::load(
         "stripe/checkout.session.completed.json",
@@ -142,8 +150,16 @@ fn webhook_without_database(c: &mut Criterion) {
             )
             .unwrap();
             let parsed = shared::stripe::events::parse(body).unwrap();
-            // As Store::apply_stripe_event: the effect serialized straight to JSON text.
-            let effect = serde_json::value::to_raw_value(&parsed.event.effect()).unwrap();
+            let target = shared::payments::target_of(&parsed.event);
+            let shared::stripe::events::Event::CheckoutSession { session, .. } = &parsed.event
+            else {
+                panic!("a session event")
+            };
+            let mut facts = shared::payments::Facts::at(now * 1000);
+            facts
+                .sessions
+                .push(shared::payments::facts::SessionFact::of(session, None));
+            let effect = (target, serde_json::value::to_raw_value(&facts).unwrap());
             let mut set = metrics.start();
             set.count("Received", 1);
             set.count_by("Processed", "EventType", &parsed.type_, 1);

@@ -213,7 +213,7 @@ $$;
 -- the product when the line items hold it.
 create function billing.session_buyer(p_session jsonb, p_sells boolean)
 returns table (user_id uuid, order_id uuid, product text)
-language sql stable set search_path = ''
+language sql stable rows 1 set search_path = ''
 as $$
   select coalesce(o.user_id, billing.user_if_known(
            coalesce(p_session ->> 'metadata_user_id', p_session ->> 'client_reference_id'))),

@@ -65,7 +65,7 @@ from (
 create function billing.ownership(p_user uuid, p_product text)
 returns table (owns boolean, in_flight boolean, disputed boolean, standing_order uuid,
                flight_order uuid, disputed_order uuid)
-language sql stable set search_path = ''
+language sql stable rows 1 set search_path = ''
 as $$
   select coalesce(bool_or(d.money = 'held'), false),
     coalesce(bool_or(d.money = 'in_flight'), false)
@@ -83,7 +83,7 @@ $$;
 -- owns the product or has a payment in flight, or the session is not its open order's. (A session
 -- of an open order that has none attached is that order's: billing.settle attaches it.)
 create function billing.expiries_due(p_user uuid, p_product text) returns setof text
-language sql stable set search_path = ''
+language sql stable rows 2 set search_path = ''
 as $$
   select s.id from public.stripe_sessions s
   join public.orders o on o.id = s.order_id
@@ -100,7 +100,7 @@ $$;
 create function billing.order_decision(p_order public.orders)
 returns table (status text, closed_reason text, payment_intent_id text, amount_total bigint,
                currency text, amount_refunded bigint, customer_id text)
-language sql stable set search_path = ''
+language sql stable rows 1 set search_path = ''
 as $$
   select
     case d.money when 'held' then 'paid' when 'in_flight' then 'processing'

@@ -3,6 +3,10 @@
 -- The webhook, checkout and the reconciler read the objects from Stripe first, then call
 -- record_stripe_facts once; it answers what is due at Stripe now (refunds, expiries), which the
 -- caller does and reports with its next call.
+--
+-- The entry points run with `jit = off`: they touch one user's rows, and the planner's estimates
+-- for the SQL functions they call (opaque to it) made PostgreSQL JIT-compile a 2 ms statement for
+-- 590 ms (measured with auto_explain).
 
 -- The audit kind of an order's move from one state to another (null: nothing to record).
 create function billing.audit_kind(p_old text, p_new text) returns text
@@ -159,7 +163,7 @@ $$;
 -- and the buyers of the sessions that name the payments.
 create function billing.purchases_touched(p_facts jsonb)
 returns table (user_id uuid, product text)
-language sql stable set search_path = ''
+language sql stable rows 2 set search_path = ''
 as $$
   with sessions as (
     select b.user_id, b.product
@@ -195,7 +199,7 @@ $$;
 create function public.record_stripe_facts(p_event jsonb, p_payload jsonb, p_facts jsonb,
                                            p_actions jsonb)
 returns jsonb
-language plpgsql set search_path = ''
+language plpgsql set search_path = '' set jit = off
 as $$
 declare
   v_event text := p_event ->> 'id';
@@ -294,7 +298,8 @@ begin
                       or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
                          + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0
                       or exists (select 1 from public.stripe_sessions s
-                                 where s.user_id is not null and s.id in (select f.value ->> 'id'
+                                 where s.user_id is not null and s.mode is distinct from 'payment'
+                                   and s.id in (select f.value ->> 'id'
                                    from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f)))
                       then 'applied'
                     else 'unmatched' end;

@@ -43,7 +43,7 @@ create function public.checkout_begin(
   p_user uuid, p_product text, p_email text, p_claim uuid, p_limit integer, p_window_s integer,
   p_lease_s integer, p_session_ttl_s integer)
 returns jsonb
-language plpgsql set search_path = ''
+language plpgsql set search_path = '' set jit = off
 as $$
 declare
   v_retry integer;
@@ -108,7 +108,7 @@ $$;
 -- nothing and has no payment in flight. Answers {attached (payable), order, expiries}.
 create function public.checkout_attach_session(p_order uuid, p_session jsonb)
 returns jsonb
-language plpgsql set search_path = ''
+language plpgsql set search_path = '' set jit = off
 as $$
 declare
   v_order public.orders;

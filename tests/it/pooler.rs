@@ -6,8 +6,10 @@
 use futures::future::join_all;
 use serde_json::json;
 use shared::store::chat::{Admission, AdmitLimits, Recorded};
+use shared::payments::facts::{Facts, InvoiceFact};
+use shared::store::payments::Delivery;
 use shared::store::{Outcome, Store};
-use shared::stripe::events;
+use shared::stripe::events::{self, Event};
 use testkit::db::TestDb;
 use testkit::fixtures;
 
@@ -37,13 +39,22 @@ async fn concurrent_calls_through_a_transaction_pooler_are_each_applied_once() {
         let store = &stores[i % stores.len()];
         async move {
             let parsed = events::parse(body).unwrap();
+            let Event::Invoice { invoice, .. } = &parsed.event else {
+                panic!("an invoice event")
+            };
+            let mut facts = Facts::at(fixtures::now() * 1000);
+            facts.invoices.push(InvoiceFact::of(invoice));
+            let delivery = Delivery {
+                event: &parsed,
+                received_at_ms: 0,
+            };
             // Every event twice: the second delivery must be a duplicate.
             let first = store
-                .apply_stripe_event(&parsed, &parsed.event.effect(), 0)
+                .record_stripe_facts(Some(delivery), Some((&facts, None)), &[])
                 .await
                 .unwrap();
             let again = store
-                .apply_stripe_event(&parsed, &parsed.event.effect(), 0)
+                .record_stripe_facts(Some(delivery), Some((&facts, None)), &[])
                 .await
                 .unwrap();
             (first.outcome, again.outcome)

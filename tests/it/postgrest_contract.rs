@@ -6,6 +6,7 @@ use shared::config::{Secret, StoreConfig};
 use shared::store::{Arg, Call, Store, StoreError};
 use testkit::apps;
 use testkit::fixtures::{self, FunctionUrlRequest};
+use testkit::stripe_fake::FakeStripe;
 use wiremock::matchers::{body_partial_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -121,20 +122,25 @@ async fn unreachable_postgrest_is_unavailable() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
 
-fn webhook_state(server: &MockServer) -> webhook::State {
+fn webhook_state(server: &MockServer, stripe: &FakeStripe) -> webhook::State {
     let config = webhook::Config {
         secrets: vec![Secret::new("whsec_rest")],
-        ..apps::webhook_config(StoreConfig::PostgRest {
-            url: server.uri(),
-            service_key: Secret::new(KEY),
-        })
+        ..apps::webhook_config(
+            StoreConfig::PostgRest {
+                url: server.uri(),
+                service_key: Secret::new(KEY),
+            },
+            &stripe.uri(),
+        )
     };
     apps::webhook_state(config, store(server)).0
 }
 
-fn signed_invoice_request() -> (Value, FunctionUrlRequest) {
+/// The invoice.paid fixture, its invoice held at the fake, signed for the webhook.
+fn signed_invoice_request(stripe: &FakeStripe) -> (Value, FunctionUrlRequest) {
     let mut event = fixtures::load("stripe/invoice.paid.dahlia.json");
     fixtures::set(&mut event, "/created", json!(fixtures::now()));
+    stripe.hold(&event["data"]["object"]);
     let body = fixtures::body(&event);
     let request = FunctionUrlRequest::post("/", &body)
         .header("stripe-signature", &fixtures::sign(&body, "whsec_rest"));
@@ -142,19 +148,21 @@ fn signed_invoice_request() -> (Value, FunctionUrlRequest) {
 }
 
 #[tokio::test]
-async fn webhook_through_postgrest_sends_the_event_verbatim() {
+async fn webhook_through_postgrest_sends_the_event_verbatim_with_what_stripe_says() {
     let server = MockServer::start().await;
-    rpc("apply_stripe_event")
+    let stripe = FakeStripe::start().await;
+    rpc("record_stripe_facts")
         .respond_with(
             ResponseTemplate::new(200)
-                .set_body_json(json!({"outcome": "applied", "detail": "invoice paid"})),
+                .set_body_json(json!({"outcome": "applied", "detail": "1 changed"})),
         )
         .expect(1)
         .mount(&server)
         .await;
-    let (event, request) = signed_invoice_request();
+    let (event, request) = signed_invoice_request(&stripe);
 
-    let response = webhook::handle(&webhook_state(&server), request.into_request().unwrap()).await;
+    let response =
+        webhook::handle(&webhook_state(&server, &stripe), request.into_request().unwrap()).await;
 
     assert_eq!(response.status(), 200);
     assert_eq!(fixtures::json_body(&response)["outcome"], "applied");
@@ -166,24 +174,27 @@ async fn webhook_through_postgrest_sends_the_event_verbatim() {
     );
     assert_eq!(sent["p_event"]["id"], event["id"]);
     assert_eq!(sent["p_event"]["type"], "invoice.paid");
-    assert_eq!(sent["p_effect"]["kind"], "invoice");
     assert_eq!(
-        sent["p_effect"]["subscription_id"],
+        sent["p_facts"]["invoices"][0]["subscription_id"],
         "sub_1Pgc6rB7WZ01zgkWNy0Cn5nw"
     );
-    assert_eq!(sent["p_effect"]["amount_paid"], 2000);
+    assert_eq!(sent["p_facts"]["invoices"][0]["amount_paid"], 2000);
+    assert!(sent["p_facts"]["read_at_ms"].as_i64().unwrap() > 1_700_000_000_000);
+    assert_eq!(sent["p_actions"], json!([]));
 }
 
 #[tokio::test]
 async fn webhook_answers_503_when_postgrest_is_down() {
     let server = MockServer::start().await;
-    rpc("apply_stripe_event")
+    let stripe = FakeStripe::start().await;
+    rpc("record_stripe_facts")
         .respond_with(ResponseTemplate::new(503).set_body_json(json!({"code": "PGRST001", "message": "Database client error.", "details": null, "hint": null})))
         .mount(&server)
         .await;
-    let (_, request) = signed_invoice_request();
+    let (_, request) = signed_invoice_request(&stripe);
 
-    let response = webhook::handle(&webhook_state(&server), request.into_request().unwrap()).await;
+    let response =
+        webhook::handle(&webhook_state(&server, &stripe), request.into_request().unwrap()).await;
 
     assert_eq!(response.status(), 503);
     let body = fixtures::json_body(&response);
@@ -216,28 +227,32 @@ mod live {
         let user = db.create_user(&sql).await.to_string();
         let order: String = sql
             .query_one(
-                "insert into orders (user_id, stripe_checkout_session_id, session_created_at)
-                 values ($1::text::uuid, 'cs_test_live', now() - interval '1 minute')
-                 returning id::text",
+                "insert into orders (user_id) values ($1::text::uuid) returning id::text",
                 &[&user],
             )
             .await
             .unwrap()
             .get(0);
-        let event = fixtures::checkout_event(
-            "checkout.session.completed",
-            "cs_test_live",
-            &order,
-            &user,
-            "paid",
-        );
+        let stripe = FakeStripe::start().await;
+        let session = stripe.session_for_order(&user, &order);
+        sql.execute(
+            "update orders set stripe_checkout_session_id = $2 where id = $1::text::uuid",
+            &[&order, &session],
+        )
+        .await
+        .unwrap();
+        stripe.pay(&session).unwrap();
+        let event = stripe.take_events().remove(0);
         let body = fixtures::body(&event);
         let config = webhook::Config {
             secrets: vec![Secret::new("whsec_rest")],
-            ..apps::webhook_config(StoreConfig::PostgRest {
-                url: rest.uri(),
-                service_key: Secret::new(KEY),
-            })
+            ..apps::webhook_config(
+                StoreConfig::PostgRest {
+                    url: rest.uri(),
+                    service_key: Secret::new(KEY),
+                },
+                &stripe.uri(),
+            )
         };
         let (state, _) = apps::webhook_state(config, store);
         let deliver = || {

@@ -114,10 +114,10 @@ async fn users_cannot_write_or_see_stripe_events() {
 }
 
 #[tokio::test]
-async fn only_the_service_role_may_apply_events() {
+async fn only_the_service_role_may_record_stripe_facts() {
     let db = TestDb::new().await;
     let mut sql = db.client().await;
-    let call = "select public.apply_stripe_event('{\"id\":\"evt_x\",\"type\":\"x\",\"created\":1}', '{}', '{\"kind\":\"ignored\"}')";
+    let call = "select public.record_stripe_facts('{\"id\":\"evt_x\",\"type\":\"x\",\"created\":1}', '{}', null, '[]')";
     for role in ["anon", "authenticated"] {
         assert_eq!(
             as_role(&mut sql, role, None, call).await.err().as_deref(),
@@ -168,7 +168,7 @@ async fn one_open_order_per_user_and_product() {
         )
         .await;
     assert_eq!(second.unwrap_err().code().map(|c| c.code()), Some("23505"));
-    sql.execute("update orders set status = 'expired'", &[])
+    sql.execute("update orders set closed_reason = 'expired'", &[])
         .await
         .unwrap();
     sql.execute(

@@ -81,16 +81,19 @@ async fn no_secret_reaches_logs_metrics_or_responses() {
         retries: 0,
     };
 
-    // Webhook: a good delivery (a paid session without an order: its line items are asked of
-    // Stripe, which refuses the key), a forged one, a stale one.
+    // Webhook: a good delivery (its session is read at Stripe, which refuses the key), a forged
+    // one, a stale one.
     let webhook_config = webhook::Config {
         secrets: vec![Secret::new(WEBHOOK_SECRET)],
-        stripe: Some(stripe_api.clone()),
+        stripe: stripe_api.clone(),
         price_id: Some(PriceId::parse("price_1").unwrap()),
-        ..apps::webhook_config(StoreConfig::Postgres {
-            url: Secret::new(&url),
-            ca_pem: None,
-        })
+        ..apps::webhook_config(
+            StoreConfig::Postgres {
+                url: Secret::new(&url),
+                ca_pem: None,
+            },
+            &stripe.uri(),
+        )
     };
     let (webhook_state, metric_lines) =
         apps::webhook_state(webhook_config, Store::postgres(&url, 1).unwrap());

@@ -87,7 +87,8 @@ impl World {
         };
         let store = Store::postgres(&url, 2).expect("store");
         let (webhook, webhook_metrics) = apps::webhook_state(config, store.clone());
-        let (reconciler, reconcile_metrics) = apps::reconcile_state(store, &stripe.uri());
+        let (mut reconciler, reconcile_metrics) = apps::reconcile_state(store, &stripe.uri());
+        reconciler.config.auto_refund = setup.auto_refund;
         World {
             db,
             sql,

@@ -369,6 +369,8 @@ fn webhook_event(event: &serde_json::Value) -> String {
         .to_string()
 }
 
+/// A new `invoice.paid` event; its invoice is the fixture's, which the fake Stripe holds (the
+/// webhook reads it back).
 fn invoice() -> serde_json::Value {
     let mut e = fixtures::load("stripe/invoice.paid.dahlia.json");
     fixtures::set(&mut e, "/id", json!(fixtures::event_id()));
@@ -622,12 +624,12 @@ async fn branches<'a>(
     }
 }
 
-/// The webhook against a PostgREST that answers `apply_stripe_event` at once: the function's own
+/// The webhook against a PostgREST that answers `record_stripe_facts` at once: the function's own
 /// cost per warm invocation (Rust through its PostgREST backend, and the Node.js baseline).
 async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl, Warm)> {
     let instant = MockServer::start().await;
     Mock::given(method("POST"))
-        .and(wiremock::matchers::path("/rest/v1/rpc/apply_stripe_event"))
+        .and(wiremock::matchers::path("/rest/v1/rpc/record_stripe_facts"))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"outcome": "duplicate", "detail": "already recorded"})),
@@ -665,8 +667,8 @@ async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl
 /// `invoice.paid` event, with the arguments the function sends.
 async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
     let (mut connect, mut first, mut warm) = (vec![], vec![], vec![]);
-    let call = "select public.apply_stripe_event(p_event => $1::jsonb, p_payload => $2::jsonb, \
-                p_effect => $3::jsonb)";
+    let call = "select public.record_stripe_facts(p_event => $1::jsonb, p_payload => $2::jsonb, \
+                p_facts => $3::jsonb, p_actions => '[]'::jsonb)";
     for _ in 0..runs {
         let started = Instant::now();
         let (client, connection) = tokio_postgres::connect(&up.db.url, tokio_postgres::NoTls)
@@ -677,7 +679,14 @@ async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
         for sample in [&mut first, &mut warm] {
             let body = fixtures::body(&invoice());
             let parsed = shared::stripe::events::parse(&body).expect("invoice event");
-            let effect = serde_json::to_value(parsed.event.effect()).expect("effect");
+            let shared::stripe::events::Event::Invoice { invoice, .. } = &parsed.event else {
+                panic!("an invoice event")
+            };
+            let mut facts = shared::payments::Facts::at(fixtures::now() * 1000);
+            facts
+                .invoices
+                .push(shared::payments::facts::InvoiceFact::of(invoice));
+            let facts = serde_json::to_value(&facts).expect("facts");
             let head = json!({"id": parsed.id, "type": parsed.type_, "created": parsed.created,
                               "livemode": parsed.livemode, "api_version": parsed.api_version,
                               "received_at_ms": 0});
@@ -691,11 +700,11 @@ async fn postgres_floor(up: &Upstreams, runs: usize) -> (f64, f64, f64) {
                     &[
                         (&tokio_postgres::types::Json(&head), jsonb.clone()),
                         (&tokio_postgres::types::Json(&payload), jsonb.clone()),
-                        (&tokio_postgres::types::Json(&effect), jsonb),
+                        (&tokio_postgres::types::Json(&facts), jsonb),
                     ],
                 )
                 .await
-                .expect("apply_stripe_event");
+                .expect("record_stripe_facts");
             sample.push(started.elapsed().as_secs_f64() * 1e3);
         }
         drop(client);
@@ -739,6 +748,7 @@ async fn main() {
     let db = testkit::db::TestDb::new().await;
     let sql = db.client().await;
     let stripe = testkit::stripe_fake::FakeStripe::start().await;
+    stripe.hold(&invoice()["data"]["object"]);
     let openai = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(
@@ -1089,7 +1099,7 @@ async fn round_trips(
     let store = Store::postgres(&db.url, 1).expect("store");
     let webhook_config = webhook::Config {
         secrets: vec![Secret::new(WEBHOOK_SECRET)],
-        ..testkit::apps::webhook_config(testkit::apps::store_config(&db.url))
+        ..testkit::apps::webhook_config(testkit::apps::store_config(&db.url), &stripe.uri())
     };
     let (webhook, _) = testkit::apps::webhook_state(webhook_config, store.clone());
     let mut event = fixtures::load("stripe/invoice.paid.dahlia.json");
