@@ -612,14 +612,16 @@ $$;
 
 -- Every purchase of a product: a completed payment-mode session of ours, or one of another channel
 -- whose line items hold the product, with its buyer and its money. A session whose payment has not
--- been read counts by its own payment status.
+-- been read counts by its own payment status, made at an unknown time (last): it never outranks a
+-- payment that was read, and is never due for a refund.
 create view billing.purchases as
 select s.user_id, s.product, s.id as session_id, coalesce(s.order_id, o.id) as order_id,
   s.payment_intent_id, p.id is not null as payment_read,
   case when p.id is not null then billing.money(p)
        when s.payment_status in ('paid', 'no_payment_required') then 'held'
        else 'in_flight' end as money,
-  coalesce(p.created_at, s.created_at) as made_at
+  case when s.payment_intent_id is null then s.created_at
+       else coalesce(p.created_at, 'infinity') end as made_at
 from public.stripe_sessions s
 left join public.stripe_payments p on p.id = s.payment_intent_id
 left join public.orders o on o.stripe_checkout_session_id = s.id
@@ -627,11 +629,13 @@ where s.status = 'complete' and s.mode = 'payment' and s.user_id is not null
   and s.product is not null;
 
 -- Which purchase stands, and which are due for a refund: of a user's held purchases of a product
--- the earliest made stands (ties by session id); every other held one whose payment was read is
--- due, unless a refund of it is waiting for the customer (requires_action).
+-- the earliest made stands (ties by session id); every other held one is a duplicate, due for a
+-- refund once its payment was read, unless a refund of it is waiting for the customer
+-- (requires_action).
 create view billing.decisions as
 select r.user_id, r.product, r.session_id, r.order_id, r.payment_intent_id, r.money, r.made_at,
   r.money = 'held' and r.held_rank = 1 as stands,
+  r.money = 'held' and r.held_rank > 1 as duplicate,
   r.money = 'held' and r.held_rank > 1 and r.payment_read
     and not exists (select 1 from public.stripe_refunds f
                     where f.payment_intent_id = r.payment_intent_id
@@ -829,7 +833,7 @@ begin
   select p_event_id, p_user, 'duplicate_payment', o.id, o.amount_total, o.currency,
          d.payment_intent_id
   from billing.decisions d join public.orders o on o.id = d.order_id
-  where d.user_id = p_user and d.product = p_product and d.refund_due
+  where d.user_id = p_user and d.product = p_product and d.duplicate
   on conflict do nothing;
   get diagnostics v_duplicates = row_count;
   insert into public.payment_audit (event_id, user_id, kind, order_id, amount, currency, reference)
@@ -995,17 +999,24 @@ begin
     where i.id in (select f.value ->> 'id' from jsonb_array_elements(coalesce(p_facts -> 'invoices', '[]')) f);
   end if;
 
-  v_outcome := case when v_duplicate then 'duplicate'
-                    when p_facts is null then 'ignored'
-                    when p_facts ->> 'missing' is null and (v_pairs > 0
-                      or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
-                         + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0
-                      or exists (select 1 from public.stripe_sessions s
-                                 where s.user_id is not null and s.mode is distinct from 'payment'
-                                   and s.id in (select f.value ->> 'id'
-                                   from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f)))
-                      then 'applied'
-                    else 'unmatched' end;
+  -- Applied: the facts concern a purchase or a subscription of a user we know, or a payment
+  -- whose purchase is not known yet (Stripe does not order events). Unmatched: Stripe does not
+  -- know the object, or only sessions that concern nobody we know (or sell something else).
+  v_outcome := case
+    when v_duplicate then 'duplicate'
+    when p_facts is null then 'ignored'
+    when p_facts ->> 'missing' is not null then 'unmatched'
+    when v_pairs > 0
+      or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
+         + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0
+      or exists (select 1 from public.stripe_sessions s
+                 where s.user_id is not null and s.mode is distinct from 'payment'
+                   and s.id in (select f.value ->> 'id'
+                                from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f))
+      then 'applied'
+    when jsonb_array_length(coalesce(p_facts -> 'sessions', '[]')) = 0
+         and jsonb_array_length(coalesce(p_facts -> 'payments', '[]')) > 0 then 'applied'
+    else 'unmatched' end;
   v_detail := case when v_outcome = 'ignored' then 'event type not handled'
                    when p_facts ->> 'missing' is not null then left(p_facts ->> 'missing', 500)
                    when v_outcome = 'unmatched' then 'the objects concern no purchase of a user we know'
@@ -1082,12 +1093,13 @@ $$;
 -- Ends a reconciler run.
 create function public.reconcile_finish(p_run bigint, p_events integer, p_repaired integer,
                                         p_error text)
-returns void
+returns jsonb
 language sql set search_path = ''
 as $$
   update internal.reconciler_runs set finished_at = now(), events = p_events,
     repaired = p_repaired, error = p_error
   where id = p_run
+  returning jsonb_build_object('run', id, 'finished', true)
 $$;
 
 revoke all on all functions in schema billing from public, anon, authenticated;
@@ -1337,8 +1349,9 @@ to service_role;
 --   order_sync_delay_ms    p50/p95 of checkout session created -> order paid
 --   duplicate_payments     second payments for a product the user owned; duplicate_refunds: of
 --                          those, refunded by the webhook
---   duplicates_unrefunded  payments due for a refund now, all time (must be 0 after a
---                          reconciler run: a refund Stripe refused waits for a person)
+--   duplicates_unrefunded  second payments whose money the merchant still holds now, all time
+--                          (0 after a reconciler run, unless a refund waits for the customer or
+--                          Stripe refused it: then a person looks, runbook)
 --   refund_rate, dispute_rate  orders refunded / disputed, over orders that took money
 --   unverified_sessions    paid sessions of other channels that did not sell the product
 --   reconciler             the last run: when it finished, what it repaired, its error
@@ -1384,7 +1397,7 @@ as $$
     'order_sync_delay_ms_p95', (select round(percentile_cont(0.95) within group (order by ms)::numeric) from delays),
     'duplicate_payments', (select count(*) from audit where kind = 'duplicate_payment'),
     'duplicate_refunds', (select count(*) from audit where kind = 'duplicate_refunded'),
-    'duplicates_unrefunded', (select count(*) from billing.decisions where refund_due),
+    'duplicates_unrefunded', (select count(*) from billing.decisions where duplicate),
     'unverified_sessions', (select count(*) from audit where kind = 'session_unverified'),
     'reconciler', (select jsonb_build_object('finished_at', r.finished_at, 'repaired', r.repaired,
         'events', r.events, 'error', r.error)

@@ -30,14 +30,16 @@ $$;
 
 -- Every purchase of a product: a completed payment-mode session of ours, or one of another channel
 -- whose line items hold the product, with its buyer and its money. A session whose payment has not
--- been read counts by its own payment status.
+-- been read counts by its own payment status, made at an unknown time (last): it never outranks a
+-- payment that was read, and is never due for a refund.
 create view billing.purchases as
 select s.user_id, s.product, s.id as session_id, coalesce(s.order_id, o.id) as order_id,
   s.payment_intent_id, p.id is not null as payment_read,
   case when p.id is not null then billing.money(p)
        when s.payment_status in ('paid', 'no_payment_required') then 'held'
        else 'in_flight' end as money,
-  coalesce(p.created_at, s.created_at) as made_at
+  case when s.payment_intent_id is null then s.created_at
+       else coalesce(p.created_at, 'infinity') end as made_at
 from public.stripe_sessions s
 left join public.stripe_payments p on p.id = s.payment_intent_id
 left join public.orders o on o.stripe_checkout_session_id = s.id
@@ -45,11 +47,13 @@ where s.status = 'complete' and s.mode = 'payment' and s.user_id is not null
   and s.product is not null;
 
 -- Which purchase stands, and which are due for a refund: of a user's held purchases of a product
--- the earliest made stands (ties by session id); every other held one whose payment was read is
--- due, unless a refund of it is waiting for the customer (requires_action).
+-- the earliest made stands (ties by session id); every other held one is a duplicate, due for a
+-- refund once its payment was read, unless a refund of it is waiting for the customer
+-- (requires_action).
 create view billing.decisions as
 select r.user_id, r.product, r.session_id, r.order_id, r.payment_intent_id, r.money, r.made_at,
   r.money = 'held' and r.held_rank = 1 as stands,
+  r.money = 'held' and r.held_rank > 1 as duplicate,
   r.money = 'held' and r.held_rank > 1 and r.payment_read
     and not exists (select 1 from public.stripe_refunds f
                     where f.payment_intent_id = r.payment_intent_id

@@ -126,7 +126,7 @@ begin
   select p_event_id, p_user, 'duplicate_payment', o.id, o.amount_total, o.currency,
          d.payment_intent_id
   from billing.decisions d join public.orders o on o.id = d.order_id
-  where d.user_id = p_user and d.product = p_product and d.refund_due
+  where d.user_id = p_user and d.product = p_product and d.duplicate
   on conflict do nothing;
   get diagnostics v_duplicates = row_count;
   insert into public.payment_audit (event_id, user_id, kind, order_id, amount, currency, reference)
@@ -292,17 +292,24 @@ begin
     where i.id in (select f.value ->> 'id' from jsonb_array_elements(coalesce(p_facts -> 'invoices', '[]')) f);
   end if;
 
-  v_outcome := case when v_duplicate then 'duplicate'
-                    when p_facts is null then 'ignored'
-                    when p_facts ->> 'missing' is null and (v_pairs > 0
-                      or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
-                         + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0
-                      or exists (select 1 from public.stripe_sessions s
-                                 where s.user_id is not null and s.mode is distinct from 'payment'
-                                   and s.id in (select f.value ->> 'id'
-                                   from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f)))
-                      then 'applied'
-                    else 'unmatched' end;
+  -- Applied: the facts concern a purchase or a subscription of a user we know, or a payment
+  -- whose purchase is not known yet (Stripe does not order events). Unmatched: Stripe does not
+  -- know the object, or only sessions that concern nobody we know (or sell something else).
+  v_outcome := case
+    when v_duplicate then 'duplicate'
+    when p_facts is null then 'ignored'
+    when p_facts ->> 'missing' is not null then 'unmatched'
+    when v_pairs > 0
+      or jsonb_array_length(coalesce(p_facts -> 'subscriptions', '[]'))
+         + jsonb_array_length(coalesce(p_facts -> 'invoices', '[]')) > 0
+      or exists (select 1 from public.stripe_sessions s
+                 where s.user_id is not null and s.mode is distinct from 'payment'
+                   and s.id in (select f.value ->> 'id'
+                                from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f))
+      then 'applied'
+    when jsonb_array_length(coalesce(p_facts -> 'sessions', '[]')) = 0
+         and jsonb_array_length(coalesce(p_facts -> 'payments', '[]')) > 0 then 'applied'
+    else 'unmatched' end;
   v_detail := case when v_outcome = 'ignored' then 'event type not handled'
                    when p_facts ->> 'missing' is not null then left(p_facts ->> 'missing', 500)
                    when v_outcome = 'unmatched' then 'the objects concern no purchase of a user we know'
@@ -392,12 +399,13 @@ $$;
 -- Ends a reconciler run.
 create function public.reconcile_finish(p_run bigint, p_events integer, p_repaired integer,
                                         p_error text)
-returns void
+returns jsonb
 language sql set search_path = ''
 as $$
   update internal.reconciler_runs set finished_at = now(), events = p_events,
     repaired = p_repaired, error = p_error
   where id = p_run
+  returning jsonb_build_object('run', id, 'finished', true)
 $$;
 
 revoke all on all functions in schema billing from public, anon, authenticated;

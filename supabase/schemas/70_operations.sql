@@ -24,8 +24,9 @@ $$;
 --   order_sync_delay_ms    p50/p95 of checkout session created -> order paid
 --   duplicate_payments     second payments for a product the user owned; duplicate_refunds: of
 --                          those, refunded by the webhook
---   duplicates_unrefunded  payments due for a refund now, all time (must be 0 after a
---                          reconciler run: a refund Stripe refused waits for a person)
+--   duplicates_unrefunded  second payments whose money the merchant still holds now, all time
+--                          (0 after a reconciler run, unless a refund waits for the customer or
+--                          Stripe refused it: then a person looks, runbook)
 --   refund_rate, dispute_rate  orders refunded / disputed, over orders that took money
 --   unverified_sessions    paid sessions of other channels that did not sell the product
 --   reconciler             the last run: when it finished, what it repaired, its error
@@ -71,7 +72,7 @@ as $$
     'order_sync_delay_ms_p95', (select round(percentile_cont(0.95) within group (order by ms)::numeric) from delays),
     'duplicate_payments', (select count(*) from audit where kind = 'duplicate_payment'),
     'duplicate_refunds', (select count(*) from audit where kind = 'duplicate_refunded'),
-    'duplicates_unrefunded', (select count(*) from billing.decisions where refund_due),
+    'duplicates_unrefunded', (select count(*) from billing.decisions where duplicate),
     'unverified_sessions', (select count(*) from audit where kind = 'session_unverified'),
     'reconciler', (select jsonb_build_object('finished_at', r.finished_at, 'repaired', r.repaired,
         'events', r.events, 'error', r.error)

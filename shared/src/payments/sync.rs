@@ -167,11 +167,28 @@ impl Syncer<'_> {
                 synced.stripe_time += acted.elapsed;
                 failures.extend(acted.spent);
                 match acted.result {
-                    Ok((session, _)) => {
-                        if session.status != Some(crate::stripe::events::SessionStatus::Open) {
-                            synced.sessions_expired += 1;
-                        }
+                    Ok((session, _))
+                        if session.status == Some(crate::stripe::events::SessionStatus::Expired) =>
+                    {
+                        synced.sessions_expired += 1;
                         facts.sessions.push(SessionFact::of(&session, None));
+                    }
+                    Ok((session, _)) => {
+                        // Paid (or still open) before it could be expired: read it whole, its
+                        // payment with it, as any session is read.
+                        let target = Target::Session(session.id.clone());
+                        match self.reader.read(&target, self.clock.unix_ms(), None).await {
+                            Ok(read) => {
+                                synced.stripe_time += read.elapsed;
+                                facts.extend(read.facts);
+                            }
+                            Err(e) => {
+                                synced.stripe_error(&e);
+                                if e.is_transient() {
+                                    synced.unavailable.get_or_insert(e);
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
                         synced.stripe_error(&e);

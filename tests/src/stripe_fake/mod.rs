@@ -409,6 +409,14 @@ fn retrieve_charge(state: &mut FakeState, request: &Request) -> ResponseTemplate
 }
 
 fn create_refund(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let template = create_refund_now(state, request);
+    match state.refund_delay {
+        Some(d) => template.set_delay(d),
+        None => template,
+    }
+}
+
+fn create_refund_now(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let params = form(request);
     let get = |name: &str| {
         params
@@ -669,6 +677,11 @@ impl FakeStripe {
     /// Delays the answers to session creates only.
     pub fn delay_creates(&self, delay: Option<Duration>) {
         self.with(|s| s.create_delay = delay);
+    }
+
+    /// Delays the answers to refund requests only: the refund is made, its answer comes late.
+    pub fn delay_refunds(&self, delay: Option<Duration>) {
+        self.with(|s| s.refund_delay = delay);
     }
 
     /// Delays every answer (to provoke client timeouts).

@@ -92,6 +92,10 @@ pub struct FakeState {
     pub refund_failures: u32,
     /// The next expiry requests answered 500, kept under their key.
     pub expire_failures: u32,
+    /// Delays the answers to refund requests only (the refund is made, the answer is late).
+    pub refund_delay: Option<Duration>,
+    /// Payments made so far (each one's `created` is a second after the one before).
+    pub payments_made: i64,
     /// The status the next refunds are created with (default `succeeded`).
     pub next_refund_status: Option<String>,
     pub counter: u64,
@@ -317,12 +321,17 @@ impl FakeState {
         };
         let pi = self.next_id("pi");
         let amount = session["amount_total"].as_i64().unwrap_or(AMOUNT);
+        // Each payment is a second after the one before: which one was made first is never a
+        // tie here (Stripe's `created` has one-second precision; ties are the decision property
+        // test's, tests/it/decisions.rs).
+        self.payments_made += 1;
+        let made = now() + self.payments_made;
         let charge = json!({
             "id": self.next_id("ch"), "object": "charge", "amount": amount,
             "amount_captured": if paid { amount } else { 0 }, "amount_refunded": 0,
             "currency": CURRENCY, "customer": customer, "disputed": false, "paid": paid,
             "payment_intent": pi, "refunded": false, "status": if paid { "succeeded" } else { "pending" },
-            "metadata": session["metadata"].clone(), "livemode": false, "created": now(),
+            "metadata": session["metadata"].clone(), "livemode": false, "created": made,
         });
         self.charges.insert(pi.clone(), charge);
         self.intents.insert(
