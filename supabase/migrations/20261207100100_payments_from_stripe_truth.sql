@@ -706,6 +706,11 @@ as $$
   left join public.stripe_payments p on p.id = s.payment_intent_id
 $$;
 
+-- The functions that read these run as their caller, the service role; nobody else reads them.
+revoke all on billing.purchases, billing.decisions from public, anon, authenticated;
+
+grant select on billing.purchases, billing.decisions to service_role;
+
 -- Applying what Stripe says: the one entry point for facts (public.record_stripe_facts), the
 -- settlement of a user's purchase from them (billing.settle), and the reconciler's bookkeeping.
 -- The webhook, checkout and the reconciler read the objects from Stripe first, then call
@@ -798,8 +803,10 @@ begin
       values (p_event_id, p_user, 'order_paid', v_order.id, v_order.amount_total, v_order.currency,
               v_order.stripe_payment_intent_id)
       on conflict do nothing;
-      v_delays := v_delays || to_jsonb((extract(epoch from (v_order.paid_at
-        - v_order.session_created_at)) * 1000)::bigint);
+      if v_order.session_created_at is not null then
+        v_delays := v_delays || to_jsonb((extract(epoch from (v_order.paid_at
+          - v_order.session_created_at)) * 1000)::bigint);
+      end if;
     end if;
     v_kind := case
       when v_first_paid and v_row.status = 'paid' then null

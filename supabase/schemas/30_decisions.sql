@@ -123,3 +123,7 @@ as $$
   left join billing.purchases d on d.session_id = s.id
   left join public.stripe_payments p on p.id = s.payment_intent_id
 $$;
+
+-- The functions that read these run as their caller, the service role; nobody else reads them.
+revoke all on billing.purchases, billing.decisions from public, anon, authenticated;
+grant select on billing.purchases, billing.decisions to service_role;

@@ -91,8 +91,10 @@ begin
       values (p_event_id, p_user, 'order_paid', v_order.id, v_order.amount_total, v_order.currency,
               v_order.stripe_payment_intent_id)
       on conflict do nothing;
-      v_delays := v_delays || to_jsonb((extract(epoch from (v_order.paid_at
-        - v_order.session_created_at)) * 1000)::bigint);
+      if v_order.session_created_at is not null then
+        v_delays := v_delays || to_jsonb((extract(epoch from (v_order.paid_at
+          - v_order.session_created_at)) * 1000)::bigint);
+      end if;
     end if;
     v_kind := case
       when v_first_paid and v_row.status = 'paid' then null

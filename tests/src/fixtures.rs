@@ -47,6 +47,14 @@ pub fn now() -> i64 {
 }
 
 /// A checkout event of `type_` for `order_id`/`user_id` and session `session_id`.
+/// An event of a type the webhook records and does not act on (`customer.created`): nothing is
+/// read from Stripe for it, so it reaches the database whatever Stripe does.
+pub fn ignored_event() -> Value {
+    json!({"id": event_id(), "object": "event", "type": "customer.created", "created": now(),
+           "livemode": false, "api_version": shared::stripe::API_VERSION,
+           "data": {"object": {"id": "cus_ignored", "object": "customer"}}})
+}
+
 pub fn checkout_event(
     type_: &str,
     session_id: &str,
