@@ -47,7 +47,7 @@ where s.status = 'complete' and s.mode = 'payment' and s.user_id is not null
   and s.product is not null;
 
 -- Which purchase stands, and which are due for a refund: of a user's held purchases of a product
--- the earliest made stands (ties by session id); every other held one is a duplicate, due for a
+-- the earliest made stands (ties by session id, byte order); every other held one is a duplicate, due for a
 -- refund once its payment was read, unless a refund of it is waiting for the customer
 -- (requires_action).
 create view billing.decisions as
@@ -60,7 +60,7 @@ select r.user_id, r.product, r.session_id, r.order_id, r.payment_intent_id, r.mo
                       and f.status = 'requires_action') as refund_due
 from (
   select pu.*, row_number() over (partition by pu.user_id, pu.product
-    order by pu.money = 'held' desc, pu.made_at, pu.session_id) as held_rank
+    order by pu.money = 'held' desc, pu.made_at, pu.session_id collate "C") as held_rank
   from billing.purchases pu
 ) r;
 

@@ -81,13 +81,22 @@ pub struct Verdict {
     pub refunds_due: Vec<String>,
 }
 
+/// When a purchase was made, for ranking: a payment not read yet was made at an unknown time,
+/// last.
+fn made(p: &Purchase) -> i64 {
+    match (&p.payment_intent, &p.intent_status) {
+        (Some(_), None) => i64::MAX,
+        _ => p.made_at,
+    }
+}
+
 /// The verdict over a user's purchases.
 pub fn verdict(purchases: &[Purchase]) -> Verdict {
     let mut held: Vec<&Purchase> = purchases
         .iter()
         .filter(|p| money(p) == Money::Held)
         .collect();
-    held.sort_by(|a, b| (a.made_at, &a.session).cmp(&(b.made_at, &b.session)));
+    held.sort_by(|a, b| (made(a), &a.session).cmp(&(made(b), &b.session)));
     Verdict {
         owns: !held.is_empty(),
         in_flight: purchases.iter().any(|p| money(p) == Money::InFlight),

@@ -114,6 +114,7 @@ pub async fn run(lookup: &(dyn Fn(&str) -> Option<String> + Sync), online: bool)
         config_check("webhook configuration", webhook::Config::read(env())),
         config_check("checkout configuration", checkout::Config::read(env())),
         config_check("chat configuration", chat::Config::read(env())),
+        config_check("reconciler configuration", reconcile::Config::read(env())),
     ];
 
     // The seed's environment items, one by one.
@@ -171,6 +172,7 @@ pub async fn run(lookup: &(dyn Fn(&str) -> Option<String> + Sync), online: bool)
     if !online {
         for name in [
             "Stripe price",
+            "Stripe key reads what the webhook reads",
             "Stripe webhook endpoint",
             "LLM key works",
             "database and migrations",
@@ -180,6 +182,7 @@ pub async fn run(lookup: &(dyn Fn(&str) -> Option<String> + Sync), online: bool)
         return checks;
     }
     checks.push(stripe_price(&get).await);
+    checks.push(stripe_reads(&get).await);
     checks.push(stripe_webhook_endpoint(&get).await);
     checks.push(llm_models(&get).await);
     checks.push(database(lookup).await);
@@ -363,6 +366,40 @@ async fn stripe_price(get: &(dyn Fn(&str) -> Option<String> + Sync)) -> Check {
             NAME,
             problems.join("; "),
             fix_for("STRIPE_FULL_REPORT_PRICE_ID"),
+        )
+    }
+}
+
+/// Every list the webhook, checkout and the reconciler read from, asked once with `limit=1`: a
+/// restricted key without one of these permissions makes the webhook answer 503 for every event
+/// of that kind. (Write permissions, Refunds and Checkout Sessions, cannot be checked without
+/// writing: docs/configuration.md lists them.)
+const STRIPE_READS: [(&str, &str); 8] = [
+    ("/v1/checkout/sessions?limit=1", "Checkout Sessions"),
+    ("/v1/payment_intents?limit=1", "PaymentIntents"),
+    ("/v1/charges?limit=1", "Charges"),
+    ("/v1/refunds?limit=1", "Refunds"),
+    ("/v1/disputes?limit=1", "Disputes"),
+    ("/v1/subscriptions?limit=1", "Subscriptions"),
+    ("/v1/invoices?limit=1", "Invoices"),
+    ("/v1/events?limit=1", "Events"),
+];
+
+async fn stripe_reads(get: &(dyn Fn(&str) -> Option<String> + Sync)) -> Check {
+    const NAME: &str = "Stripe key reads what the webhook reads";
+    let mut refused = Vec::new();
+    for (path, permission) in STRIPE_READS {
+        if let Err(e) = stripe_get(get, path).await {
+            refused.push(format!("{permission} ({e})"));
+        }
+    }
+    if refused.is_empty() {
+        Check::pass(NAME, "sessions, payment intents, charges, refunds, disputes, subscriptions, invoices, events")
+    } else {
+        Check::fail(
+            NAME,
+            format!("cannot read: {}", refused.join("; ")),
+            "Stripe Dashboard > Developers > API keys > the restricted key: give it the permissions docs/configuration.md lists (STRIPE_SECRET_KEY)",
         )
     }
 }

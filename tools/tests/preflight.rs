@@ -88,6 +88,7 @@ async fn test_keys_and_missing_settings_fail_with_fixes() {
             "webhook configuration",
             "checkout configuration",
             "chat configuration",
+            "reconciler configuration",
             "Stripe uses a live key",
             "webhook secret is an endpoint secret",
             "full report price is a price id",
@@ -157,6 +158,16 @@ async fn stripe_fake(events: &[&str]) -> MockServer {
             {"id": "we_1", "object": "webhook_endpoint", "url": "https://app.example.com/api/stripe/webhook",
              "status": "enabled", "enabled_events": events, "livemode": true}]})))
         .mount(&server).await;
+    // The lists the webhook reads; a restricted key without Disputes read is refused there.
+    for list in ["checkout/sessions", "payment_intents", "charges", "refunds", "subscriptions", "invoices", "events"] {
+        Mock::given(method("GET")).and(path(format!("/v1/{list}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false, "data": []})))
+            .mount(&server).await;
+    }
+    Mock::given(method("GET")).and(path("/v1/disputes"))
+        .respond_with(ResponseTemplate::new(403).set_body_json(json!({"error": {"type": "invalid_request_error",
+            "message": "The provided key 'rk_live_***' does not have the required permissions for this endpoint."}})))
+        .mount(&server).await;
     server
 }
 
@@ -210,6 +221,13 @@ async fn online_checks_against_stripe_openai_and_the_database() {
         webhook.detail
     );
     assert!(!webhook.detail.contains("invoice.payment_failed"));
+    let reads = by_name("Stripe key reads what the webhook reads");
+    assert_eq!(reads.status, Status::Fail);
+    assert!(
+        reads.detail.starts_with("cannot read: Disputes") && !reads.detail.contains("Refunds"),
+        "{}",
+        reads.detail
+    );
 
     let all = stripe_fake(&["*"]).await;
     env.insert("STRIPE_API_BASE", all.uri());
@@ -222,7 +240,10 @@ async fn online_checks_against_stripe_openai_and_the_database() {
         .await;
     env.insert("OPENAI_BASE_URL", format!("{}/v1", revoked.uri()));
     let checks = run_checks(&env, true).await;
-    assert_eq!(failed(&checks), ["LLM key works"]);
+    assert_eq!(
+        failed(&checks),
+        ["Stripe key reads what the webhook reads", "LLM key works"]
+    );
 }
 
 #[tokio::test]

@@ -400,6 +400,52 @@ fn list_sessions(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     page(items, &pairs, "/v1/checkout/sessions")
 }
 
+/// `POST /_fake/...`: what happens at Stripe outside the API (a cardholder disputes, a refund
+/// fails at the bank, a delayed payment settles, a subscription renews), for `stripe-trigger` and
+/// local runs. Each emits the events Stripe would. Not Stripe's API.
+fn control(state: &mut FakeState, request: &Request) -> ResponseTemplate {
+    let segments = last_segments(request);
+    let form = form(request);
+    let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let yes = |name: &str| get(name) == Some("true");
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let done = |result: Result<Value, String>| match result {
+        Ok(body) => json_response(200, body),
+        Err(why) => json_response(400, state::error_body("invalid_request_error", None, &why)),
+    };
+    match segments.as_slice() {
+        ["_fake", "payment_intents", pi, "dispute"] => {
+            done(state.dispute(pi, yes("inquiry")).map(|id| json!({"id": id})))
+        }
+        ["_fake", "disputes", id, "close"] => {
+            done(state.close_dispute(id, yes("won")).map(|()| json!({"id": id})))
+        }
+        ["_fake", "disputes", id, "escalate"] => {
+            done(state.escalate(id).map(|()| json!({"id": id})))
+        }
+        ["_fake", "refunds", id, "fail"] => done(state.fail_refund(id).map(|()| json!({"id": id}))),
+        ["_fake", "refunds", id, "complete"] => {
+            done(state.complete_refund(id).map(|()| json!({"id": id})))
+        }
+        ["_fake", "checkout", "sessions", id, "settle"] => {
+            done(state.settle_async(id, yes("succeeded")).map(|()| json!({"id": id})))
+        }
+        ["_fake", "subscriptions"] => {
+            let user = get("user").unwrap_or_default().to_owned();
+            let price = get("price").unwrap_or("price_monthly_plan").to_owned();
+            done(Ok(json!({"id": state.subscribe(&user, &price)})))
+        }
+        ["_fake", "subscriptions", id, "status"] => {
+            let status = get("status").unwrap_or("active").to_owned();
+            done(state.set_subscription_status(id, &status).map(|()| json!({"id": id})))
+        }
+        ["_fake", "subscriptions", id, "renew"] => {
+            done(state.renew(id).map(|invoice| json!({"id": invoice})))
+        }
+        _ => json_response(404, missing("fake route", request.url.path())),
+    }
+}
+
 fn retrieve_charge(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let id = last_segments(request).pop().unwrap_or_default();
     match state.charges.values().find(|c| c["id"] == json!(id)) {
@@ -546,7 +592,7 @@ impl FakeStripe {
 
     async fn start_with(server: MockServer, sink: Option<Arc<(String, String)>>) -> FakeStripe {
         let state: Shared = Arc::new(Mutex::new(FakeState::default()));
-        let routes: [(&str, &str, Handler); 13] = [
+        let routes: [(&str, &str, Handler); 14] = [
             ("POST", r"^/v1/checkout/sessions$", create_session),
             (
                 "GET",
@@ -572,6 +618,7 @@ impl FakeStripe {
             ("GET", r"^/v1/invoices/[A-Za-z0-9_]+$", retrieve_invoice),
             ("GET", r"^/v1/events$", list_events),
             ("GET", r"^/v1/checkout/sessions$", list_sessions),
+            ("POST", r"^/_fake/", control),
         ];
         for (verb, pattern, handler) in routes {
             Mock::given(method(verb))

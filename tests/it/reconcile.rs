@@ -1,0 +1,151 @@
+//! The reconciler heals what webhooks miss: events Stripe could not deliver, sessions an
+//! instance created and died before attaching, refunds and expiries left due. After one run the
+//! database says what Stripe's objects say.
+
+use serde_json::json;
+use shared::store::orders::{Begin, BeginLimits, FULL_REPORT};
+use testkit::apps;
+use testkit::money::{Setup, World};
+use testkit::stripe_fake::AMOUNT;
+
+async fn world() -> World {
+    World::new(Setup::default()).await
+}
+
+#[tokio::test]
+async fn a_payment_whose_events_were_lost_is_applied_by_one_run() {
+    let w = world().await;
+    let user = w.user().await;
+    let (_, first) = w.click(&user).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    w.stripe.pay(&session).unwrap();
+    // Stripe gave up delivering (the endpoint was down for days): only the list of undelivered
+    // events knows of the payment.
+    let lost = w.stripe.take_events();
+    assert_eq!(lost.len(), 1);
+    assert!(!w.owns(&user).await);
+
+    let report = w.reconcile(None).await;
+
+    assert!(w.owns(&user).await);
+    assert_eq!(w.order_of(&session).await["status"], "paid");
+    assert_eq!((report.events_listed, report.events_new), (1, 1));
+    assert!(report.repaired >= 2, "{report:?}");
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(
+        w.scalar::<String>(&format!(
+            "select outcome from stripe_events where id = '{}'",
+            lost[0]["id"].as_str().unwrap()
+        ))
+        .await,
+        "applied",
+        "the event is in the ledger, as if delivered"
+    );
+    assert!(apps::metric_total(&w.reconcile_metrics, "ReconcileRepairs") >= 2.0);
+
+    // A second run finds nothing to repair, and starts listing where the first one began.
+    let again = w.reconcile(None).await;
+    assert_eq!((again.events_new, again.repaired), (0, 0), "{again:?}");
+    assert!(again.since >= report.since && again.since > 0);
+    assert!(w.deliver_all().await.is_empty(), "nothing new at Stripe");
+}
+
+#[tokio::test]
+async fn a_session_a_crashed_instance_created_is_attached_and_handed_out() {
+    let w = world().await;
+    let user = w.user().await;
+    let uid: uuid::Uuid = user.parse().unwrap();
+    let state = &w.checkouts[0];
+    let limits = BeginLimits {
+        per_window: None,
+        window_s: 60,
+        lease_s: state.config.lease_s(),
+        session_ttl_s: state.config.session_ttl_s,
+    };
+    let Begin::CreateSession { order } = state
+        .store
+        .checkout_begin(uid, FULL_REPORT, None, uuid::Uuid::new_v4(), limits)
+        .await
+        .unwrap()
+    else {
+        panic!("a lease to create")
+    };
+    let mut metrics = state.metrics.start();
+    let made = checkout::purchase::create_at_stripe(state, uid, &order, &mut metrics)
+        .await
+        .unwrap();
+    // The instance died here: the session exists at Stripe, no row names it.
+    assert!(w.order_of(&made.id).await.is_null());
+
+    let report = w.reconcile(None).await;
+
+    assert_eq!(w.order_of(&made.id).await["status"], "pending", "{report:?}");
+    let (status, body) = w.click(&user).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["session_id"], json!(made.id), "the same session, handed out");
+    assert_eq!(body["reused"], true);
+    assert_eq!(w.stripe.create_requests().await.len(), 1, "nothing created twice");
+}
+
+#[tokio::test]
+async fn a_duplicates_refund_left_due_is_made_by_the_next_run() {
+    let w = world().await;
+    let user = w.user().await;
+    let link = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    w.stripe.pay(&link).unwrap();
+    let second = w.stripe.foreign_session(&user, apps::PRICE, AMOUNT);
+    let pi = w.stripe.pay(&second).unwrap();
+    // Stripe is down for refunds while both payments are delivered, then gives up on them.
+    w.stripe.fail_next_refunds(100);
+    let events = w.stripe.take_events();
+    for event in &events {
+        w.deliver(event).await;
+    }
+    assert!(w.stripe.refunds().is_empty());
+    assert_eq!(w.order_of(&second).await["status"], "paid", "due, not made");
+    w.stripe.fail_next_refunds(0);
+
+    let report = w.reconcile(None).await;
+
+    assert_eq!(w.stripe.refunds().len(), 1, "{report:?}");
+    assert_eq!(w.stripe.refunds()[0]["payment_intent"], json!(pi));
+    assert_eq!(w.order_of(&second).await["status"], "refunded");
+    assert_eq!(w.order_of(&link).await["status"], "paid");
+    assert!(w.owns(&user).await);
+    let health: serde_json::Value = w.scalar("select public.payment_health(1)").await;
+    assert_eq!(health["duplicates_unrefunded"], 0, "{health}");
+    assert_eq!(health["reconciler"]["repaired"], json!(report.repaired));
+}
+
+#[tokio::test]
+async fn a_run_that_cannot_reach_stripe_fails_and_the_next_one_starts_before_it() {
+    let w = world().await;
+    let first = w.reconcile(None).await;
+    w.stripe.delay(Some(std::time::Duration::from_secs(3)));
+
+    let failed = reconcile::handle(&w.reconciler, None).await;
+
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(
+        apps::metric_total(&w.reconcile_metrics, "Errors"),
+        1.0,
+        "the run's failure is counted (the alarm's metric)"
+    );
+    w.stripe.delay(None);
+    let next = w.reconcile(None).await;
+    let from_first: i64 = w
+        .scalar(&format!(
+            "select floor(extract(epoch from started_at - interval '10 minutes'))::bigint
+             from internal.reconciler_runs where id = {}",
+            first.run
+        ))
+        .await;
+    assert_eq!(
+        next.since, from_first,
+        "it starts a little before the last run that finished, not the failed one"
+    );
+    let error: Option<String> = w
+        .scalar("select error from internal.reconciler_runs order by id desc offset 1 limit 1")
+        .await;
+    assert!(error.is_some_and(|e| e.contains("Stripe")));
+}
