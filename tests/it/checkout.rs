@@ -110,14 +110,20 @@ impl App {
             apps::webhook_config(apps::store_config(&self.db.url), &self.stripe.uri()),
             Store::postgres(&self.db.url, 1).unwrap(),
         );
-        if self.stripe.session(session).is_some_and(|s| s["status"] == "open") {
+        if self
+            .stripe
+            .session(session)
+            .is_some_and(|s| s["status"] == "open")
+        {
             self.stripe.pay(session).unwrap();
         }
         let event = self
             .stripe
             .take_events()
             .into_iter()
-            .find(|e| e["type"] == "checkout.session.completed" && e["data"]["object"]["id"] == session)
+            .find(|e| {
+                e["type"] == "checkout.session.completed" && e["data"]["object"]["id"] == session
+            })
             .expect("the completion of the session");
         let body = fixtures::body(&event);
         let request = FunctionUrlRequest::post("/", &body).header(
@@ -318,9 +324,7 @@ async fn completed_session_is_reconciled_when_the_webhook_is_late() {
     assert_eq!(app.stripe.create_requests().await.len(), 1);
 
     // The webhook arrives afterwards: recorded, nothing paid twice.
-    let webhook = app
-        .webhook_completes(session)
-        .await;
+    let webhook = app.webhook_completes(session).await;
     assert_eq!(webhook["outcome"], "applied");
     assert_eq!(app.audits("order_paid").await, 1);
     assert_eq!(app.audits("duplicate_payment").await, 0);
@@ -636,9 +640,7 @@ async fn success_page_poll_reconciles_before_the_webhook() {
     assert_eq!(paid["order_id"], first["order_id"]);
     assert!(paid["paid_at"].is_i64());
 
-    let webhook = app
-        .webhook_completes(session)
-        .await;
+    let webhook = app.webhook_completes(session).await;
     assert_eq!(webhook["outcome"], "applied");
     assert_eq!(app.audits("order_paid").await, 1);
 }
@@ -649,8 +651,7 @@ async fn webhook_before_the_poll_answers_from_the_database() {
     let user = app.user().await;
     let (_, first) = app.post(&user).await;
     let session = first["session_id"].as_str().unwrap();
-    app.webhook_completes(session)
-        .await;
+    app.webhook_completes(session).await;
     let retrieves_before = app.stripe.retrieve_count().await;
 
     let (status, body) = app.poll(&user, None).await;

@@ -160,7 +160,17 @@ async fn store(sql: &Client, facts: &[Fact], order: &[usize]) -> (String, Vec<Pu
 
 /// What the SQL decides for `user`: (owns, in flight, disputed, standing session, sessions due,
 /// each session's order status).
-async fn decided(sql: &Client, user: &str) -> (bool, bool, bool, Option<String>, Vec<String>, Vec<(String, String)>) {
+async fn decided(
+    sql: &Client,
+    user: &str,
+) -> (
+    bool,
+    bool,
+    bool,
+    Option<String>,
+    Vec<String>,
+    Vec<(String, String)>,
+) {
     let row = sql
         .query_one(
             "select w.owns, w.in_flight, w.disputed,
@@ -184,7 +194,14 @@ async fn decided(sql: &Client, user: &str) -> (bool, bool, bool, Option<String>,
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), statuses)
+    (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        statuses,
+    )
 }
 
 #[test]
@@ -215,7 +232,8 @@ fn decisions_over_generated_facts_agree_with_the_reference_model() {
         runtime.block_on(async {
             let (user, purchases) = store(&sql, &facts, &order).await;
             let want = verdict(&purchases);
-            let (owns, in_flight, disputed, standing, mut due, statuses) = decided(&sql, &user).await;
+            let (owns, in_flight, disputed, standing, mut due, statuses) =
+                decided(&sql, &user).await;
             let mut want_due = want.refunds_due.clone();
             want_due.sort();
             due.sort();
@@ -226,7 +244,12 @@ fn decisions_over_generated_facts_agree_with_the_reference_model() {
             prop_assert_eq!(&due, &want_due, "due for a refund");
             for (session, status) in &statuses {
                 let p = purchases.iter().find(|p| &p.session == session).unwrap();
-                prop_assert_eq!(status.as_str(), money(p).order_status(), "order of {}", session);
+                prop_assert_eq!(
+                    status.as_str(),
+                    money(p).order_status(),
+                    "order of {}",
+                    session
+                );
             }
             Ok::<(), TestCaseError>(())
         })

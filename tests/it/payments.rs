@@ -357,7 +357,6 @@ async fn stripe_down_while_verifying_is_a_503_and_redelivery_grants() {
 
 // ---- Issue 12, defect 5: same-second subscription events -------------------------------------
 
-
 #[tokio::test]
 async fn events_of_one_second_in_any_order_leave_the_subscription_as_stripe_holds_it() {
     // Issue 12 (defect 5) ordered events by (created, rank); events are notifications now: in any
@@ -769,7 +768,11 @@ async fn a_charged_back_duplicate_is_not_asked_to_be_refunded_until_its_dispute_
     assert!(w.deliver_all().await.is_empty());
 
     let key = format!("refund-duplicate-{}", c.link_pi);
-    assert_eq!(refund_keys(&w).await, vec![key], "asked once, when it was due");
+    assert_eq!(
+        refund_keys(&w).await,
+        vec![key],
+        "asked once, when it was due"
+    );
     assert_only_the_duplicate_refunded(&w, &c).await;
 }
 
@@ -1200,7 +1203,11 @@ async fn a_duplicates_refund_that_fails_after_the_user_bought_again_leaves_one_p
     w.stripe.fail_refund(&link_refund).unwrap();
     assert!(w.deliver_all().await.is_empty());
 
-    assert_eq!(w.order_of(&link).await["status"], "paid", "made before the new one");
+    assert_eq!(
+        w.order_of(&link).await["status"],
+        "paid",
+        "made before the new one"
+    );
     assert_eq!(w.order_of(&again).await["status"], "refunded");
     assert_eq!(w.stripe.charge(&link_pi).unwrap()["refunded"], false);
     assert_eq!(w.stripe.charge(&again_pi).unwrap()["refunded"], true);
@@ -1444,7 +1451,11 @@ async fn a_session_whose_expiry_failed_is_handed_out_again_once_the_user_owns_no
     let (status, second) = w.click(&user).await;
 
     assert_eq!(status, 200, "{second}");
-    assert_eq!(second["session_id"], json!(old), "the open session is the user's again");
+    assert_eq!(
+        second["session_id"],
+        json!(old),
+        "the open session is the user's again"
+    );
     assert_eq!(w.open_sessions_of(&user), vec![old]);
 }
 

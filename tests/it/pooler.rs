@@ -5,8 +5,8 @@
 
 use futures::future::join_all;
 use serde_json::json;
-use shared::store::chat::{Admission, AdmitLimits, Recorded};
 use shared::payments::facts::{Facts, InvoiceFact};
+use shared::store::chat::{Admission, AdmitLimits, Recorded};
 use shared::store::payments::Delivery;
 use shared::store::{Outcome, Store};
 use shared::stripe::events::{self, Event};

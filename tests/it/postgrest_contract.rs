@@ -161,8 +161,11 @@ async fn webhook_through_postgrest_sends_the_event_verbatim_with_what_stripe_say
         .await;
     let (event, request) = signed_invoice_request(&stripe);
 
-    let response =
-        webhook::handle(&webhook_state(&server, &stripe), request.into_request().unwrap()).await;
+    let response = webhook::handle(
+        &webhook_state(&server, &stripe),
+        request.into_request().unwrap(),
+    )
+    .await;
 
     assert_eq!(response.status(), 200);
     assert_eq!(fixtures::json_body(&response)["outcome"], "applied");
@@ -193,8 +196,11 @@ async fn webhook_answers_503_when_postgrest_is_down() {
         .await;
     let (_, request) = signed_invoice_request(&stripe);
 
-    let response =
-        webhook::handle(&webhook_state(&server, &stripe), request.into_request().unwrap()).await;
+    let response = webhook::handle(
+        &webhook_state(&server, &stripe),
+        request.into_request().unwrap(),
+    )
+    .await;
 
     assert_eq!(response.status(), 503);
     let body = fixtures::json_body(&response);

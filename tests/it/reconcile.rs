@@ -79,12 +79,24 @@ async fn a_session_a_crashed_instance_created_is_attached_and_handed_out() {
 
     let report = w.reconcile(None).await;
 
-    assert_eq!(w.order_of(&made.id).await["status"], "pending", "{report:?}");
+    assert_eq!(
+        w.order_of(&made.id).await["status"],
+        "pending",
+        "{report:?}"
+    );
     let (status, body) = w.click(&user).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["session_id"], json!(made.id), "the same session, handed out");
+    assert_eq!(
+        body["session_id"],
+        json!(made.id),
+        "the same session, handed out"
+    );
     assert_eq!(body["reused"], true);
-    assert_eq!(w.stripe.create_requests().await.len(), 1, "nothing created twice");
+    assert_eq!(
+        w.stripe.create_requests().await.len(),
+        1,
+        "nothing created twice"
+    );
 }
 
 #[tokio::test]

@@ -88,8 +88,8 @@ async fn schema_files_and_migrations_describe_the_same_database() {
     let migrated = TestDb::new().await;
     let declared = TestDb::empty().await;
     let client = declared.client().await;
-    let bootstrap = std::fs::read_to_string(testkit::workspace_root().join("supabase/bootstrap.sql"))
-        .unwrap();
+    let bootstrap =
+        std::fs::read_to_string(testkit::workspace_root().join("supabase/bootstrap.sql")).unwrap();
     client.batch_execute(&bootstrap).await.unwrap();
     for (name, sql) in schema_files() {
         client
@@ -109,5 +109,9 @@ async fn schema_files_and_migrations_describe_the_same_database() {
         only_migrations.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n"),
         only_schemas.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n"),
     );
-    assert!(want.len() > 100, "the catalog query sees the schema: {}", want.len());
+    assert!(
+        want.len() > 100,
+        "the catalog query sees the schema: {}",
+        want.len()
+    );
 }

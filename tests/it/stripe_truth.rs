@@ -36,7 +36,9 @@ async fn all_the_money_back_after_a_failed_refund_revokes_the_report() {
     assert!(w.deliver_all().await.is_empty());
     // A full Dashboard refund fails; a second one succeeds.
     let failed = w.stripe.refund(&pi, None).unwrap();
-    w.stripe.fail_refund(failed["id"].as_str().unwrap()).unwrap();
+    w.stripe
+        .fail_refund(failed["id"].as_str().unwrap())
+        .unwrap();
     w.stripe.refund(&pi, None).unwrap();
     assert!(w.deliver_all().await.is_empty());
     assert_eq!(w.stripe.charge(&pi).unwrap()["refunded"], true);
@@ -49,7 +51,10 @@ async fn all_the_money_back_after_a_failed_refund_revokes_the_report() {
     assert!(w.deliver_all().await.is_empty());
     assert!(w.owns(&user).await);
     assert!(
-        w.stripe.refunds().iter().all(|r| r["metadata"]["refunded_by"] != "webhook"),
+        w.stripe
+            .refunds()
+            .iter()
+            .all(|r| r["metadata"]["refunded_by"] != "webhook"),
         "the link payment is kept"
     );
     assert_eq!(w.order_of(&link).await["status"], "paid");
@@ -64,7 +69,9 @@ async fn the_rest_refunded_after_a_partial_refund_failed_revokes_the_report() {
     assert!(w.deliver_all().await.is_empty());
     let quarter = w.stripe.refund(&pi, Some(AMOUNT / 4)).unwrap();
     assert!(w.deliver_all().await.is_empty());
-    w.stripe.fail_refund(quarter["id"].as_str().unwrap()).unwrap();
+    w.stripe
+        .fail_refund(quarter["id"].as_str().unwrap())
+        .unwrap();
     w.stripe.refund(&pi, None).unwrap();
     assert!(w.deliver_all().await.is_empty());
 
@@ -90,7 +97,11 @@ async fn a_failed_async_payment_redelivered_late_is_not_in_flight_forever() {
     }
     assert!(w.owns(&user).await);
     let (status, body) = w.click(&user).await;
-    assert_eq!((status, body["error"]["code"].clone()), (409, json!("already_paid")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("already_paid")),
+        "{body}"
+    );
 
     // The link is refunded: nothing is in flight, the user may buy again.
     w.stripe.refund(&link_pi, None).unwrap();

@@ -184,8 +184,10 @@ async fn paid_checkout_marks_order_paid_and_grants_the_report() {
         1
     );
     assert_eq!(
-        app.count(&format!("select count(*) from payment_audit where kind = 'order_paid' and amount = {AMOUNT}"))
-            .await,
+        app.count(&format!(
+            "select count(*) from payment_audit where kind = 'order_paid' and amount = {AMOUNT}"
+        ))
+        .await,
         1
     );
     let (outcome, payload_name): (String, String) = {
@@ -234,10 +236,16 @@ async fn the_event_payload_decides_nothing_the_object_read_does() {
 
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.status_of(&order).await, "pending");
-    assert_eq!(app.count("select count(*) from entitlements where active").await, 0);
     assert_eq!(
-        app.scalar::<String>(&format!("select status from stripe_sessions where id = '{session}'"))
+        app.count("select count(*) from entitlements where active")
             .await,
+        0
+    );
+    assert_eq!(
+        app.scalar::<String>(&format!(
+            "select status from stripe_sessions where id = '{session}'"
+        ))
+        .await,
         "open"
     );
 }
@@ -358,7 +366,11 @@ async fn async_payment_failure_fails_the_order() {
     );
     assert_eq!(app.audits("order_payment_failed").await, 1);
     assert_eq!(app.entitlements().await, 1, "the row exists, inactive");
-    assert_eq!(app.count("select count(*) from entitlements where active").await, 0);
+    assert_eq!(
+        app.count("select count(*) from entitlements where active")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -399,8 +411,10 @@ async fn refunds_and_disputes_settle_the_order_from_what_stripe_says() {
     assert_eq!(app.deliver_all().await[0].1["outcome"], "applied");
     assert_eq!(app.status_of(&order).await, "paid");
     assert_eq!(
-        app.scalar::<i64>(&format!("select amount_refunded from orders where id = '{order}'"))
-            .await,
+        app.scalar::<i64>(&format!(
+            "select amount_refunded from orders where id = '{order}'"
+        ))
+        .await,
         500
     );
     let dispute = app.stripe.dispute(&pi).unwrap();
@@ -427,7 +441,9 @@ async fn refunds_and_disputes_settle_the_order_from_what_stripe_says() {
     assert_eq!(app.metric_total("Disputes"), 1.0);
 
     // The full refund fails (a closed card): the money is the merchant's again.
-    app.stripe.fail_refund(full["id"].as_str().unwrap()).unwrap();
+    app.stripe
+        .fail_refund(full["id"].as_str().unwrap())
+        .unwrap();
     app.deliver_all().await;
     assert_eq!(app.status_of(&order).await, "paid");
     assert_eq!(
@@ -442,12 +458,17 @@ async fn refunds_and_disputes_settle_the_order_from_what_stripe_says() {
 async fn a_paid_session_of_another_channel_is_granted_only_for_our_price() {
     let app = spawn_app().await;
     let user = app.user().await;
-    let other = app.stripe.foreign_session(&user, "price_something_else", 500);
+    let other = app
+        .stripe
+        .foreign_session(&user, "price_something_else", 500);
     app.stripe.pay(&other).unwrap();
 
     let answers = app.deliver_all().await;
 
-    assert_eq!((answers[0].0, answers[0].1["outcome"].clone()), (200, json!("unmatched")));
+    assert_eq!(
+        (answers[0].0, answers[0].1["outcome"].clone()),
+        (200, json!("unmatched"))
+    );
     assert_eq!(app.count("select count(*) from orders").await, 0);
     assert_eq!(
         app.count("select count(*) from entitlements where active")
@@ -457,8 +478,10 @@ async fn a_paid_session_of_another_channel_is_granted_only_for_our_price() {
     assert_eq!(app.audits("session_unverified").await, 1);
     assert_eq!(app.metric_total("UnverifiedSessions"), 1.0);
     assert_eq!(
-        app.scalar::<Option<bool>>(&format!("select sells_product from stripe_sessions where id = '{other}'"))
-            .await,
+        app.scalar::<Option<bool>>(&format!(
+            "select sells_product from stripe_sessions where id = '{other}'"
+        ))
+        .await,
         Some(false)
     );
 
@@ -481,7 +504,10 @@ async fn session_for_an_unknown_user_is_recorded_as_unmatched() {
 
     let answers = app.deliver_all().await;
 
-    assert_eq!((answers[0].0, answers[0].1["outcome"].as_str()), (200, Some("unmatched")));
+    assert_eq!(
+        (answers[0].0, answers[0].1["outcome"].as_str()),
+        (200, Some("unmatched"))
+    );
     assert_eq!(app.count("select count(*) from orders").await, 0);
     assert_eq!(
         app.scalar::<String>("select outcome from stripe_events")
@@ -499,11 +525,10 @@ async fn an_object_stripe_does_not_know_is_recorded_as_unmatched() {
     let (status, body) = app.deliver(&event).await;
 
     assert_eq!((status, body["outcome"].as_str()), (200, Some("unmatched")));
-    assert!(
-        app.scalar::<String>("select detail from stripe_events")
-            .await
-            .contains("Stripe does not know it"),
-    );
+    assert!(app
+        .scalar::<String>("select detail from stripe_events")
+        .await
+        .contains("Stripe does not know it"),);
 }
 
 #[tokio::test]
@@ -872,7 +897,11 @@ async fn the_tolerance_follows_the_functions_clock() {
 #[tokio::test]
 async fn rotated_secret_is_accepted_during_rotation() {
     let app = spawn_app().await;
-    let (state, _) = state_for(&app.db.url, &app.stripe, &["whsec_old_secret", "whsec_new_secret"]);
+    let (state, _) = state_for(
+        &app.db.url,
+        &app.stripe,
+        &["whsec_old_secret", "whsec_new_secret"],
+    );
     let body = app.invoice_body();
     let t = fixtures::now();
     let old = shared::stripe::signature::sign(&body, &Secret::new("whsec_old_secret"), t);
@@ -1062,7 +1091,11 @@ async fn database_down_answers_503_and_redelivery_applies_once() {
         (503, Some("store_unavailable")),
         "{body}"
     );
-    assert_eq!(app.status_of(&order).await, "pending", "nothing half-applied");
+    assert_eq!(
+        app.status_of(&order).await,
+        "pending",
+        "nothing half-applied"
+    );
     assert_eq!(
         app.count(&format!(
             "select count(*) from stripe_events where id = '{}'",

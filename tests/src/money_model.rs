@@ -500,11 +500,17 @@ impl<'w> Run<'w> {
         let (i, id) = self.user(user);
         let subscription = self.w.stripe.subscribe(id, "price_monthly_plan");
         if cancel {
-            let canceled = self.w.stripe.set_subscription_status(&subscription, "canceled");
+            let canceled = self
+                .w
+                .stripe
+                .set_subscription_status(&subscription, "canceled");
             self.note(format!("{subscription} canceled: {canceled:?}"));
         }
         self.note(format!("{subscription} of user {i}"));
-        self.timelines.push(Timeline { user: i, subscription });
+        self.timelines.push(Timeline {
+            user: i,
+            subscription,
+        });
     }
 
     async fn crash_mid_create(&mut self, user: u8) -> Result<(), String> {
@@ -621,46 +627,74 @@ impl<'w> Run<'w> {
                 .map_err(|e| e.to_string())?
                 .get(0);
             for session in open {
-                let retrying: i64 = scalar(w, &format!(
-                    "select count(*) from internal.stripe_actions where kind = 'expire'
-                     and object_id = '{session}' and last_error is not null")).await;
+                let retrying: i64 = scalar(
+                    w,
+                    &format!(
+                        "select count(*) from internal.stripe_actions where kind = 'expire'
+                     and object_id = '{session}' and last_error is not null"
+                    ),
+                )
+                .await;
                 if blocked && retrying == 0 {
                     return Err(format!(
                         "I1/I2: user {i} owns the report (or pays) and holds open {session}"
                     ));
                 }
-                let row = query_json(w, &format!(
-                    "select coalesce((select to_jsonb(o) from orders o
-                      where stripe_checkout_session_id = '{session}'), 'null')")).await;
+                let row = query_json(
+                    w,
+                    &format!(
+                        "select coalesce((select to_jsonb(o) from orders o
+                      where stripe_checkout_session_id = '{session}'), 'null')"
+                    ),
+                )
+                .await;
                 if !row["closed_reason"].is_null() {
-                    return Err(format!("I1: open session {session} of a closed order {row}"));
+                    return Err(format!(
+                        "I1: open session {session} of a closed order {row}"
+                    ));
                 }
             }
         }
         // I3: one order_paid per order.
-        let twice: i64 = scalar(w, "select count(*) from (select order_id from payment_audit
-            where kind = 'order_paid' group by order_id having count(*) > 1) x").await;
+        let twice: i64 = scalar(
+            w,
+            "select count(*) from (select order_id from payment_audit
+            where kind = 'order_paid' group by order_id having count(*) > 1) x",
+        )
+        .await;
         if twice > 0 {
             return Err("I3: a payment counted twice".into());
         }
         // I4: what is stored on orders and entitlements is the decision over the stored facts.
-        let wrong = query_json(w, "select coalesce(jsonb_agg(x), '[]') from (
+        let wrong = query_json(
+            w,
+            "select coalesce(jsonb_agg(x), '[]') from (
               select o.id, o.status, d.status as decided, o.closed_reason,
                      d.closed_reason as decided_closed
               from orders o cross join lateral billing.order_decision(o) d
               where o.status is distinct from d.status
-                 or o.closed_reason is distinct from d.closed_reason) x").await;
+                 or o.closed_reason is distinct from d.closed_reason) x",
+        )
+        .await;
         if wrong != json!([]) {
-            return Err(format!("I4: orders differ from the decisions over the facts: {wrong}"));
+            return Err(format!(
+                "I4: orders differ from the decisions over the facts: {wrong}"
+            ));
         }
-        let wrong = query_json(w, "select coalesce(jsonb_agg(x), '[]') from (
+        let wrong = query_json(
+            w,
+            "select coalesce(jsonb_agg(x), '[]') from (
               select u.id, coalesce(e.active, false) as active, w.owns
               from auth.users u
               cross join lateral billing.ownership(u.id, 'full_report') w
               left join entitlements e on e.user_id = u.id and e.product = 'full_report'
-              where coalesce(e.active, false) <> w.owns) x").await;
+              where coalesce(e.active, false) <> w.owns) x",
+        )
+        .await;
         if wrong != json!([]) {
-            return Err(format!("I4: entitlements differ from the decisions: {wrong}"));
+            return Err(format!(
+                "I4: entitlements differ from the decisions: {wrong}"
+            ));
         }
         // I5: every unlocked report rests on a session of ours or one that sold the report.
         let sources = query_json(
@@ -725,7 +759,10 @@ impl<'w> Run<'w> {
             .filter(|s| {
                 let sid = s["id"].as_str().unwrap_or_default();
                 s["metadata"]["order_id"].is_string()
-                    || w.stripe.line_item_prices(sid).iter().any(|p| p == apps::PRICE)
+                    || w.stripe
+                        .line_item_prices(sid)
+                        .iter()
+                        .any(|p| p == apps::PRICE)
             })
             .map(|s| {
                 let pi = s["payment_intent"].as_str().map(str::to_owned);
@@ -779,7 +816,10 @@ impl<'w> Run<'w> {
                      from stripe_sessions s left join stripe_payments p on p.id = s.payment_intent_id
                      left join orders o on o.stripe_checkout_session_id = s.id
                      where s.id = '{}'), 'null')", p.session)).await;
-                let charge = p.payment_intent.as_deref().and_then(|pi| w.stripe.charge(pi));
+                let charge = p
+                    .payment_intent
+                    .as_deref()
+                    .and_then(|pi| w.stripe.charge(pi));
                 let want = json!({
                     "session": "complete",
                     "payment_status": w.stripe.session(&p.session).map(|s| s["payment_status"].clone()),
@@ -798,38 +838,63 @@ impl<'w> Run<'w> {
             // Refunds and disputes of those payments, one by one.
             for p in purchases.iter().filter(|p| p.payment_intent.is_some()) {
                 let pi = p.payment_intent.as_deref().unwrap_or_default();
-                for refund in w.stripe.refunds().iter().filter(|r| r["payment_intent"] == json!(pi)) {
+                for refund in w
+                    .stripe
+                    .refunds()
+                    .iter()
+                    .filter(|r| r["payment_intent"] == json!(pi))
+                {
                     let id = refund["id"].as_str().unwrap_or_default();
                     let stored = query_json(w, &format!(
                         "select coalesce((select to_jsonb(status) from stripe_refunds where id = '{id}'), 'null')")).await;
                     if stored != refund["status"] {
-                        return Err(format!("facts: refund {id} is {stored} in the database, Stripe says {}", refund["status"]));
+                        return Err(format!(
+                            "facts: refund {id} is {stored} in the database, Stripe says {}",
+                            refund["status"]
+                        ));
                     }
                 }
-                for dispute in w.stripe.disputes().iter().filter(|d| d["payment_intent"] == json!(pi)) {
+                for dispute in w
+                    .stripe
+                    .disputes()
+                    .iter()
+                    .filter(|d| d["payment_intent"] == json!(pi))
+                {
                     let id = dispute["id"].as_str().unwrap_or_default();
                     let stored = query_json(w, &format!(
                         "select coalesce((select to_jsonb(status) from stripe_disputes where id = '{id}'), 'null')")).await;
                     if stored != dispute["status"] {
-                        return Err(format!("facts: dispute {id} is {stored} in the database, Stripe says {}", dispute["status"]));
+                        return Err(format!(
+                            "facts: dispute {id} is {stored} in the database, Stripe says {}",
+                            dispute["status"]
+                        ));
                     }
                 }
             }
             let verdict = money_reference::verdict(&purchases);
             if w.owns(user).await != verdict.owns {
-                return Err(format!("I4: user {i} owns={} but Stripe's objects say {}", !verdict.owns, verdict.owns));
+                return Err(format!(
+                    "I4: user {i} owns={} but Stripe's objects say {}",
+                    !verdict.owns, verdict.owns
+                ));
             }
             let source = query_json(w, &format!(
                 "select coalesce((select to_jsonb(o.stripe_checkout_session_id) from entitlements e
                    join orders o on o.id::text = e.source
                    where e.user_id = '{user}'::uuid and e.product = 'full_report' and e.active), 'null')")).await;
             if source != json!(verdict.standing) {
-                return Err(format!("I3: user {i}'s report rests on {source}, the reference says {:?}", verdict.standing));
+                return Err(format!(
+                    "I3: user {i}'s report rests on {source}, the reference says {:?}",
+                    verdict.standing
+                ));
             }
             // I3: with automatic refunds, the merchant keeps one payment (an open chargeback's
             // money is the cardholder's); and the webhook never gives back every payment.
             if self.setup.auto_refund && !verdict.refunds_due.is_empty() {
-                return Err(format!("I3: user {i} kept payments due for a refund: {:?}", verdict.refunds_due));
+                return Err(format!(
+                    "I3: user {i} kept payments due for a refund: {:?}",
+                    verdict.refunds_due
+                ));
             }
             let paid: Vec<&str> = purchases
                 .iter()
@@ -843,12 +908,17 @@ impl<'w> Run<'w> {
                 .filter(|r| {
                     r["metadata"]["refunded_by"] == "webhook"
                         && matches!(r["status"].as_str(), Some("succeeded" | "pending"))
-                        && r["payment_intent"].as_str().is_some_and(|pi| paid.contains(&pi))
+                        && r["payment_intent"]
+                            .as_str()
+                            .is_some_and(|pi| paid.contains(&pi))
                 })
                 .filter_map(|r| r["payment_intent"].as_str().map(str::to_owned))
                 .collect();
             if !paid.is_empty() && by_webhook.len() >= paid.len() {
-                return Err(format!("I3: the webhook refunded all {} payments of user {i}", paid.len()));
+                return Err(format!(
+                    "I3: the webhook refunded all {} payments of user {i}",
+                    paid.len()
+                ));
             }
             verdicts.push(verdict);
         }
@@ -857,17 +927,27 @@ impl<'w> Run<'w> {
             let Some(sub) = w.stripe.subscription(&t.subscription) else {
                 continue;
             };
-            let row = query_json(w, &format!(
+            let row =
+                query_json(
+                    w,
+                    &format!(
                 "select coalesce((select jsonb_build_object('status', status, 'user', user_id)
-                  from subscriptions where id = '{}'), 'null')", t.subscription)).await;
+                  from subscriptions where id = '{}'), 'null')", t.subscription),
+                )
+                .await;
             if row != json!({"status": sub["status"], "user": self.users[t.user]}) {
-                return Err(format!("I6/I7: {} is {row}, Stripe says {} of user {}", t.subscription, sub["status"], t.user));
+                return Err(format!(
+                    "I6/I7: {} is {row}, Stripe says {} of user {}",
+                    t.subscription, sub["status"], t.user
+                ));
             }
         }
         for (i, user) in self.users.iter().enumerate() {
             let live = self.timelines.iter().any(|t| {
                 t.user == i
-                    && w.stripe.subscription(&t.subscription).is_some_and(|s| LIVE.contains(&s["status"].as_str().unwrap_or_default()))
+                    && w.stripe
+                        .subscription(&t.subscription)
+                        .is_some_and(|s| LIVE.contains(&s["status"].as_str().unwrap_or_default()))
             });
             let has = self.timelines.iter().any(|t| t.user == i);
             let active: Option<bool> = w.sql.query_opt(
@@ -875,7 +955,9 @@ impl<'w> Run<'w> {
                 &[user],
             ).await.map_err(|e| e.to_string())?.map(|r| r.get(0));
             if has && active != Some(live) {
-                return Err(format!("I7: user {i} subscription entitlement {active:?}, Stripe says {live}"));
+                return Err(format!(
+                    "I7: user {i} subscription entitlement {active:?}, Stripe says {live}"
+                ));
             }
         }
         Ok(verdicts)
@@ -887,7 +969,10 @@ impl<'w> Run<'w> {
         self.take_events();
         if self.lost > 0 || self.setup.finish_by_reconciler {
             let lost = std::mem::take(&mut self.pending);
-            self.note(format!("catch up through the reconciler ({} pending)", lost.len()));
+            self.note(format!(
+                "catch up through the reconciler ({} pending)",
+                lost.len()
+            ));
             let report = reconcile::handle(&self.w.reconciler, None)
                 .await
                 .map_err(|e| format!("the reconciler failed: {e}"))?;
@@ -928,7 +1013,9 @@ impl<'w> Run<'w> {
             let won = self.setup.open_disputes_end_won;
             for id in &open {
                 let closed = w.stripe.close_dispute(id, won);
-                self.note(format!("at the end: close dispute {id} won={won}: {closed:?}"));
+                self.note(format!(
+                    "at the end: close dispute {id} won={won}: {closed:?}"
+                ));
             }
             self.catch_up().await?;
             self.check().await?;

@@ -118,7 +118,9 @@ async fn plan(sql: &Client, stripe: &FakeStripe, users: usize) -> (Vec<Value>, V
             }
         };
         let subscription = stripe.subscribe(&user, "price_monthly_plan");
-        stripe.set_subscription_status(&subscription, "past_due").expect("past due");
+        stripe
+            .set_subscription_status(&subscription, "past_due")
+            .expect("past due");
         stripe.renew(&subscription).expect("renew");
         let subscription_status = if i % 5 == 0 { "canceled" } else { "active" };
         stripe

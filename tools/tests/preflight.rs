@@ -159,10 +159,23 @@ async fn stripe_fake(events: &[&str]) -> MockServer {
              "status": "enabled", "enabled_events": events, "livemode": true}]})))
         .mount(&server).await;
     // The lists the webhook reads; a restricted key without Disputes read is refused there.
-    for list in ["checkout/sessions", "payment_intents", "charges", "refunds", "subscriptions", "invoices", "events"] {
-        Mock::given(method("GET")).and(path(format!("/v1/{list}")))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false, "data": []})))
-            .mount(&server).await;
+    for list in [
+        "checkout/sessions",
+        "payment_intents",
+        "charges",
+        "refunds",
+        "subscriptions",
+        "invoices",
+        "events",
+    ] {
+        Mock::given(method("GET"))
+            .and(path(format!("/v1/{list}")))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"object": "list", "has_more": false, "data": []})),
+            )
+            .mount(&server)
+            .await;
     }
     Mock::given(method("GET")).and(path("/v1/disputes"))
         .respond_with(ResponseTemplate::new(403).set_body_json(json!({"error": {"type": "invalid_request_error",

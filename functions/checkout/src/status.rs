@@ -9,8 +9,8 @@ use shared::stripe::ids::SessionId;
 use shared::telemetry::MetricSet;
 
 use crate::session::{retrieve, sync};
-use shared::stripe::events::SessionStatus;
 use crate::{request, CheckoutError, State, RATE_WINDOW_S};
+use shared::stripe::events::SessionStatus;
 
 /// The answer to `GET`.
 #[derive(Debug, Serialize, PartialEq, Eq)]

@@ -163,10 +163,17 @@ pub async fn handle(state: &State, since: Option<i64>) -> Result<Report, Reconci
             metrics.count("ReconcileEvents", u64::from(report.events_new));
             metrics.count("ReconcileRepairs", u64::from(report.repaired));
             metrics.count("ReconcileFailures", report.failures.len() as u64);
-            tracing::info!(run = report.run, since = report.since, events_listed = report.events_listed,
-                events_new = report.events_new, sessions_read = report.sessions_read,
-                payments_read = report.payments_read, repaired = report.repaired,
-                failures = report.failures.len(), "reconciled");
+            tracing::info!(
+                run = report.run,
+                since = report.since,
+                events_listed = report.events_listed,
+                events_new = report.events_new,
+                sessions_read = report.sessions_read,
+                payments_read = report.payments_read,
+                repaired = report.repaired,
+                failures = report.failures.len(),
+                "reconciled"
+            );
             for failure in &report.failures {
                 tracing::warn!(failure, "left for the next run");
             }
@@ -198,7 +205,12 @@ async fn run(
     let error = outcome.as_ref().err().map(ToString::to_string);
     state
         .store
-        .reconcile_finish(plan.run, report.events_new, report.repaired, error.as_deref())
+        .reconcile_finish(
+            plan.run,
+            report.events_new,
+            report.repaired,
+            error.as_deref(),
+        )
         .await?;
     outcome.map(|()| report)
 }
@@ -224,7 +236,9 @@ async fn steps(
         let parsed = match shared::stripe::events::parse(raw.get().as_bytes()) {
             Ok(parsed) => parsed,
             Err(e) => {
-                report.failures.push(format!("an event Stripe listed is not readable: {e}"));
+                report
+                    .failures
+                    .push(format!("an event Stripe listed is not readable: {e}"));
                 continue;
             }
         };

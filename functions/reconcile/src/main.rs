@@ -14,7 +14,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     state.stripe.warm_up();
     lambda_runtime::run(service_fn(|_: LambdaEvent<serde_json::Value>| async {
         // A failed run is an invocation error: Lambda's Errors metric, the reconciler's alarm.
-        reconcile::handle(&state, None).await.map_err(lambda_runtime::Error::from)
+        reconcile::handle(&state, None)
+            .await
+            .map_err(lambda_runtime::Error::from)
     }))
     .await
 }

@@ -226,7 +226,10 @@ pub async fn handle(state: &State, request: Request) -> Response<Body> {
                 event_id: &event_id,
                 outcome: outcome.as_str(),
             };
-            (json_response(StatusCode::OK, &body), outcome.as_str().to_owned())
+            (
+                json_response(StatusCode::OK, &body),
+                outcome.as_str().to_owned(),
+            )
         }
         Err(error) => {
             record_error(&error, &context.request_id, &mut context.metrics);
@@ -310,7 +313,10 @@ pub async fn apply(
             return Err(e.into());
         }
     };
-    metrics.millis("StoreTime", started.elapsed().saturating_sub(synced.stripe_time));
+    metrics.millis(
+        "StoreTime",
+        started.elapsed().saturating_sub(synced.stripe_time),
+    );
     metrics.millis("StripeLatency", synced.stripe_time);
     let outcome = report(parsed, &synced, metrics);
     if let Some(e) = synced.unavailable {
@@ -353,7 +359,11 @@ fn report(parsed: &events::ParsedEvent<'_>, synced: &Synced, metrics: &mut Metri
     if matches!(parsed.event, Event::ChargeRefunded { .. }) {
         metrics.count("Refunds", 1);
     }
-    if let Event::Dispute { transition, dispute } = &parsed.event {
+    if let Event::Dispute {
+        transition,
+        dispute,
+    } = &parsed.event
+    {
         if *transition == events::DisputeTransition::Created {
             metrics.count("Disputes", 1);
         }

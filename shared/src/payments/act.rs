@@ -51,8 +51,16 @@ pub async fn refund(stripe: &StripeClient, due: &RefundDue) -> Acted<Refund> {
         acted.elapsed += stats.elapsed;
         match answer {
             Ok(refund) if refund.is_dead() => {
-                let why = format!("the refund under this key {}", refund.status.as_deref().unwrap_or("failed"));
-                acted.spent.push(spent(ActionKind::Refund, &due.payment_intent_id, attempt, &why));
+                let why = format!(
+                    "the refund under this key {}",
+                    refund.status.as_deref().unwrap_or("failed")
+                );
+                acted.spent.push(spent(
+                    ActionKind::Refund,
+                    &due.payment_intent_id,
+                    attempt,
+                    &why,
+                ));
                 acted.result = Ok((refund, attempt));
             }
             Ok(refund) => {
@@ -60,13 +68,23 @@ pub async fn refund(stripe: &StripeClient, due: &RefundDue) -> Acted<Refund> {
                 return acted;
             }
             Err(e) if e.is_dead_key() => {
-                acted.spent.push(spent(ActionKind::Refund, &due.payment_intent_id, attempt, &e.to_string()));
+                acted.spent.push(spent(
+                    ActionKind::Refund,
+                    &due.payment_intent_id,
+                    attempt,
+                    &e.to_string(),
+                ));
                 acted.result = Err(e);
             }
             Err(e) => {
                 // Failed for now (Stripe may have run it: a new key next time is still safe), or
                 // refused: either way this key is not used again.
-                acted.spent.push(spent(ActionKind::Refund, &due.payment_intent_id, attempt, &e.to_string()));
+                acted.spent.push(spent(
+                    ActionKind::Refund,
+                    &due.payment_intent_id,
+                    attempt,
+                    &e.to_string(),
+                ));
                 acted.result = Err(e);
                 return acted;
             }
@@ -100,7 +118,12 @@ pub async fn expire(stripe: &StripeClient, due: &ExpiryDue) -> Acted<CheckoutSes
                 return acted;
             }
             Err(e) => {
-                acted.spent.push(spent(ActionKind::Expire, &due.session_id, attempt, &e.to_string()));
+                acted.spent.push(spent(
+                    ActionKind::Expire,
+                    &due.session_id,
+                    attempt,
+                    &e.to_string(),
+                ));
                 let next = e.is_dead_key();
                 acted.result = Err(e);
                 if !next {

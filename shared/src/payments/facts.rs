@@ -297,7 +297,11 @@ mod tests {
         .unwrap();
         let fact = PaymentFact::of(&pi);
         assert_eq!(
-            (fact.charge_id.as_deref(), fact.amount_refunded, fact.refunded),
+            (
+                fact.charge_id.as_deref(),
+                fact.amount_refunded,
+                fact.refunded
+            ),
             (Some("ch_1"), 1900, true)
         );
         let unexpanded: PaymentIntent = serde_json::from_value(json!({
@@ -331,7 +335,11 @@ mod tests {
         .unwrap();
         let fact = SubscriptionFact::of(&sub);
         assert_eq!(
-            (fact.current_period_start, fact.current_period_end, fact.price_id.as_deref()),
+            (
+                fact.current_period_start,
+                fact.current_period_end,
+                fact.price_id.as_deref()
+            ),
             (Some(10), Some(20), Some("price_1"))
         );
     }
@@ -339,7 +347,10 @@ mod tests {
     #[test]
     fn an_invoice_subscription_is_read_from_both_api_shapes() {
         let shapes = [
-            (json!({"id": "in_1", "subscription": "sub_old", "parent": null}), "sub_old"),
+            (
+                json!({"id": "in_1", "subscription": "sub_old", "parent": null}),
+                "sub_old",
+            ),
             (
                 json!({"id": "in_1", "subscription": null, "parent": {"type": "subscription_details",
                        "subscription_details": {"subscription": "sub_new", "metadata": {}}}}),
@@ -358,7 +369,10 @@ mod tests {
         ];
         for (object, want) in shapes {
             let invoice: Invoice = serde_json::from_value(object).unwrap();
-            assert_eq!(InvoiceFact::of(&invoice).subscription_id.as_deref(), Some(want));
+            assert_eq!(
+                InvoiceFact::of(&invoice).subscription_id.as_deref(),
+                Some(want)
+            );
         }
     }
 }

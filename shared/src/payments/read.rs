@@ -134,8 +134,12 @@ impl Reader<'_> {
         read.elapsed += a.elapsed.max(b.elapsed).max(c.elapsed);
         let (intent, refunds, disputes) = (intent?, refunds?, disputes?);
         read.facts.payments.push(PaymentFact::of(&intent));
-        read.facts.refunds.extend(refunds.iter().map(RefundFact::of));
-        read.facts.disputes.extend(disputes.iter().map(DisputeFact::of));
+        read.facts
+            .refunds
+            .extend(refunds.iter().map(RefundFact::of));
+        read.facts
+            .disputes
+            .extend(disputes.iter().map(DisputeFact::of));
         Ok(())
     }
 

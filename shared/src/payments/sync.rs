@@ -135,10 +135,16 @@ impl Syncer<'_> {
         facts: Option<(&Facts, Option<&str>)>,
         failures: &[ActionFailure],
     ) -> Result<Recorded, StoreError> {
-        match self.store.record_stripe_facts(delivery, facts, failures).await {
+        match self
+            .store
+            .record_stripe_facts(delivery, facts, failures)
+            .await
+        {
             Err(StoreError::Conflict(detail)) => {
                 tracing::warn!(detail, "unique violation; storing again");
-                self.store.record_stripe_facts(delivery, facts, failures).await
+                self.store
+                    .record_stripe_facts(delivery, facts, failures)
+                    .await
             }
             other => other,
         }
@@ -168,7 +174,8 @@ impl Syncer<'_> {
                 failures.extend(acted.spent);
                 match acted.result {
                     Ok((session, _))
-                        if session.status == Some(crate::stripe::events::SessionStatus::Expired) =>
+                        if session.status
+                            == Some(crate::stripe::events::SessionStatus::Expired) =>
                     {
                         synced.sessions_expired += 1;
                         facts.sessions.push(SessionFact::of(&session, None));
@@ -211,7 +218,8 @@ impl Syncer<'_> {
                         // Stripe replays a key's first answer: a refund that failed since shows
                         // as it was. The payment read again says how it is; a dead one spends
                         // the key.
-                        self.reread(&due.payment_intent_id, &mut facts, synced).await?;
+                        self.reread(&due.payment_intent_id, &mut facts, synced)
+                            .await?;
                         if facts.refunds.iter().any(|r| r.id == refund.id && dead(r)) {
                             failures.push(ActionFailure {
                                 kind: crate::store::payments::ActionKind::Refund,
@@ -223,7 +231,8 @@ impl Syncer<'_> {
                     }
                     Ok(_) => {
                         // Every key of this run gave a refund that failed at once.
-                        self.reread(&due.payment_intent_id, &mut facts, synced).await?;
+                        self.reread(&due.payment_intent_id, &mut facts, synced)
+                            .await?;
                     }
                     Err(e) if e.is_transient() => {
                         synced.stripe_error(&e);
@@ -236,7 +245,8 @@ impl Syncer<'_> {
                         synced.stripe_error(&e);
                         tracing::warn!(order_id = %due.order_id, error = %e, "Stripe refused a duplicate's refund; reading the payment again");
                         refused.push((due.clone(), e.to_string()));
-                        self.reread(&due.payment_intent_id, &mut facts, synced).await?;
+                        self.reread(&due.payment_intent_id, &mut facts, synced)
+                            .await?;
                     }
                 }
             }
@@ -247,8 +257,12 @@ impl Syncer<'_> {
             synced.changed += recorded.changed;
             // What is due now, less what this run could not do (the next delivery or the
             // reconciler tries again, under the next key).
-            let tried_refunds: Vec<String> = refunds.iter().map(|r| r.payment_intent_id.clone()).collect();
-            let tried_expiries: Vec<String> = expiries.iter().map(|e| e.session_id.clone()).collect();
+            let tried_refunds: Vec<String> = refunds
+                .iter()
+                .map(|r| r.payment_intent_id.clone())
+                .collect();
+            let tried_expiries: Vec<String> =
+                expiries.iter().map(|e| e.session_id.clone()).collect();
             let still_refused = recorded.refunds.clone();
             refunds = recorded
                 .refunds
@@ -272,7 +286,12 @@ impl Syncer<'_> {
 
     /// Reads a payment again into `facts` (after a refund call): a failure to read leaves it to
     /// the next run.
-    async fn reread(&self, pi: &str, facts: &mut Facts, synced: &mut Synced) -> Result<(), SyncError> {
+    async fn reread(
+        &self,
+        pi: &str,
+        facts: &mut Facts,
+        synced: &mut Synced,
+    ) -> Result<(), SyncError> {
         let mut read = Read::default();
         match self.reader.payment(pi, &mut read).await {
             Ok(()) => {

@@ -39,7 +39,8 @@ pub fn target_of(event: &Event) -> Option<Target> {
                 .map(Target::Payment)
         }
         Event::RefundUpdated { refund } => {
-            PaymentRef::of(id_of(&refund.payment_intent), id_of(&refund.charge)).map(Target::Payment)
+            PaymentRef::of(id_of(&refund.payment_intent), id_of(&refund.charge))
+                .map(Target::Payment)
         }
         Event::Dispute { dispute, .. } => {
             PaymentRef::of(id_of(&dispute.payment_intent), id_of(&dispute.charge))
@@ -103,7 +104,10 @@ mod tests {
             Some(Target::Payment(PaymentRef::Charge("ch_9".into())))
         );
         assert_eq!(
-            target("refund.failed", json!({"id": "re_1", "payment_intent": {"id": "pi_2"}})),
+            target(
+                "refund.failed",
+                json!({"id": "re_1", "payment_intent": {"id": "pi_2"}})
+            ),
             Some(Target::Payment(PaymentRef::Intent("pi_2".into())))
         );
         assert_eq!(
@@ -135,7 +139,10 @@ mod tests {
             );
             paid_elsewhere_by(&parse(body.as_bytes()).unwrap().event)
         };
-        assert_eq!(paid(json!({}), "complete"), Some(("cs_1".into(), "u-1".into())));
+        assert_eq!(
+            paid(json!({}), "complete"),
+            Some(("cs_1".into(), "u-1".into()))
+        );
         assert_eq!(paid(json!({"order_id": "o-1"}), "complete"), None);
         assert_eq!(paid(json!({}), "expired"), None);
     }

@@ -162,5 +162,4 @@ impl Store {
             Backend::PostgRest(rest) => rest.call(&call, counter).await,
         }
     }
-
 }

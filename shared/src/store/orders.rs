@@ -203,7 +203,10 @@ impl Store {
         decode(
             self.call(Call {
                 function: "checkout_attach_session",
-                args: vec![("p_order", Arg::Uuid(order)), ("p_session", Arg::Value(session))],
+                args: vec![
+                    ("p_order", Arg::Uuid(order)),
+                    ("p_session", Arg::Value(session)),
+                ],
             })
             .await?,
         )

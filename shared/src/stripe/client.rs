@@ -277,7 +277,11 @@ impl StripeClient {
         id: &str,
         stats: &mut CallStats,
     ) -> Result<super::events::Charge, StripeError> {
-        let url = format!("{}/v1/charges/{}", self.base, checked_id(id, &["ch_", "py_"])?);
+        let url = format!(
+            "{}/v1/charges/{}",
+            self.base,
+            checked_id(id, &["ch_", "py_"])?
+        );
         self.send(stats, || self.http.get(&url)).await
     }
 
@@ -287,7 +291,11 @@ impl StripeClient {
         id: &str,
         stats: &mut CallStats,
     ) -> Result<super::events::PaymentIntent, StripeError> {
-        let url = format!("{}/v1/payment_intents/{}", self.base, checked_id(id, &["pi_"])?);
+        let url = format!(
+            "{}/v1/payment_intents/{}",
+            self.base,
+            checked_id(id, &["pi_"])?
+        );
         self.send(stats, || {
             self.http.get(&url).query(&[("expand[]", "latest_charge")])
         })
@@ -301,8 +309,12 @@ impl StripeClient {
         stats: &mut CallStats,
     ) -> Result<Vec<Refund>, StripeError> {
         let pi = checked_id(payment_intent, &["pi_"])?;
-        self.list(stats, &format!("{}/v1/refunds", self.base), &[("payment_intent", pi)])
-            .await
+        self.list(
+            stats,
+            &format!("{}/v1/refunds", self.base),
+            &[("payment_intent", pi)],
+        )
+        .await
     }
 
     /// `GET /v1/disputes?payment_intent=`: every dispute of a payment, newest first.
@@ -312,8 +324,12 @@ impl StripeClient {
         stats: &mut CallStats,
     ) -> Result<Vec<super::events::Dispute>, StripeError> {
         let pi = checked_id(payment_intent, &["pi_"])?;
-        self.list(stats, &format!("{}/v1/disputes", self.base), &[("payment_intent", pi)])
-            .await
+        self.list(
+            stats,
+            &format!("{}/v1/disputes", self.base),
+            &[("payment_intent", pi)],
+        )
+        .await
     }
 
     /// `GET /v1/subscriptions/{id}`.
@@ -322,7 +338,11 @@ impl StripeClient {
         id: &str,
         stats: &mut CallStats,
     ) -> Result<super::events::Subscription, StripeError> {
-        let url = format!("{}/v1/subscriptions/{}", self.base, checked_id(id, &["sub_"])?);
+        let url = format!(
+            "{}/v1/subscriptions/{}",
+            self.base,
+            checked_id(id, &["sub_"])?
+        );
         self.send(stats, || self.http.get(&url)).await
     }
 
@@ -346,7 +366,10 @@ impl StripeClient {
         stats: &mut CallStats,
     ) -> Result<Vec<Box<serde_json::value::RawValue>>, StripeError> {
         let since = created_gte.to_string();
-        let mut query = vec![("delivery_success", "false"), ("created[gte]", since.as_str())];
+        let mut query = vec![
+            ("delivery_success", "false"),
+            ("created[gte]", since.as_str()),
+        ];
         query.extend(types.iter().take(20).map(|t| ("types[]", *t)));
         self.list(stats, &format!("{}/v1/events", self.base), &query)
             .await
@@ -360,8 +383,12 @@ impl StripeClient {
     ) -> Result<Vec<CheckoutSession>, StripeError> {
         let since = created_gte.to_string();
         let query = [("status", "open"), ("created[gte]", since.as_str())];
-        self.list(stats, &format!("{}/v1/checkout/sessions", self.base), &query)
-            .await
+        self.list(
+            stats,
+            &format!("{}/v1/checkout/sessions", self.base),
+            &query,
+        )
+        .await
     }
 
     /// Every object of a list endpoint, 100 a page, following `starting_after` (at most

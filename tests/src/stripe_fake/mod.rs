@@ -212,7 +212,7 @@ fn expire_session(state: &mut FakeState, request: &Request) -> ResponseTemplate 
 fn line_items(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let pairs = match query(request, &["limit", "starting_after"]) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let segments = last_segments(request);
     let id = segments
@@ -231,7 +231,10 @@ fn line_items(state: &mut FakeState, request: &Request) -> ResponseTemplate {
 
 /// The query's pairs, or Stripe's 400 for a parameter the endpoint does not take (Stripe refuses
 /// unknown parameters: `parameter_unknown`).
-fn query(request: &Request, allowed: &[&str]) -> Result<Vec<(String, String)>, ResponseTemplate> {
+fn query(
+    request: &Request,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, Box<ResponseTemplate>> {
     let pairs: Vec<(String, String)> = request
         .url
         .query_pairs()
@@ -245,14 +248,17 @@ fn query(request: &Request, allowed: &[&str]) -> Result<Vec<(String, String)>, R
                 &format!("Received unknown parameter: {key}"),
             );
             body["error"]["param"] = json!(key);
-            return Err(json_response(400, body));
+            return Err(Box::new(json_response(400, body)));
         }
     }
     Ok(pairs)
 }
 
 fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// A page of `items` (newest first) as Stripe lists it: `limit` (1-100, default 10) after
@@ -262,7 +268,8 @@ fn page(items: Vec<Value>, pairs: &[(String, String)], url: &str) -> ResponseTem
         None => 10,
         Some(Ok(n)) if (1..=100).contains(&n) => n,
         Some(_) => {
-            let (status, body) = state::param_error("limit", "Invalid integer: limit must be between 1 and 100");
+            let (status, body) =
+                state::param_error("limit", "Invalid integer: limit must be between 1 and 100");
             return json_response(status, body);
         }
     };
@@ -284,7 +291,7 @@ fn page(items: Vec<Value>, pairs: &[(String, String)], url: &str) -> ResponseTem
 fn retrieve_intent(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let pairs = match query(request, &["expand[]"]) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let expand = pairs
         .iter()
@@ -297,9 +304,12 @@ fn retrieve_intent(state: &mut FakeState, request: &Request) -> ResponseTemplate
 }
 
 fn list_refunds(state: &mut FakeState, request: &Request) -> ResponseTemplate {
-    let pairs = match query(request, &["payment_intent", "charge", "limit", "starting_after"]) {
+    let pairs = match query(
+        request,
+        &["payment_intent", "charge", "limit", "starting_after"],
+    ) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let items = match param(&pairs, "payment_intent") {
         Some(pi) if !state.charges.contains_key(pi) => {
@@ -312,9 +322,12 @@ fn list_refunds(state: &mut FakeState, request: &Request) -> ResponseTemplate {
 }
 
 fn list_disputes(state: &mut FakeState, request: &Request) -> ResponseTemplate {
-    let pairs = match query(request, &["payment_intent", "charge", "limit", "starting_after"]) {
+    let pairs = match query(
+        request,
+        &["payment_intent", "charge", "limit", "starting_after"],
+    ) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let items = match param(&pairs, "payment_intent") {
         Some(pi) if !state.charges.contains_key(pi) => {
@@ -347,10 +360,17 @@ fn retrieve_invoice(state: &mut FakeState, request: &Request) -> ResponseTemplat
 fn list_events(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let pairs = match query(
         request,
-        &["delivery_success", "created[gte]", "types[]", "type", "limit", "starting_after"],
+        &[
+            "delivery_success",
+            "created[gte]",
+            "types[]",
+            "type",
+            "limit",
+            "starting_after",
+        ],
     ) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let types: Vec<&str> = pairs
         .iter()
@@ -370,7 +390,10 @@ fn list_events(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         .filter(|e| since.is_none_or(|t| e["created"].as_i64().unwrap_or(0) >= t))
         .filter(|e| types.is_empty() || types.contains(&e["type"].as_str().unwrap_or_default()))
         .filter(|e| {
-            !undelivered || !state.delivered.contains(e["id"].as_str().unwrap_or_default())
+            !undelivered
+                || !state
+                    .delivered
+                    .contains(e["id"].as_str().unwrap_or_default())
         })
         .cloned()
         .collect();
@@ -381,10 +404,17 @@ fn list_events(state: &mut FakeState, request: &Request) -> ResponseTemplate {
 fn list_sessions(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let pairs = match query(
         request,
-        &["status", "created[gte]", "limit", "starting_after", "payment_intent", "customer"],
+        &[
+            "status",
+            "created[gte]",
+            "limit",
+            "starting_after",
+            "payment_intent",
+            "customer",
+        ],
     ) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let since = param(&pairs, "created[gte]").and_then(|v| v.parse::<i64>().ok());
     let status = param(&pairs, "status");
@@ -406,7 +436,11 @@ fn list_sessions(state: &mut FakeState, request: &Request) -> ResponseTemplate {
 fn control(state: &mut FakeState, request: &Request) -> ResponseTemplate {
     let segments = last_segments(request);
     let form = form(request);
-    let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let yes = |name: &str| get(name) == Some("true");
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let done = |result: Result<Value, String>| match result {
@@ -414,12 +448,16 @@ fn control(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         Err(why) => json_response(400, state::error_body("invalid_request_error", None, &why)),
     };
     match segments.as_slice() {
-        ["_fake", "payment_intents", pi, "dispute"] => {
-            done(state.dispute(pi, yes("inquiry")).map(|id| json!({"id": id})))
-        }
-        ["_fake", "disputes", id, "close"] => {
-            done(state.close_dispute(id, yes("won")).map(|()| json!({"id": id})))
-        }
+        ["_fake", "payment_intents", pi, "dispute"] => done(
+            state
+                .dispute(pi, yes("inquiry"))
+                .map(|id| json!({"id": id})),
+        ),
+        ["_fake", "disputes", id, "close"] => done(
+            state
+                .close_dispute(id, yes("won"))
+                .map(|()| json!({"id": id})),
+        ),
         ["_fake", "disputes", id, "escalate"] => {
             done(state.escalate(id).map(|()| json!({"id": id})))
         }
@@ -427,9 +465,11 @@ fn control(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         ["_fake", "refunds", id, "complete"] => {
             done(state.complete_refund(id).map(|()| json!({"id": id})))
         }
-        ["_fake", "checkout", "sessions", id, "settle"] => {
-            done(state.settle_async(id, yes("succeeded")).map(|()| json!({"id": id})))
-        }
+        ["_fake", "checkout", "sessions", id, "settle"] => done(
+            state
+                .settle_async(id, yes("succeeded"))
+                .map(|()| json!({"id": id})),
+        ),
         ["_fake", "subscriptions"] => {
             let user = get("user").unwrap_or_default().to_owned();
             let price = get("price").unwrap_or("price_monthly_plan").to_owned();
@@ -437,7 +477,11 @@ fn control(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         }
         ["_fake", "subscriptions", id, "status"] => {
             let status = get("status").unwrap_or("active").to_owned();
-            done(state.set_subscription_status(id, &status).map(|()| json!({"id": id})))
+            done(
+                state
+                    .set_subscription_status(id, &status)
+                    .map(|()| json!({"id": id})),
+            )
         }
         ["_fake", "subscriptions", id, "renew"] => {
             done(state.renew(id).map(|invoice| json!({"id": invoice})))
@@ -612,9 +656,17 @@ impl FakeStripe {
             ("POST", r"^/v1/refunds$", create_refund),
             ("GET", r"^/v1/refunds$", list_refunds),
             ("GET", r"^/v1/charges/[A-Za-z0-9_]+$", retrieve_charge),
-            ("GET", r"^/v1/payment_intents/[A-Za-z0-9_]+$", retrieve_intent),
+            (
+                "GET",
+                r"^/v1/payment_intents/[A-Za-z0-9_]+$",
+                retrieve_intent,
+            ),
             ("GET", r"^/v1/disputes$", list_disputes),
-            ("GET", r"^/v1/subscriptions/[A-Za-z0-9_]+$", retrieve_subscription),
+            (
+                "GET",
+                r"^/v1/subscriptions/[A-Za-z0-9_]+$",
+                retrieve_subscription,
+            ),
             ("GET", r"^/v1/invoices/[A-Za-z0-9_]+$", retrieve_invoice),
             ("GET", r"^/v1/events$", list_events),
             ("GET", r"^/v1/checkout/sessions$", list_sessions),

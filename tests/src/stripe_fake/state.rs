@@ -159,7 +159,11 @@ impl FakeState {
     /// charge as an id or (`expand`) the charge object, which lists no refunds.
     pub fn payment_intent(&self, pi: &str, expand: bool) -> Option<Value> {
         let charge = self.charges.get(pi)?;
-        let status = self.intents.get(pi).cloned().unwrap_or_else(|| "succeeded".into());
+        let status = self
+            .intents
+            .get(pi)
+            .cloned()
+            .unwrap_or_else(|| "succeeded".into());
         Some(json!({
             "id": pi, "object": "payment_intent", "amount": charge["amount"],
             "amount_received": if status == "succeeded" { charge["amount"].clone() } else { json!(0) },
@@ -368,12 +372,21 @@ impl FakeState {
         if let Some(charge) = self.charges.get_mut(&pi) {
             charge["paid"] = json!(succeeded);
             charge["status"] = json!(if succeeded { "succeeded" } else { "failed" });
-            charge["amount_captured"] = if succeeded { charge["amount"].clone() } else { json!(0) };
+            charge["amount_captured"] = if succeeded {
+                charge["amount"].clone()
+            } else {
+                json!(0)
+            };
         }
         // A delayed payment that fails sends its payment intent back for another method.
         self.intents.insert(
             pi,
-            (if succeeded { "succeeded" } else { "requires_payment_method" }).into(),
+            (if succeeded {
+                "succeeded"
+            } else {
+                "requires_payment_method"
+            })
+            .into(),
         );
         self.emit(
             if succeeded {
@@ -624,7 +637,8 @@ impl FakeState {
         self.sessions.insert(session_id.clone(), session.clone());
         self.session_order.push(session_id);
         self.emit("checkout.session.completed", session);
-        self.set_subscription_status(&id, "active").expect("just made");
+        self.set_subscription_status(&id, "active")
+            .expect("just made");
         let invoice_id = self.next_id("in");
         let invoice = json!({
             "id": invoice_id, "object": "invoice", "customer": customer, "status": "paid",

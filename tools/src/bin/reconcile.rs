@@ -58,7 +58,10 @@ async fn main() -> std::process::ExitCode {
     match reconcile::handle(&state, from).await {
         Ok(report) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
             } else {
                 println!(
                     "run {}: {} undelivered event(s) listed since {} ({} new), {} session(s) and {} payment(s) read again, {} repaired",

@@ -136,7 +136,9 @@ impl StandIn {
     }
 
     async fn payment_intent(&self, session: &str) -> Result<String, String> {
-        let session = self.get(&format!("/v1/checkout/sessions/{session}"), &[]).await?;
+        let session = self
+            .get(&format!("/v1/checkout/sessions/{session}"), &[])
+            .await?;
         session["payment_intent"]
             .as_str()
             .map(str::to_owned)
@@ -174,9 +176,16 @@ async fn make(options: &Options, stripe: &StandIn) -> Option<Result<String, Stri
             let id = session();
             async {
                 let id = id?;
-                let session = stripe.get(&format!("/v1/checkout/sessions/{id}"), &[]).await?;
+                let session = stripe
+                    .get(&format!("/v1/checkout/sessions/{id}"), &[])
+                    .await?;
                 let page = format!("{}/pay/{id}", stripe.base);
-                let paid = stripe.http.get(&page).send().await.map_err(|e| e.to_string())?;
+                let paid = stripe
+                    .http
+                    .get(&page)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if paid.status().is_client_error() {
                     return Err(format!("the session is {}", session["status"]));
                 }
@@ -184,100 +193,162 @@ async fn make(options: &Options, stripe: &StandIn) -> Option<Result<String, Stri
             }
             .await
         }
-        t @ ("checkout.session.async_payment_succeeded" | "checkout.session.async_payment_failed") => {
-            let succeeded = if t.ends_with("succeeded") { "true" } else { "false" };
+        t @ ("checkout.session.async_payment_succeeded"
+        | "checkout.session.async_payment_failed") => {
+            let succeeded = if t.ends_with("succeeded") {
+                "true"
+            } else {
+                "false"
+            };
             async {
                 let id = session()?;
                 stripe
-                    .post(&format!("/_fake/checkout/sessions/{id}/settle"), &[("succeeded", succeeded)])
+                    .post(
+                        &format!("/_fake/checkout/sessions/{id}/settle"),
+                        &[("succeeded", succeeded)],
+                    )
                     .await?;
                 Ok(format!("settled {id}"))
             }
             .await
         }
-        "checkout.session.expired" => async {
-            let id = session()?;
-            stripe.post(&format!("/v1/checkout/sessions/{id}/expire"), &[]).await?;
-            Ok(format!("expired {id}"))
-        }
-        .await,
-        "charge.refunded" => async {
-            let pi = stripe.payment_intent(&session()?).await?;
-            let amount = options.refunded.map(|a| a.to_string());
-            let mut form = vec![("payment_intent", pi.as_str()), ("reason", "requested_by_customer")];
-            if let Some(amount) = &amount {
-                form.push(("amount", amount));
+        "checkout.session.expired" => {
+            async {
+                let id = session()?;
+                stripe
+                    .post(&format!("/v1/checkout/sessions/{id}/expire"), &[])
+                    .await?;
+                Ok(format!("expired {id}"))
             }
-            let refund = stripe.post("/v1/refunds", &form).await?;
-            Ok(format!("refund {} of {pi}", refund["id"]))
+            .await
         }
-        .await,
-        "refund.failed" | "refund.updated" | "charge.refund.updated" => async {
-            let refund = match &options.refund {
-                Some(r) => r.clone(),
-                None => {
-                    let pi = stripe.payment_intent(&session()?).await?;
-                    let list = stripe.get("/v1/refunds", &[("payment_intent", &pi)]).await?;
-                    list["data"][0]["id"]
-                        .as_str()
-                        .map(str::to_owned)
-                        .ok_or("the payment has no refund")?
+        "charge.refunded" => {
+            async {
+                let pi = stripe.payment_intent(&session()?).await?;
+                let amount = options.refunded.map(|a| a.to_string());
+                let mut form = vec![
+                    ("payment_intent", pi.as_str()),
+                    ("reason", "requested_by_customer"),
+                ];
+                if let Some(amount) = &amount {
+                    form.push(("amount", amount));
                 }
-            };
-            stripe.post(&format!("/_fake/refunds/{refund}/fail"), &[]).await?;
-            Ok(format!("refund {refund} failed"))
+                let refund = stripe.post("/v1/refunds", &form).await?;
+                Ok(format!("refund {} of {pi}", refund["id"]))
+            }
+            .await
         }
-        .await,
-        "charge.dispute.created" => async {
-            let pi = stripe.payment_intent(&session()?).await?;
-            let inquiry = if status.is_some_and(|s| s.starts_with("warning")) { "true" } else { "false" };
-            let dispute = stripe
-                .post(&format!("/_fake/payment_intents/{pi}/dispute"), &[("inquiry", inquiry)])
-                .await?;
-            Ok(format!("dispute {} of {pi}", dispute["id"]))
+        "refund.failed" | "refund.updated" | "charge.refund.updated" => {
+            async {
+                let refund = match &options.refund {
+                    Some(r) => r.clone(),
+                    None => {
+                        let pi = stripe.payment_intent(&session()?).await?;
+                        let list = stripe
+                            .get("/v1/refunds", &[("payment_intent", &pi)])
+                            .await?;
+                        list["data"][0]["id"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .ok_or("the payment has no refund")?
+                    }
+                };
+                stripe
+                    .post(&format!("/_fake/refunds/{refund}/fail"), &[])
+                    .await?;
+                Ok(format!("refund {refund} failed"))
+            }
+            .await
         }
-        .await,
-        "charge.dispute.funds_withdrawn" => async {
-            let id = match &options.dispute {
-                Some(d) => d.clone(),
-                None => stripe.dispute(&session()?).await?,
-            };
-            stripe.post(&format!("/_fake/disputes/{id}/escalate"), &[]).await?;
-            Ok(format!("dispute {id} escalated"))
+        "charge.dispute.created" => {
+            async {
+                let pi = stripe.payment_intent(&session()?).await?;
+                let inquiry = if status.is_some_and(|s| s.starts_with("warning")) {
+                    "true"
+                } else {
+                    "false"
+                };
+                let dispute = stripe
+                    .post(
+                        &format!("/_fake/payment_intents/{pi}/dispute"),
+                        &[("inquiry", inquiry)],
+                    )
+                    .await?;
+                Ok(format!("dispute {} of {pi}", dispute["id"]))
+            }
+            .await
         }
-        .await,
-        "charge.dispute.closed" => async {
-            let id = match &options.dispute {
-                Some(d) => d.clone(),
-                None => stripe.dispute(&session()?).await?,
-            };
-            let won = if status == Some("won") { "true" } else { "false" };
-            stripe.post(&format!("/_fake/disputes/{id}/close"), &[("won", won)]).await?;
-            Ok(format!("dispute {id} closed, won={won}"))
+        "charge.dispute.funds_withdrawn" => {
+            async {
+                let id = match &options.dispute {
+                    Some(d) => d.clone(),
+                    None => stripe.dispute(&session()?).await?,
+                };
+                stripe
+                    .post(&format!("/_fake/disputes/{id}/escalate"), &[])
+                    .await?;
+                Ok(format!("dispute {id} escalated"))
+            }
+            .await
         }
-        .await,
-        "customer.subscription.created" => async {
-            let sub = stripe
-                .post("/_fake/subscriptions", &[("user", options.user.as_str())])
-                .await?;
-            Ok(format!("subscription {}", sub["id"]))
+        "charge.dispute.closed" => {
+            async {
+                let id = match &options.dispute {
+                    Some(d) => d.clone(),
+                    None => stripe.dispute(&session()?).await?,
+                };
+                let won = if status == Some("won") {
+                    "true"
+                } else {
+                    "false"
+                };
+                stripe
+                    .post(&format!("/_fake/disputes/{id}/close"), &[("won", won)])
+                    .await?;
+                Ok(format!("dispute {id} closed, won={won}"))
+            }
+            .await
         }
-        .await,
+        "customer.subscription.created" => {
+            async {
+                let sub = stripe
+                    .post("/_fake/subscriptions", &[("user", options.user.as_str())])
+                    .await?;
+                Ok(format!("subscription {}", sub["id"]))
+            }
+            .await
+        }
         t @ ("customer.subscription.updated" | "customer.subscription.deleted") => {
-            let to = if t.ends_with("deleted") { "canceled" } else { status.unwrap_or("past_due") };
+            let to = if t.ends_with("deleted") {
+                "canceled"
+            } else {
+                status.unwrap_or("past_due")
+            };
             async {
                 let id = subscription()?;
-                stripe.post(&format!("/_fake/subscriptions/{id}/status"), &[("status", to)]).await?;
+                stripe
+                    .post(
+                        &format!("/_fake/subscriptions/{id}/status"),
+                        &[("status", to)],
+                    )
+                    .await?;
                 Ok(format!("subscription {id} is {to}"))
             }
             .await
         }
-        "invoice.payment_failed" | "invoice.paid" | "invoice.payment_succeeded" => async {
-            let id = subscription()?;
-            let invoice = stripe.post(&format!("/_fake/subscriptions/{id}/renew"), &[]).await?;
-            Ok(format!("renewal invoice {} failed once, then paid", invoice["id"]))
+        "invoice.payment_failed" | "invoice.paid" | "invoice.payment_succeeded" => {
+            async {
+                let id = subscription()?;
+                let invoice = stripe
+                    .post(&format!("/_fake/subscriptions/{id}/renew"), &[])
+                    .await?;
+                Ok(format!(
+                    "renewal invoice {} failed once, then paid",
+                    invoice["id"]
+                ))
+            }
+            .await
         }
-        .await,
         _ => return None,
     };
     Some(made)
