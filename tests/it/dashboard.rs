@@ -630,3 +630,29 @@ fn the_dashboard_reads_every_log_group_of_the_template() {
         assert_eq!(sources, groups, "widget {:?}", title(widget));
     }
 }
+
+/// `scripts/vercel-config` and `scripts/check-deploy` read a stack's outputs through the fixture
+/// `deploy/fixtures/describe-stacks.json`: it names exactly the outputs the template declares.
+#[test]
+fn the_describe_stacks_fixture_has_the_template_s_outputs() {
+    let root = testkit::workspace_root();
+    let text = std::fs::read_to_string(root.join("template.yaml")).unwrap();
+    let doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
+    let declared: BTreeSet<String> = doc["Outputs"]
+        .as_hash()
+        .expect("Outputs")
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/fixtures/describe-stacks.json")).unwrap(),
+    )
+    .unwrap();
+    let listed: BTreeSet<String> = fixture["Stacks"][0]["Outputs"]
+        .as_array()
+        .expect("Outputs")
+        .iter()
+        .filter_map(|o| o["OutputKey"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listed, declared);
+}
