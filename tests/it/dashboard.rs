@@ -391,9 +391,10 @@ async fn payments(catalog: &mut Catalog) {
         .unwrap();
     assert_eq!(webhook::handle(&w.webhook, forged).await.status(), 400);
 
-    // Stripe failing a click, then the database gone for a click and a delivery.
+    // Stripe failing a click (more 500s than any retry policy tries), then the database gone
+    // for a click and a delivery.
     w.stripe
-        .script(std::iter::repeat_n(FakeStripe::server_error(), 3));
+        .script(std::iter::repeat_n(FakeStripe::server_error(), 10));
     let unlucky = w.user().await;
     assert_eq!(w.click(&unlucky).await.0, 503, "Stripe down");
     let event = fixtures::checkout_event(
