@@ -1,6 +1,9 @@
 //! Embeds the list of migration versions, so `preflight --online` knows the newest one.
 fn main() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../supabase/migrations");
+    // The variable as this run of the build script sees it, not as it was when the script was
+    // compiled: a target/ copied from another checkout would read that checkout's migrations.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+    let dir = std::path::Path::new(&manifest_dir).join("../supabase/migrations");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut versions: Vec<String> = std::fs::read_dir(&dir)
         .map(|entries| {

@@ -9,6 +9,7 @@ mod chat;
 mod chat_limits;
 mod chat_ui;
 mod checkout;
+mod dashboard;
 mod db_tls;
 mod decisions;
 mod docs;
