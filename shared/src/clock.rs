@@ -4,7 +4,7 @@
 //! test can put a request at any instant (a token about to expire, a signature at the edge of the
 //! tolerance) without sleeping.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Wall-clock time, the system's own or shifted by a fixed offset (tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,6 +32,17 @@ impl Clock {
     pub fn unix_s(&self) -> i64 {
         self.unix_ms().div_euclid(1000)
     }
+
+    /// A Lambda invocation's deadline (Unix milliseconds) as an [`Instant`]; `None` for one in
+    /// the past or further than Lambda's 15-minute limit (`cargo lambda watch` sends a constant
+    /// in 1970).
+    pub fn deadline_instant(&self, deadline_ms: u64) -> Option<Instant> {
+        let left_ms = i64::try_from(deadline_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(self.unix_ms());
+        (left_ms > 0 && left_ms <= 15 * 60 * 1000)
+            .then(|| Instant::now() + Duration::from_millis(left_ms as u64))
+    }
 }
 
 fn system_unix_ms() -> i64 {
@@ -52,5 +63,22 @@ mod tests {
         let (a, b) = (system.unix_s(), ahead.unix_s());
         assert!((3599..=3601).contains(&(b - a)), "{a} {b}");
         assert!(system.unix_s() > 1_700_000_000);
+    }
+
+    #[test]
+    fn a_deadline_is_kept_only_within_lambda_s_fifteen_minutes() {
+        let clock = Clock::system();
+        let now = clock.unix_ms() as u64;
+        let left = clock
+            .deadline_instant(now + 60_000)
+            .expect("a minute ahead")
+            .saturating_duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(58) && left <= Duration::from_secs(60),
+            "{left:?}"
+        );
+        assert_eq!(clock.deadline_instant(now - 1), None);
+        assert_eq!(clock.deadline_instant(now + 16 * 60_000), None);
+        assert_eq!(clock.deadline_instant(1_000), None);
     }
 }

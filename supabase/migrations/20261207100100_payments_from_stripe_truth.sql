@@ -1097,6 +1097,16 @@ begin
 end
 $$;
 
+-- Of the events a reconciler run listed (a JSON array of ids), those not in the ledger: an event
+-- applied before (by the webhook or a run cut short) is not read at Stripe again.
+create function public.stripe_events_unknown(p_ids jsonb) returns jsonb
+language sql stable set search_path = ''
+as $$
+  select coalesce(jsonb_agg(x.id order by x.n), '[]')
+  from jsonb_array_elements_text(p_ids) with ordinality as x(id, n)
+  where not exists (select 1 from public.stripe_events e where e.id = x.id)
+$$;
+
 -- Ends a reconciler run.
 create function public.reconcile_finish(p_run bigint, p_events integer, p_repaired integer,
                                         p_error text)
@@ -1117,6 +1127,7 @@ revoke all on function
   public.record_stripe_facts(jsonb, jsonb, jsonb, jsonb),
   public.stripe_sync_begin(text, text),
   public.reconcile_begin(bigint, integer),
+  public.stripe_events_unknown(jsonb),
   public.reconcile_finish(bigint, integer, integer, text)
 from public, anon, authenticated;
 
@@ -1124,6 +1135,7 @@ grant execute on function
   public.record_stripe_facts(jsonb, jsonb, jsonb, jsonb),
   public.stripe_sync_begin(text, text),
   public.reconcile_begin(bigint, integer),
+  public.stripe_events_unknown(jsonb),
   public.reconcile_finish(bigint, integer, integer, text)
 to service_role;
 

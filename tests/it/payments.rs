@@ -1523,3 +1523,31 @@ async fn without_automatic_refunds_a_duplicate_is_audited_and_alarmed() {
     w.reconcile(None).await;
     assert!(w.stripe.refunds().is_empty());
 }
+
+#[tokio::test]
+async fn a_refund_stripe_keeps_failing_is_left_to_a_person_after_ten_keys() {
+    let w = world().await;
+    let user = w.user().await;
+    buy(&w, &user).await;
+    let (link, _) = pay_link(&w, &user);
+    w.stripe.next_refund_status(Some("failed"));
+
+    w.deliver_all().await;
+    let mut runs = 0;
+    while refund_keys(&w).await.len() < 10 && runs < 10 {
+        w.reconcile(None).await;
+        runs += 1;
+    }
+    let tried = refund_keys(&w).await;
+    w.reconcile(None).await;
+    w.reconcile(None).await;
+
+    assert_eq!(tried.len(), 10, "{tried:?}");
+    assert_eq!(refund_keys(&w).await, tried, "no eleventh key");
+    assert_eq!(w.order_of(&link).await["status"], "paid");
+    assert!(w.webhook_metric("DuplicateRefundFailures") >= 1.0);
+    assert!(
+        apps::metric_total(&w.reconcile_metrics, "DuplicateRefundFailures") >= 2.0,
+        "every run says so until a person acts"
+    );
+}

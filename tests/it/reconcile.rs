@@ -43,9 +43,21 @@ async fn a_payment_whose_events_were_lost_is_applied_by_one_run() {
     );
     assert!(apps::metric_total(&w.reconcile_metrics, "ReconcileRepairs") >= 2.0);
 
-    // A second run finds nothing to repair, and starts listing where the first one began.
+    // A second run finds nothing to repair, and starts listing where the first one began; the
+    // event (still undelivered at Stripe) is in the ledger, so nothing of it is read again.
+    let reads = w.stripe.requests("GET").await.len();
     let again = w.reconcile(None).await;
     assert_eq!((again.events_new, again.repaired), (0, 0), "{again:?}");
+    assert_eq!(again.events_listed, 1);
+    let read_again: Vec<String> = w.stripe.requests("GET").await[reads..]
+        .iter()
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(
+        read_again,
+        ["/v1/events", "/v1/checkout/sessions"],
+        "only the two lists"
+    );
     assert!(again.since >= report.since && again.since > 0);
     assert!(w.deliver_all().await.is_empty(), "nothing new at Stripe");
 }
@@ -135,7 +147,7 @@ async fn a_run_that_cannot_reach_stripe_fails_and_the_next_one_starts_before_it(
     let first = w.reconcile(None).await;
     w.stripe.delay(Some(std::time::Duration::from_secs(3)));
 
-    let failed = reconcile::handle(&w.reconciler, None).await;
+    let failed = reconcile::handle(&w.reconciler, None, None).await;
 
     assert!(failed.is_err(), "{failed:?}");
     assert_eq!(
@@ -160,4 +172,39 @@ async fn a_run_that_cannot_reach_stripe_fails_and_the_next_one_starts_before_it(
         .scalar("select error from internal.reconciler_runs order by id desc offset 1 limit 1")
         .await;
     assert!(error.is_some_and(|e| e.contains("Stripe")));
+}
+
+#[tokio::test]
+async fn a_run_out_of_time_stops_before_its_deadline_and_the_next_one_lists_again() {
+    let w = world().await;
+    let first = w.reconcile(None).await;
+    let user = w.user().await;
+    let (_, click) = w.click(&user).await;
+    let session = click["session_id"].as_str().unwrap().to_owned();
+    w.stripe.pay(&session).unwrap();
+    assert_eq!(w.stripe.take_events().len(), 1, "lost");
+
+    // An invocation with less than the reserve left.
+    let deadline = std::time::Instant::now() + reconcile::DEADLINE_RESERVE / 2;
+    let cut = reconcile::handle(&w.reconciler, None, Some(deadline)).await;
+
+    assert!(
+        matches!(cut, Err(reconcile::ReconcileError::OutOfTime(1))),
+        "{cut:?}"
+    );
+    assert!(
+        !w.owns(&user).await,
+        "nothing applied after the reserve began"
+    );
+    let error: Option<String> = w
+        .scalar("select error from internal.reconciler_runs order by id desc limit 1")
+        .await;
+    assert!(
+        error.as_deref().is_some_and(|e| e.contains("out of time")),
+        "the cut run is not one the next starts from: {error:?}"
+    );
+    let next = w.reconcile(None).await;
+    assert!(next.run > first.run + 1);
+    assert_eq!(next.events_new, 1, "{next:?}");
+    assert!(w.owns(&user).await);
 }

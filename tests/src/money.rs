@@ -194,7 +194,7 @@ impl World {
 
     /// One reconciler run (from the last one, or `since`, Unix seconds).
     pub async fn reconcile(&self, since: Option<i64>) -> reconcile::Report {
-        reconcile::handle(&self.reconciler, since)
+        reconcile::handle(&self.reconciler, since, None)
             .await
             .unwrap_or_else(|e| panic!("reconciler run failed: {e}"))
     }

@@ -299,7 +299,7 @@ impl<'w> Run<'w> {
                 }
             }
             Op::Reconcile => {
-                let report = reconcile::handle(&self.w.reconciler, None)
+                let report = reconcile::handle(&self.w.reconciler, None, None)
                     .await
                     .map_err(|e| format!("the reconciler failed: {e}"))?;
                 self.note(format!("reconciled: {report:?}"));
@@ -973,7 +973,7 @@ impl<'w> Run<'w> {
                 "catch up through the reconciler ({} pending)",
                 lost.len()
             ));
-            let report = reconcile::handle(&self.w.reconciler, None)
+            let report = reconcile::handle(&self.w.reconciler, None, None)
                 .await
                 .map_err(|e| format!("the reconciler failed: {e}"))?;
             self.note(format!("reconciled: {report:?}"));

@@ -122,6 +122,17 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error("Stripe: {0}")]
     Stripe(#[from] StripeError),
+    /// The invocation's deadline came before every event listed was applied: the run counts as
+    /// failed, so the next one lists them again.
+    #[error("out of time with {0} listed events left (the next run lists them again)")]
+    OutOfTime(usize),
+}
+
+/// Time kept in hand before the invocation's deadline: one Stripe read and its store call.
+pub const DEADLINE_RESERVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn out_of_time(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < DEADLINE_RESERVE)
 }
 
 impl From<SyncError> for ReconcileError {
@@ -151,11 +162,15 @@ pub struct Report {
 }
 
 /// One run, with its metrics line and log line; `since` (Unix seconds) overrides where the
-/// event listing starts.
-pub async fn handle(state: &State, since: Option<i64>) -> Result<Report, ReconcileError> {
+/// event listing starts; `deadline` (the invocation's) stops it [`DEADLINE_RESERVE`] before.
+pub async fn handle(
+    state: &State,
+    since: Option<i64>,
+    deadline: Option<Instant>,
+) -> Result<Report, ReconcileError> {
     let mut metrics = state.metrics.start();
     let started = Instant::now();
-    let result = run(state, since, &mut metrics).await;
+    let result = run(state, since, deadline, &mut metrics).await;
     metrics.millis(shared::telemetry::DURATION_METRIC, started.elapsed());
     match &result {
         Ok(report) => {
@@ -190,6 +205,7 @@ pub async fn handle(state: &State, since: Option<i64>) -> Result<Report, Reconci
 async fn run(
     state: &State,
     since: Option<i64>,
+    deadline: Option<Instant>,
     metrics: &mut MetricSet,
 ) -> Result<Report, ReconcileError> {
     let plan = state
@@ -201,7 +217,7 @@ async fn run(
         since: plan.since,
         ..Report::default()
     };
-    let outcome = steps(state, &plan, &mut report, metrics).await;
+    let outcome = steps(state, &plan, deadline, &mut report, metrics).await;
     let error = outcome.as_ref().err().map(ToString::to_string);
     state
         .store
@@ -218,6 +234,7 @@ async fn run(
 async fn steps(
     state: &State,
     plan: &shared::store::payments::ReconcilePlan,
+    deadline: Option<Instant>,
     report: &mut Report,
     metrics: &mut MetricSet,
 ) -> Result<(), ReconcileError> {
@@ -230,21 +247,35 @@ async fn steps(
         .list_undelivered_events(plan.since, &types, &mut stats)
         .await?;
     metrics.millis("StripeLatency", stats.elapsed);
+    report.events_listed = events.len() as u32;
     // Oldest first, as Stripe sent them.
+    let mut parsed_events = Vec::with_capacity(events.len());
     for raw in events.iter().rev() {
-        report.events_listed += 1;
-        let parsed = match shared::stripe::events::parse(raw.get().as_bytes()) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                report
-                    .failures
-                    .push(format!("an event Stripe listed is not readable: {e}"));
-                continue;
-            }
-        };
+        match shared::stripe::events::parse(raw.get().as_bytes()) {
+            Ok(parsed) => parsed_events.push(parsed),
+            Err(e) => report
+                .failures
+                .push(format!("an event Stripe listed is not readable: {e}")),
+        }
+    }
+    // Those applied before (delivered late, or by a run cut short) cost no Stripe read: a
+    // backlog longer than one run shrinks run after run.
+    let ids: Vec<&str> = parsed_events.iter().map(|p| p.id.as_str()).collect();
+    let unknown: std::collections::HashSet<String> = state
+        .store
+        .stripe_events_unknown(&ids)
+        .await?
+        .into_iter()
+        .collect();
+    parsed_events.retain(|p| unknown.contains(&p.id));
+    let todo = parsed_events.len();
+    for (done, parsed) in parsed_events.iter().enumerate() {
+        if out_of_time(deadline) {
+            return Err(ReconcileError::OutOfTime(todo - done));
+        }
         let target = target_of(&parsed.event);
         let delivery = Delivery {
-            event: &parsed,
+            event: parsed,
             received_at_ms: state.clock.unix_ms(),
         };
         match syncer.sync(Some(delivery), target.as_ref(), None).await {
@@ -289,7 +320,15 @@ async fn steps(
             .iter()
             .map(|pi| Target::Payment(shared::payments::target::PaymentRef::Intent(pi.clone()))),
     );
-    for target in &targets {
+    for (done, target) in targets.iter().enumerate() {
+        if out_of_time(deadline) {
+            // Each run plans these again from the database: the next one reads the rest.
+            report.failures.push(format!(
+                "out of time with {} reads left for the next run",
+                targets.len() - done
+            ));
+            break;
+        }
         match syncer.sync(None, Some(target), None).await {
             Ok(synced) => count(&synced, report, &format!("{target:?}"), metrics),
             Err(SyncError::Stripe(e)) if !e.is_transient() && e.class() != "authentication" => {

@@ -12,11 +12,15 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let state = reconcile::State::new(config).inspect_err(|e| tracing::error!("{e}"))?;
     state.store.connect_early();
     state.stripe.warm_up();
-    lambda_runtime::run(service_fn(|_: LambdaEvent<serde_json::Value>| async {
-        // A failed run is an invocation error: Lambda's Errors metric, the reconciler's alarm.
-        reconcile::handle(&state, None)
-            .await
-            .map_err(lambda_runtime::Error::from)
-    }))
+    let state = &state;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            let deadline = shared::clock::Clock::system().deadline_instant(event.context.deadline);
+            // A failed run is an invocation error: Lambda's Errors metric, the reconciler's alarm.
+            reconcile::handle(state, None, deadline)
+                .await
+                .map_err(lambda_runtime::Error::from)
+        },
+    ))
     .await
 }

@@ -15,6 +15,10 @@ use crate::stripe::ids::SessionId;
 /// Keys one run tries for one action before it leaves the action to the next run.
 pub const KEYS_PER_RUN: u32 = 3;
 
+/// Keys spent on one action after which it is left to a person (an alarm): a refund Stripe
+/// refuses ten times will not be made by an eleventh try every ten minutes.
+pub const MAX_ATTEMPTS: u32 = 10;
+
 /// What an action came to.
 #[derive(Debug)]
 pub struct Acted<T> {
@@ -23,6 +27,11 @@ pub struct Acted<T> {
     /// Keys spent on the way.
     pub spent: Vec<ActionFailure>,
     pub elapsed: Duration,
+}
+
+/// The keys one run may try from `first`: at most [`KEYS_PER_RUN`], never past [`MAX_ATTEMPTS`].
+fn keys(first: u32) -> std::ops::RangeInclusive<u32> {
+    first..=(first + KEYS_PER_RUN - 1).min(MAX_ATTEMPTS)
 }
 
 fn spent(kind: ActionKind, object_id: &str, attempt: u32, error: &str) -> ActionFailure {
@@ -43,7 +52,7 @@ pub async fn refund(stripe: &StripeClient, due: &RefundDue) -> Acted<Refund> {
     };
     let order = due.order_id.to_string();
     let first = due.attempt.max(1);
-    for attempt in first..first + KEYS_PER_RUN {
+    for attempt in keys(first) {
         let mut stats = CallStats::default();
         let answer = stripe
             .refund_duplicate(&due.payment_intent_id, &order, attempt, &mut stats)
@@ -108,7 +117,7 @@ pub async fn expire(stripe: &StripeClient, due: &ExpiryDue) -> Acted<CheckoutSes
         }
     };
     let first = due.attempt.max(1);
-    for attempt in first..first + KEYS_PER_RUN {
+    for attempt in keys(first) {
         let mut stats = CallStats::default();
         let answer = stripe.expire_if_open(&id, attempt, &mut stats).await;
         acted.elapsed += stats.elapsed;

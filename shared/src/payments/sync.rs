@@ -169,6 +169,11 @@ impl Syncer<'_> {
             let mut facts = Facts::at(self.clock.unix_ms());
             let mut failures = Vec::new();
             for due in &expiries {
+                if due.attempt > act::MAX_ATTEMPTS {
+                    tracing::error!(session = %due.session_id, attempts = due.attempt - 1,
+                        "Stripe keeps refusing to expire a session that must not be paid; see the runbook");
+                    continue;
+                }
                 let acted = act::expire(stripe, due).await;
                 synced.stripe_time += acted.elapsed;
                 failures.extend(acted.spent);
@@ -207,6 +212,15 @@ impl Syncer<'_> {
                 }
             }
             for due in &refunds {
+                if due.attempt > act::MAX_ATTEMPTS {
+                    // Stripe keeps refusing this one: a person refunds it (runbook), the alarm
+                    // holds until then.
+                    refused.push((
+                        due.clone(),
+                        format!("{} idempotency keys spent", due.attempt - 1),
+                    ));
+                    continue;
+                }
                 let acted = act::refund(stripe, due).await;
                 synced.stripe_time += acted.elapsed;
                 failures.extend(acted.spent);
@@ -231,6 +245,7 @@ impl Syncer<'_> {
                     }
                     Ok(_) => {
                         // Every key of this run gave a refund that failed at once.
+                        refused.push((due.clone(), "every refund made failed at once".into()));
                         self.reread(&due.payment_intent_id, &mut facts, synced)
                             .await?;
                     }

@@ -221,6 +221,17 @@ impl Store {
         )
     }
 
+    /// Of `ids` (events a run listed), those the ledger does not hold, in the order given.
+    pub async fn stripe_events_unknown(&self, ids: &[&str]) -> Result<Vec<String>, StoreError> {
+        decode(
+            self.call(Call {
+                function: "stripe_events_unknown",
+                args: vec![("p_ids", Arg::Value(serde_json::json!(ids)))],
+            })
+            .await?,
+        )
+    }
+
     /// Ends a reconciler run with what it did.
     pub async fn reconcile_finish(
         &self,

@@ -1,4 +1,4 @@
-//! One reconciler run by hand: `reconcile [--since 3d|12h|90m|<unix seconds>] [--json]`, reading
+//! One reconciler run by hand: `reconcile-now [--since 3d|12h|90m|<unix seconds>] [--json]`, reading
 //! the environment as the deployed reconciler does (DATABASE_URL or SUPABASE_URL with the
 //! service role key, STRIPE_SECRET_KEY, STRIPE_FULL_REPORT_PRICE_ID). Without `--since` it starts
 //! a little before the last run that finished. Exit code 1 when the run failed or left anything.
@@ -35,7 +35,7 @@ async fn main() -> std::process::ExitCode {
                 }
             },
             _ => {
-                eprintln!("usage: reconcile [--since 3d|12h|90m|<unix seconds>] [--json]");
+                eprintln!("usage: reconcile-now [--since 3d|12h|90m|<unix seconds>] [--json]");
                 return std::process::ExitCode::from(2);
             }
         }
@@ -55,7 +55,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match reconcile::handle(&state, from).await {
+    match reconcile::handle(&state, from, None).await {
         Ok(report) => {
             if json {
                 println!(
