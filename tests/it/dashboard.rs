@@ -6,8 +6,8 @@
 //! publishes, of this template's functions and alias. Every alarm is on the dashboard's alarm
 //! widget and in the runbook's table, which names a widget of the dashboard.
 //!
-//! A new function (the scheduled reconciler, say) adds its scenario to [`capture`]: its metric
-//! lines then count, and the checks below need no change.
+//! A new function adds its scenario to [`capture`] (the reconciler's runs are in [`payments`]):
+//! its metric lines then count, and the checks below need no change.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -361,6 +361,27 @@ async fn payments(catalog: &mut Catalog) {
     deliver_all().await;
     w.stripe.next_refund_status(None);
 
+    // The reconciler: a payment whose event was lost, applied by a run; the duplicate above
+    // refused again, then refunded by the next run; a run that cannot reach Stripe.
+    let lost = w.user().await;
+    let (_, clicked) = w.click(&lost).await;
+    w.stripe
+        .pay(clicked["session_id"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(w.stripe.take_events().len(), 1);
+    w.stripe.next_refund_status(Some("failed"));
+    let run = w.reconcile(None).await;
+    assert_eq!(run.events_new, 1, "{run:?}");
+    assert!(!run.failures.is_empty(), "the refund refused: {run:?}");
+    w.stripe.next_refund_status(None);
+    let run = w.reconcile(None).await;
+    assert!(run.failures.is_empty(), "{run:?}");
+    assert!(w.owns(&lost).await);
+    w.proxy.down();
+    assert!(reconcile::handle(&w.reconciler, None, None).await.is_err());
+    w.proxy.up();
+    deliver_all().await;
+
     // A session that expires, an async payment that fails, a session for another product.
     let late = w.user().await;
     let (_, expiring) = w.click(&late).await;
@@ -410,6 +431,7 @@ async fn payments(catalog: &mut Catalog) {
     w.proxy.up();
 
     catalog.add(&w.webhook_metrics);
+    catalog.add(&w.reconcile_metrics);
     for lines in &w.checkout_metrics {
         catalog.add(lines);
     }

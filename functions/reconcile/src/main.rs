@@ -16,10 +16,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<serde_json::Value>| async move {
             let deadline = shared::clock::Clock::system().deadline_instant(event.context.deadline);
-            // A failed run is an invocation error: Lambda's Errors metric, the reconciler's alarm.
-            reconcile::handle(state, None, deadline)
-                .await
-                .map_err(lambda_runtime::Error::from)
+            // A failed run is counted (`Errors`, ReconcilerFailingAlarm) and logged, and the
+            // invocation still succeeds: Lambda does not retry it, the next scheduled run starts
+            // before it. Crashes and timeouts are Lambda's invocation errors.
+            let answer = match reconcile::handle(state, None, deadline).await {
+                Ok(report) => serde_json::json!({"ok": true, "report": report}),
+                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+            };
+            Ok::<_, lambda_runtime::Error>(answer)
         },
     ))
     .await

@@ -5,7 +5,9 @@
 //! - webhook: a signed `customer.created` event, answered 200 and recorded `ignored` in the
 //!   database (with a Stripe key and the Stripe stand-in, as deployed);
 //! - checkout: an authenticated status request for a user with a paid order: 200 `paid`;
-//! - chat: an OpenAI-format question without an LLM key: a rules answer, streamed.
+//! - chat: an OpenAI-format question without an LLM key: a rules answer, streamed;
+//! - reconcile: a scheduled event (EventBridge's shape) while Stripe holds a paid session whose
+//!   event was never delivered: the run answers ok, applies the event, the buyer owns the report.
 //!
 //! Each must also write its EMF metrics line (namespace `SaasFunctions`, dimension `Function`),
 //! the line the dashboard reads. Against a fresh database (`supabase/bootstrap.sql` and every
@@ -37,6 +39,7 @@ const FUNCTIONS: &[(&str, &str, u32)] = &[
     ("WebhookFunction", "webhook", 128),
     ("CheckoutFunction", "checkout", 256),
     ("ChatFunction", "chat", 256),
+    ("ReconcileFunction", "reconcile", 128),
 ];
 
 #[tokio::main]
@@ -86,6 +89,7 @@ async fn run(build_dir: &Path) -> Result<(), String> {
             "webhook" => webhook(&peers, &bootstrap, *memory).await,
             "checkout" => checkout(&peers, &bootstrap, *memory).await,
             "chat" => chat(&peers, &bootstrap, *memory).await,
+            "reconcile" => reconcile(&peers, &bootstrap, *memory).await,
             other => Err(format!("no smoke case for {other}")),
         }
         .map_err(|e| format!("{logical_id} ({}): {e}", bootstrap.display()))?;
@@ -389,5 +393,61 @@ async fn chat(peers: &Peers, bootstrap: &Path, memory: u32) -> Result<String, St
     Ok(format!(
         "200 streamed, rules answer of {} characters, EMF line",
         content.chars().count()
+    ))
+}
+
+async fn reconcile(peers: &Peers, bootstrap: &Path, memory: u32) -> Result<String, String> {
+    let client = peers.db.client().await;
+    let user = peers.db.create_user(&client).await;
+    // Paid through a Payment Link while the webhook endpoint was down: only Stripe's list of
+    // undelivered events knows of it.
+    let session =
+        peers
+            .stripe
+            .foreign_session(&user.to_string(), PRICE, testkit::stripe_fake::AMOUNT);
+    peers.stripe.pay(&session)?;
+    let env = [
+        ("STRIPE_SECRET_KEY", testkit::stripe_fake::KEY.to_owned()),
+        ("STRIPE_API_BASE", peers.stripe.uri()),
+        ("STRIPE_FULL_REPORT_PRICE_ID", PRICE.to_owned()),
+        ("AUTO_REFUND_DUPLICATES", "true".to_owned()),
+        ("RECONCILE_MAX_READS", "500".to_owned()),
+    ];
+    let mut function = Function::start(peers, bootstrap, "reconcile", memory, &env).await?;
+    let scheduled = json!({
+        "version": "0", "id": uuid::Uuid::new_v4().to_string(),
+        "detail-type": "Scheduled Event", "source": "aws.events",
+        "account": "123456789012", "time": "2026-12-07T12:00:00Z", "region": "eu-west-1",
+        "resources": ["arn:aws:events:eu-west-1:123456789012:rule/saas-functions-EveryTenMinutes"],
+        "detail": {},
+    });
+    let outcome = function.invoke(&scheduled).await?;
+    let answer: Value = serde_json::from_slice(&outcome.body).unwrap_or_default();
+    if outcome.kind != "response" || answer["ok"] != true {
+        return Err(format!(
+            "expected a run that finished, got {}: {}",
+            outcome.kind,
+            String::from_utf8_lossy(&outcome.body)
+        ));
+    }
+    let events = answer["report"]["events_new"].as_u64().unwrap_or(0);
+    let owns: bool = client
+        .query_one(
+            "select coalesce((select active from entitlements
+                              where user_id = $1 and product = 'full_report'), false)",
+            &[&user],
+        )
+        .await
+        .map_err(|e| format!("entitlements: {e}"))?
+        .get(0);
+    if events != 1 || !owns {
+        return Err(format!(
+            "expected the lost event applied and the buyer owning the report: {answer}, owns {owns}"
+        ));
+    }
+    function.stop("reconcile").await?;
+    Ok(format!(
+        "run {} applied the undelivered event, the buyer owns the report, EMF line",
+        answer["report"]["run"]
     ))
 }
