@@ -480,6 +480,8 @@ async fn a_changed_email_does_not_change_the_idempotent_create() {
         "Stripe too slow: the lease is released, the order stays"
     );
     w.stripe.delay(None);
+    // Until the first request under the key finishes, Stripe answers 409 for the key.
+    tokio::time::sleep(Duration::from_millis(700)).await;
 
     // The user changes their e-mail; the next token carries the new one.
     let mut claims = testkit::tokens::user_claims(&user, None);
@@ -918,6 +920,69 @@ async fn a_refund_waiting_for_the_customer_is_not_money_back_yet() {
     let health: Value = w.scalar("select public.payment_health(1)").await;
     assert_eq!(health["duplicates_unrefunded"], 0, "back now: {health}");
     assert_eq!(w.order_of(&second).await["status"], "refunded");
+    assert!(w.owns(&user).await);
+}
+
+/// A duplicate's refund waits for the customer, then is canceled: the duplicate is due again and
+/// is refunded under the next key (the first key replays the canceled refund forever).
+#[tokio::test]
+async fn a_duplicates_refund_canceled_while_waiting_is_made_again_under_the_next_key() {
+    let w = world().await;
+    let user = w.user().await;
+    let (first, _) = pay_link(&w, &user);
+    let (second, _) = pay_link(&w, &user);
+    w.stripe.next_refund_status(Some("requires_action"));
+    assert!(w.deliver_all().await.is_empty());
+    w.stripe.next_refund_status(None);
+    let waiting = w.stripe.refunds()[0]["id"].as_str().unwrap().to_owned();
+
+    w.stripe.cancel_refund(&waiting).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+
+    let refunds = w.stripe.refunds();
+    assert_eq!(refunds.len(), 2, "{refunds:?}");
+    assert_eq!(refunds[0]["status"], "canceled");
+    assert_eq!(refunds[1]["status"], "succeeded");
+    assert_eq!(refunds[1]["payment_intent"], refunds[0]["payment_intent"]);
+    assert_eq!(w.order_of(&second).await["status"], "refunded");
+    assert_eq!(w.order_of(&first).await["status"], "paid");
+    assert!(w.owns(&user).await);
+    let mut keys = refund_keys(&w).await;
+    keys.dedup();
+    assert_eq!(
+        keys.len(),
+        2,
+        "two keys, the first replayed at most: {keys:?}"
+    );
+}
+
+/// Two deliveries refund one duplicate at once under the same key. Stripe answers the second 409
+/// while the first runs (nothing kept for it); whatever each delivery answers, Stripe refunds once
+/// and, once everything is delivered, the duplicate is refunded and the first payment stands.
+#[tokio::test]
+async fn two_deliveries_refunding_one_duplicate_at_once_refund_it_once() {
+    let w = world().await;
+    let user = w.user().await;
+    let (first, _) = pay_link(&w, &user);
+    assert!(w.deliver_all().await.is_empty());
+    let (second, _) = pay_link(&w, &user);
+    let events = w.stripe.take_events();
+    assert_eq!(events.len(), 1);
+    w.stripe
+        .delay_refunds(Some(std::time::Duration::from_millis(1500)));
+
+    let (a, b) = tokio::join!(w.deliver(&events[0]), w.deliver(&events[0]));
+
+    w.stripe.delay_refunds(None);
+    let conflicts = w.stripe.requests_to("POST", "/v1/refunds").await.len();
+    assert!(conflicts >= 2, "the second delivery asked too: {a:?} {b:?}");
+    for event in &events {
+        w.deliver(event).await;
+    }
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(w.stripe.refunds().len(), 1, "{:?}", w.stripe.refunds());
+    assert_eq!(w.order_of(&second).await["status"], "refunded");
+    assert_eq!(w.order_of(&first).await["status"], "paid");
     assert!(w.owns(&user).await);
 }
 

@@ -93,6 +93,26 @@ fn idempotency_key(request: &Request) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A 409 while the first request under `key` is still running (its answer delayed): Stripe keeps
+/// nothing for the second request, which may be tried again.
+fn key_in_flight(state: &FakeState, key: &str) -> Option<ResponseTemplate> {
+    let until = state.keys_in_flight.get(key)?;
+    (std::time::Instant::now() < *until).then(|| {
+        error(
+            409,
+            "idempotency_error",
+            Some("idempotency_key_in_use"),
+            "There is currently another in-progress request using this idempotent key (that \
+             probably means you submitted twice, and the other request is still going through). \
+             Please try again later.",
+        )
+    })
+}
+
+fn key_kept(state: &FakeState, key: &str) -> bool {
+    state.idempotency.keys().any(|(_, k)| k == key)
+}
+
 /// Runs `op` under Stripe's idempotency rules for `(endpoint, key)`.
 fn idempotent(
     state: &mut FakeState,
@@ -102,6 +122,9 @@ fn idempotent(
     op: impl FnOnce(&mut FakeState) -> (u16, Value, bool),
 ) -> ResponseTemplate {
     if let Some(key) = &key {
+        if let Some(busy) = key_in_flight(state, key) {
+            return busy;
+        }
         if let Some(stored) = state.idempotency.get(&(endpoint.to_owned(), key.clone())) {
             if stored.params != params {
                 return error(400, "idempotency_error", None,
@@ -133,7 +156,27 @@ impl Respond for Route {
         let Ok(mut state) = self.state.lock() else {
             return error(500, "api_error", None, "poisoned");
         };
+        let kept_before = idempotency_key(request).map(|k| key_kept(&state, &k));
         let template = (self.handler)(&mut state, request);
+        // A request that ran (its result newly kept under its key) is in flight while its answer
+        // is delayed.
+        if let (Some(false), Some(key)) = (kept_before, idempotency_key(request)) {
+            if key_kept(&state, &key) {
+                let path = request.url.path();
+                let own = if path == "/v1/checkout/sessions" {
+                    state.create_delay
+                } else if path == "/v1/refunds" {
+                    state.refund_delay
+                } else {
+                    None
+                };
+                if let Some(delay) = state.delay.or(own) {
+                    state
+                        .keys_in_flight
+                        .insert(key, std::time::Instant::now() + delay);
+                }
+            }
+        }
         let template = with_delay(&state, template);
         deliver_outbox(&mut state, &self.state, self.sink.as_deref());
         template
@@ -740,6 +783,11 @@ impl FakeStripe {
     /// A refund waiting for the customer's details succeeds.
     pub fn complete_refund(&self, id: &str) -> Result<(), String> {
         self.with(|s| s.complete_refund(id))
+    }
+
+    /// A refund waiting for the customer is canceled: nothing moved.
+    pub fn cancel_refund(&self, id: &str) -> Result<(), String> {
+        self.with(|s| s.cancel_refund(id))
     }
 
     /// A refund fails after it was made: the money is the merchant's again.

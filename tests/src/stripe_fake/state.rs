@@ -82,6 +82,9 @@ pub struct FakeState {
     pub disputes: HashMap<String, Value>,
     /// `(endpoint, key)` -> first result, as Stripe keeps it.
     pub idempotency: HashMap<(String, String), Stored>,
+    /// Keys whose first request is still running (its answer delayed): until then another request
+    /// under the key is a 409, nothing kept, as at Stripe.
+    pub keys_in_flight: HashMap<String, std::time::Instant>,
     /// Answers to give to the next create calls instead of creating.
     pub scripted: VecDeque<Scripted>,
     pub delay: Option<Duration>,
@@ -506,6 +509,22 @@ impl FakeState {
         let charge = charge.clone();
         self.emit("charge.refund.updated", refund);
         self.emit("charge.refunded", charge);
+        Ok(())
+    }
+
+    /// A refund waiting for the customer is canceled (the cancel API, or its instructions
+    /// expired): no money moved, `amount_refunded` never counted it.
+    pub fn cancel_refund(&mut self, id: &str) -> Result<(), String> {
+        let Some(refund) = self.refunds.iter_mut().find(|r| r["id"] == json!(id)) else {
+            return Err(format!("no such refund {id}"));
+        };
+        if refund["status"] != "requires_action" {
+            return Err(format!("the refund is {}", refund["status"]));
+        }
+        refund["status"] = json!("canceled");
+        let refund = refund.clone();
+        self.emit("charge.refund.updated", refund.clone());
+        self.emit("refund.updated", refund);
         Ok(())
     }
 
