@@ -214,11 +214,13 @@ create table internal.stripe_actions (
 alter table internal.stripe_actions enable row level security;
 grant all on internal.stripe_actions to service_role;
 
--- The reconciler's runs: where each one started listing undelivered events, what it repaired.
+-- The reconciler's runs: where each one started listing undelivered events, how far it listed
+-- them all (`listed_through`: every event created before it was applied), what it repaired.
 create table internal.reconciler_runs (
   id bigint generated always as identity primary key,
   started_at timestamptz not null default now(),
   since timestamptz not null,
+  listed_through timestamptz,
   finished_at timestamptz,
   events integer not null default 0,
   repaired integer not null default 0,
@@ -245,12 +247,21 @@ $$;
 
 -- Serializes everything that decides whether a user owns a product: clicks, and storing the
 -- facts of their payments (I2). Transaction-scoped, so it is safe behind a transaction pooler.
--- Lock order everywhere: purchase locks (several in (user, product) order) -> customer lock ->
--- fact rows -> order rows -> entitlement rows.
+-- Lock order everywhere: payment locks (in id order) -> purchase locks (in (user, product) order)
+-- -> customer lock -> fact rows -> order rows -> entitlement rows.
 create function billing.lock_purchase(p_user uuid, p_product text) returns void
 language sql set search_path = ''
 as $$
   select pg_advisory_xact_lock(hashtextextended('purchase/' || p_user::text || '/' || p_product, 0))
+$$;
+
+-- Serializes storing the facts that name one payment: the payment itself, its refunds and
+-- disputes, and the sessions it paid. Which purchases a payment's facts concern is read from the
+-- session that names it; under this lock that link is committed, or not being written.
+create function billing.lock_payment(p_payment_intent text) returns void
+language sql set search_path = ''
+as $$
+  select pg_advisory_xact_lock(hashtextextended('payment/' || p_payment_intent, 0))
 $$;
 
 -- Serializes what reads or writes a customer's owner (I7).
@@ -921,6 +932,7 @@ declare
                                               extract(epoch from clock_timestamp()) * 1000) / 1000);
   v_duplicate boolean := false;
   v_pair record;
+  v_pi text;
   v_action record;
   v_touched jsonb;
   v_settled jsonb;
@@ -946,6 +958,19 @@ begin
     v_duplicate := not found;
   end if;
 
+  -- The payments these facts name, locked (in id order) before the purchases are computed: a
+  -- session naming one of them that another transaction is storing is committed by then, so its
+  -- purchase is among them.
+  for v_pi in
+    select distinct x.pi from (
+      select f.value ->> 'id' as pi from jsonb_array_elements(coalesce(p_facts -> 'payments', '[]')) f
+      union all select f.value ->> 'payment_intent_id' from jsonb_array_elements(coalesce(p_facts -> 'sessions', '[]')) f
+      union all select f.value ->> 'payment_intent_id' from jsonb_array_elements(coalesce(p_facts -> 'refunds', '[]')) f
+      union all select f.value ->> 'payment_intent_id' from jsonb_array_elements(coalesce(p_facts -> 'disputes', '[]')) f
+    ) x where x.pi is not null order by 1
+  loop
+    perform billing.lock_payment(v_pi);
+  end loop;
   -- The purchases these facts concern, locked (in one order) before anything is written, as
   -- checkout locks one before it reads.
   select coalesce(jsonb_agg(to_jsonb(t)), '[]') into v_touched from billing.purchases_touched(p_facts) t;
@@ -1057,43 +1082,56 @@ begin
 end
 $$;
 
--- Starts a reconciler run: from p_since, else a little before the last run that finished (within
--- Stripe's 30 days of events, 3 days for the first run), and what to read again: sessions of ours
--- Stripe may still let someone pay (or that were never read), payments in flight, due for a
--- refund or never read, refunds waiting for the customer.
+-- Starts a reconciler run: where to list undelivered events from (p_since, else 10 minutes before
+-- the furthest any run listed through, 3 days back for the first run, never past Stripe's 30
+-- days), and what to read again, at most p_limit of each, the most pressing and then the least
+-- recently read first (so that runs move through more than p_limit): sessions of ours Stripe may
+-- still let someone pay, or never read; payments due for a refund, never read, in flight, or
+-- with a refund waiting for the customer. `sessions_due` and `payments_due` count them all.
 create function public.reconcile_begin(p_since_s bigint, p_limit integer) returns jsonb
 language plpgsql set search_path = ''
 as $$
 declare
   v_since timestamptz := greatest(coalesce(billing.unix_ts(p_since_s),
-    (select max(started_at) - interval '10 minutes' from internal.reconciler_runs
-     where finished_at is not null and error is null),
+    (select max(listed_through) - interval '10 minutes' from internal.reconciler_runs),
     now() - interval '3 days'), now() - interval '30 days');
   v_run bigint;
 begin
   insert into internal.reconciler_runs (since) values (v_since) returning id into v_run;
-  return jsonb_build_object('run', v_run, 'since', floor(extract(epoch from v_since))::bigint,
-    'sessions', (select coalesce(jsonb_agg(x.id), '[]') from (
-        select s.id from public.stripe_sessions s
-        where s.order_id is not null and s.status = 'open'
-        union
-        select o.stripe_checkout_session_id from public.orders o
-        where o.stripe_checkout_session_id is not null
-          and not exists (select 1 from public.stripe_sessions s where s.id = o.stripe_checkout_session_id)
-          and o.status in ('pending', 'processing')
-        order by 1 limit p_limit) x),
-    'payments', (select coalesce(jsonb_agg(x.pi), '[]') from (
-        select d.payment_intent_id as pi from billing.decisions d
+  return (
+    with sessions as (
+      select s.id, s.read_at from public.stripe_sessions s
+      where s.order_id is not null and s.status = 'open'
+      union
+      select o.stripe_checkout_session_id, null from public.orders o
+      where o.stripe_checkout_session_id is not null
+        and not exists (select 1 from public.stripe_sessions s where s.id = o.stripe_checkout_session_id)
+        and o.status in ('pending', 'processing')
+    ), payments as (
+      select x.pi, min(x.rank) as rank, min(p.read_at) as read_at
+      from (
+        select d.payment_intent_id as pi, case when d.refund_due then 0 else 2 end as rank
+        from billing.decisions d
         where d.payment_intent_id is not null and (d.money = 'in_flight' or d.refund_due)
-        union
-        select s.payment_intent_id from public.stripe_sessions s
+        union all
+        select s.payment_intent_id, 1 from public.stripe_sessions s
         where s.status = 'complete' and s.payment_intent_id is not null
           and not exists (select 1 from public.stripe_payments p where p.id = s.payment_intent_id)
-        union
-        select p.id from public.stripe_payments p where p.read_at = 'epoch'
-        union
-        select r.payment_intent_id from public.stripe_refunds r where r.status = 'requires_action'
-        order by 1 limit p_limit) x));
+        union all
+        select p.id, 1 from public.stripe_payments p where p.read_at = 'epoch'
+        union all
+        select r.payment_intent_id, 2 from public.stripe_refunds r where r.status = 'requires_action'
+      ) x
+      left join public.stripe_payments p on p.id = x.pi
+      group by x.pi
+    )
+    select jsonb_build_object('run', v_run, 'since', floor(extract(epoch from v_since))::bigint,
+      'sessions', (select coalesce(jsonb_agg(t.id), '[]') from (
+          select id from sessions order by read_at nulls first, id limit p_limit) t),
+      'sessions_due', (select count(*) from sessions),
+      'payments', (select coalesce(jsonb_agg(t.pi), '[]') from (
+          select pi from payments order by rank, read_at nulls first, pi limit p_limit) t),
+      'payments_due', (select count(*) from payments)));
 end
 $$;
 
@@ -1107,14 +1145,15 @@ as $$
   where not exists (select 1 from public.stripe_events e where e.id = x.id)
 $$;
 
--- Ends a reconciler run.
+-- Ends a reconciler run: what it did, and how far it listed every undelivered event (Unix
+-- seconds; null when it listed nothing through to the end of a slice).
 create function public.reconcile_finish(p_run bigint, p_events integer, p_repaired integer,
-                                        p_error text)
+                                        p_error text, p_listed_through_s bigint)
 returns jsonb
 language sql set search_path = ''
 as $$
   update internal.reconciler_runs set finished_at = now(), events = p_events,
-    repaired = p_repaired, error = p_error
+    repaired = p_repaired, error = p_error, listed_through = billing.unix_ts(p_listed_through_s)
   where id = p_run
   returning jsonb_build_object('run', id, 'finished', true)
 $$;
@@ -1128,7 +1167,7 @@ revoke all on function
   public.stripe_sync_begin(text, text),
   public.reconcile_begin(bigint, integer),
   public.stripe_events_unknown(jsonb),
-  public.reconcile_finish(bigint, integer, integer, text)
+  public.reconcile_finish(bigint, integer, integer, text, bigint)
 from public, anon, authenticated;
 
 grant execute on function
@@ -1136,7 +1175,7 @@ grant execute on function
   public.stripe_sync_begin(text, text),
   public.reconcile_begin(bigint, integer),
   public.stripe_events_unknown(jsonb),
-  public.reconcile_finish(bigint, integer, integer, text)
+  public.reconcile_finish(bigint, integer, integer, text, bigint)
 to service_role;
 
 -- Checkout: start or resume the one-time purchase with at most one payable session per user and
@@ -1258,6 +1297,10 @@ begin
   select * into v_order from public.orders where id = p_order;
   if v_order.id is null then
     return jsonb_build_object('attached', false, 'order', null, 'expiries', '[]'::jsonb);
+  end if;
+  -- Lock order: the payment a replayed create's session names, then the purchase.
+  if p_session ->> 'payment_intent_id' is not null then
+    perform billing.lock_payment(p_session ->> 'payment_intent_id');
   end if;
   perform billing.lock_purchase(v_order.user_id, v_order.product);
   perform billing.store_sessions(jsonb_build_array(p_session),

@@ -193,12 +193,21 @@ $$;
 
 -- Serializes everything that decides whether a user owns a product: clicks, and storing the
 -- facts of their payments (I2). Transaction-scoped, so it is safe behind a transaction pooler.
--- Lock order everywhere: purchase locks (several in (user, product) order) -> customer lock ->
--- fact rows -> order rows -> entitlement rows.
+-- Lock order everywhere: payment locks (in id order) -> purchase locks (in (user, product) order)
+-- -> customer lock -> fact rows -> order rows -> entitlement rows.
 create function billing.lock_purchase(p_user uuid, p_product text) returns void
 language sql set search_path = ''
 as $$
   select pg_advisory_xact_lock(hashtextextended('purchase/' || p_user::text || '/' || p_product, 0))
+$$;
+
+-- Serializes storing the facts that name one payment: the payment itself, its refunds and
+-- disputes, and the sessions it paid. Which purchases a payment's facts concern is read from the
+-- session that names it; under this lock that link is committed, or not being written.
+create function billing.lock_payment(p_payment_intent text) returns void
+language sql set search_path = ''
+as $$
+  select pg_advisory_xact_lock(hashtextextended('payment/' || p_payment_intent, 0))
 $$;
 
 -- Serializes what reads or writes a customer's owner (I7).

@@ -119,6 +119,10 @@ begin
   if v_order.id is null then
     return jsonb_build_object('attached', false, 'order', null, 'expiries', '[]'::jsonb);
   end if;
+  -- Lock order: the payment a replayed create's session names, then the purchase.
+  if p_session ->> 'payment_intent_id' is not null then
+    perform billing.lock_payment(p_session ->> 'payment_intent_id');
+  end if;
   perform billing.lock_purchase(v_order.user_id, v_order.product);
   perform billing.store_sessions(jsonb_build_array(p_session),
     billing.unix_ts((p_session ->> 'created')::bigint));

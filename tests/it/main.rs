@@ -13,6 +13,7 @@ mod dashboard;
 mod db_tls;
 mod decisions;
 mod docs;
+mod facts_races;
 mod faults;
 mod hostile;
 mod https_ca;

@@ -956,29 +956,54 @@ async fn a_duplicates_refund_canceled_while_waiting_is_made_again_under_the_next
     );
 }
 
-/// Two deliveries refund one duplicate at once under the same key. Stripe answers the second 409
-/// while the first runs (nothing kept for it); whatever each delivery answers, Stripe refunds once
-/// and, once everything is delivered, the duplicate is refunded and the first payment stands.
+/// Two instances refund one duplicate at the same moment under the same key (a delivery and the
+/// reconciler, say). Stripe answers the second 409 while the first runs and keeps nothing for it;
+/// Stripe refunds once and, once everything is delivered, the duplicate is refunded and the first
+/// payment stands.
 #[tokio::test]
-async fn two_deliveries_refunding_one_duplicate_at_once_refund_it_once() {
+async fn two_instances_refunding_one_duplicate_at_once_refund_it_once() {
     let w = world().await;
     let user = w.user().await;
     let (first, _) = pay_link(&w, &user);
     assert!(w.deliver_all().await.is_empty());
-    let (second, _) = pay_link(&w, &user);
-    let events = w.stripe.take_events();
-    assert_eq!(events.len(), 1);
+    let (second, pi) = pay_link(&w, &user);
+    // Delivered while Stripe fails refunds: the refund is left due, its first keys spent.
+    w.stripe.fail_next_refunds(100);
+    let _ = w.deliver_all().await;
+    w.stripe.fail_next_refunds(0);
+    let order: uuid::Uuid = w
+        .scalar(&format!(
+            "select order_id from billing.decisions where payment_intent_id = '{pi}' and refund_due"
+        ))
+        .await;
+    let attempt: i32 = w
+        .scalar(&format!(
+            "select attempt from internal.stripe_actions where object_id = '{pi}'"
+        ))
+        .await;
+    let due = shared::store::payments::RefundDue {
+        order_id: order,
+        payment_intent_id: pi.clone(),
+        attempt: attempt as u32,
+    };
     w.stripe
         .delay_refunds(Some(std::time::Duration::from_millis(1500)));
+    let syncer = w.webhook.config.syncer(&w.webhook);
 
-    let (a, b) = tokio::join!(w.deliver(&events[0]), w.deliver(&events[0]));
+    let (a, b) = tokio::join!(
+        syncer.carry_out(vec![due.clone()], Vec::new()),
+        syncer.carry_out(vec![due], Vec::new())
+    );
 
     w.stripe.delay_refunds(None);
-    let conflicts = w.stripe.requests_to("POST", "/v1/refunds").await.len();
-    assert!(conflicts >= 2, "the second delivery asked too: {a:?} {b:?}");
-    for event in &events {
-        w.deliver(event).await;
-    }
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let asked = w.stripe.requests_to("POST", "/v1/refunds").await.len();
+    assert!(asked >= 2, "both asked: {a:?} {b:?}");
+    // The one answered 409 waited for the first request to end and was given its refund.
+    assert!(
+        a.stripe_time.max(b.stripe_time) > std::time::Duration::from_millis(2500),
+        "{a:?} {b:?}"
+    );
     assert!(w.deliver_all().await.is_empty());
     assert_eq!(w.stripe.refunds().len(), 1, "{:?}", w.stripe.refunds());
     assert_eq!(w.order_of(&second).await["status"], "refunded");

@@ -1,33 +1,34 @@
 //! The reconciler: heals what webhooks miss ("Process undelivered webhook events", Stripe's
 //! guide). On the schedule `template.yaml` defines, and by hand (`cargo run -p tools --bin
-//! reconcile -- --since 3d`), one run:
-//! 1. lists the events Stripe could not deliver (`GET /v1/events?delivery_success=false`) since
-//!    a little before the last run that finished, and applies each through the webhook's own
-//!    path (the event's object read again, stored, what is due carried out);
-//! 2. lists the sessions still open that were created since a day before that, and stores those
-//!    of ours (a session an instance created and died before attaching belongs to its order);
-//! 3. reads again every fact in flight or due (sessions of ours Stripe may still let someone pay,
-//!    payments in flight or due for a refund, facts never read) and carries out what is due;
-//! 4. counts what it repaired (a stored fact that a read changed, a refund made, a session
-//!    expired, an event never seen before): one metrics line and one log line.
+//! reconcile-now -- --since 3d`), one run:
+//! 1. lists the events Stripe could not deliver, from a little before where the runs before it
+//!    listed through, in time slices small enough to list whole, and applies those the ledger
+//!    does not hold through the webhook's own path (`events`);
+//! 2. stores the open sessions of ours an instance created and died before attaching, and reads
+//!    again what the database says is in flight or due, the most pressing and the least recently
+//!    read first (`reads`);
+//! 3. counts what it repaired: one metrics line and one log line.
 //!
-//! After one run the database says what Stripe's objects say, whatever deliveries were lost.
+//! After one run the database says what Stripe's objects say, whatever deliveries were lost. A
+//! run stops before its deadline; what it did not get to, the next run does.
+
+mod events;
+mod reads;
 
 use std::time::Instant;
 
 use serde::Serialize;
 use shared::clock::Clock;
 use shared::config::{self, ConfigError, EnvReader, StoreConfig, StripeApi};
-use shared::payments::{target_of, Reader, SyncError, Synced, Syncer, Target};
-use shared::store::payments::Delivery;
-use shared::store::{Outcome, Store, StoreError};
-use shared::stripe::client::{CallStats, StripeClient, StripeError};
+use shared::payments::{Reader, SyncError, Synced, Syncer};
+use shared::store::{Store, StoreError};
+use shared::stripe::client::{StripeClient, StripeError};
 use shared::stripe::ids::PriceId;
 use shared::telemetry::{MetricSet, Metrics};
 
 /// The route name in logs and metrics.
 pub const ROUTE: &str = "reconcile";
-/// How far before the last finished run the next one starts listing events (runs overlap: a
+/// How far before where the runs listed through the next one starts listing (runs overlap: a
 /// late event is never between two runs).
 pub const OVERLAP_S: i64 = 600;
 
@@ -122,16 +123,12 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error("Stripe: {0}")]
     Stripe(#[from] StripeError),
-    /// The invocation's deadline came before every event listed was applied: the run counts as
-    /// failed, so the next one lists them again.
-    #[error("out of time with {0} listed events left (the next run lists them again)")]
-    OutOfTime(usize),
 }
 
 /// Time kept in hand before the invocation's deadline: one Stripe read and its store call.
 pub const DEADLINE_RESERVE: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn out_of_time(deadline: Option<Instant>) -> bool {
+pub(crate) fn out_of_time(deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < DEADLINE_RESERVE)
 }
 
@@ -148,13 +145,18 @@ impl From<SyncError> for ReconcileError {
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Report {
     pub run: i64,
-    /// Unix seconds: events were listed from here.
+    /// Unix seconds: events were listed from here...
     pub since: i64,
+    /// ... through here (every undelivered event created before it was applied).
+    pub listed_through: Option<i64>,
     /// Undelivered events listed, and of those never recorded before.
     pub events_listed: u32,
     pub events_new: u32,
     pub sessions_read: u32,
     pub payments_read: u32,
+    /// Sessions and payments due to be read again, this run's and the rest.
+    pub sessions_due: u32,
+    pub payments_due: u32,
     /// Stored facts a read changed, refunds made, sessions expired, events never seen.
     pub repaired: u32,
     /// Objects that could not be read or acted on now (the next run tries again).
@@ -215,10 +217,18 @@ async fn run(
     let mut report = Report {
         run: plan.run,
         since: plan.since,
+        sessions_due: plan.sessions_due,
+        payments_due: plan.payments_due,
         ..Report::default()
     };
-    let outcome = steps(state, &plan, deadline, &mut report, metrics).await;
+    let syncer = state.syncer();
+    let mut outcome =
+        events::apply_undelivered(state, &syncer, plan.since, deadline, &mut report, metrics).await;
+    if outcome.is_ok() {
+        outcome = reads::read_again(state, &syncer, &plan, deadline, &mut report, metrics).await;
+    }
     let error = outcome.as_ref().err().map(ToString::to_string);
+    // How far the events were listed counts even when a later step failed.
     state
         .store
         .reconcile_finish(
@@ -226,118 +236,10 @@ async fn run(
             report.events_new,
             report.repaired,
             error.as_deref(),
+            report.listed_through,
         )
         .await?;
     outcome.map(|()| report)
-}
-
-async fn steps(
-    state: &State,
-    plan: &shared::store::payments::ReconcilePlan,
-    deadline: Option<Instant>,
-    report: &mut Report,
-    metrics: &mut MetricSet,
-) -> Result<(), ReconcileError> {
-    let syncer = state.syncer();
-    // 1. Events Stripe could not deliver.
-    let types: Vec<&str> = shared::stripe::events::handled_event_types().collect();
-    let mut stats = CallStats::default();
-    let events = state
-        .stripe
-        .list_undelivered_events(plan.since, &types, &mut stats)
-        .await?;
-    metrics.millis("StripeLatency", stats.elapsed);
-    report.events_listed = events.len() as u32;
-    // Oldest first, as Stripe sent them.
-    let mut parsed_events = Vec::with_capacity(events.len());
-    for raw in events.iter().rev() {
-        match shared::stripe::events::parse(raw.get().as_bytes()) {
-            Ok(parsed) => parsed_events.push(parsed),
-            Err(e) => report
-                .failures
-                .push(format!("an event Stripe listed is not readable: {e}")),
-        }
-    }
-    // Those applied before (delivered late, or by a run cut short) cost no Stripe read: a
-    // backlog longer than one run shrinks run after run.
-    let ids: Vec<&str> = parsed_events.iter().map(|p| p.id.as_str()).collect();
-    let unknown: std::collections::HashSet<String> = state
-        .store
-        .stripe_events_unknown(&ids)
-        .await?
-        .into_iter()
-        .collect();
-    parsed_events.retain(|p| unknown.contains(&p.id));
-    let todo = parsed_events.len();
-    for (done, parsed) in parsed_events.iter().enumerate() {
-        if out_of_time(deadline) {
-            return Err(ReconcileError::OutOfTime(todo - done));
-        }
-        let target = target_of(&parsed.event);
-        let delivery = Delivery {
-            event: parsed,
-            received_at_ms: state.clock.unix_ms(),
-        };
-        match syncer.sync(Some(delivery), target.as_ref(), None).await {
-            Ok(synced) => {
-                if synced
-                    .recorded
-                    .as_ref()
-                    .is_some_and(|r| r.outcome != Outcome::Duplicate)
-                {
-                    report.events_new += 1;
-                    report.repaired += 1;
-                }
-                count(&synced, report, &parsed.id, metrics);
-            }
-            Err(SyncError::Stripe(e)) if !e.is_transient() && e.class() != "authentication" => {
-                report.failures.push(format!("event {}: {e}", parsed.id));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    // 2. Open sessions of ours the database may not know (made by an instance that died).
-    let mut stats = CallStats::default();
-    let open = state
-        .stripe
-        .list_open_sessions(plan.since - 86_400, &mut stats)
-        .await?;
-    metrics.millis("StripeLatency", stats.elapsed);
-    let mut sessions: Vec<String> = open
-        .iter()
-        .filter(|s| s.metadata("order_id").is_some())
-        .map(|s| s.id.clone())
-        .collect();
-    // 3. Facts in flight or due.
-    sessions.extend(plan.sessions.iter().cloned());
-    sessions.sort();
-    sessions.dedup();
-    let mut targets: Vec<Target> = sessions.into_iter().map(Target::Session).collect();
-    report.sessions_read = targets.len() as u32;
-    report.payments_read = plan.payments.len() as u32;
-    targets.extend(
-        plan.payments
-            .iter()
-            .map(|pi| Target::Payment(shared::payments::target::PaymentRef::Intent(pi.clone()))),
-    );
-    for (done, target) in targets.iter().enumerate() {
-        if out_of_time(deadline) {
-            // Each run plans these again from the database: the next one reads the rest.
-            report.failures.push(format!(
-                "out of time with {} reads left for the next run",
-                targets.len() - done
-            ));
-            break;
-        }
-        match syncer.sync(None, Some(target), None).await {
-            Ok(synced) => count(&synced, report, &format!("{target:?}"), metrics),
-            Err(SyncError::Stripe(e)) if !e.is_transient() && e.class() != "authentication" => {
-                report.failures.push(format!("{target:?}: {e}"));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Adds a sync's repairs to the report.
@@ -363,4 +265,10 @@ fn count(synced: &Synced, report: &mut Report, what: &str, metrics: &mut MetricS
     if let Some(e) = &synced.unavailable {
         report.failures.push(format!("{what}: {e}"));
     }
+}
+
+/// A Stripe error that concerns one object (it does not know it, refuses the request): noted,
+/// and the run goes on. Outages, timeouts and a refused key stop the run.
+fn concerns_one_object(e: &SyncError) -> bool {
+    matches!(e, SyncError::Stripe(e) if !e.is_transient() && e.class() != "authentication")
 }

@@ -111,8 +111,12 @@ pub struct ReconcilePlan {
     pub run: i64,
     /// Unix seconds: list undelivered events created since.
     pub since: i64,
+    /// The most pressing, then the least recently read, at most the run's limit of each.
     pub sessions: Vec<String>,
     pub payments: Vec<String>,
+    /// How many are due in all (more than listed: the next runs read the rest).
+    pub sessions_due: u32,
+    pub payments_due: u32,
 }
 
 /// A verified event as `record_stripe_facts` records it.
@@ -232,13 +236,15 @@ impl Store {
         )
     }
 
-    /// Ends a reconciler run with what it did.
+    /// Ends a reconciler run with what it did and how far it listed every undelivered event
+    /// (`listed_through`, Unix seconds: the next run lists from a little before it).
     pub async fn reconcile_finish(
         &self,
         run: i64,
         events: u32,
         repaired: u32,
         error: Option<&str>,
+        listed_through: Option<i64>,
     ) -> Result<(), StoreError> {
         self.call(Call {
             function: "reconcile_finish",
@@ -253,6 +259,7 @@ impl Store {
                     Arg::Int(Some(i32::try_from(repaired).unwrap_or(i32::MAX))),
                 ),
                 ("p_error", Arg::OptText(error)),
+                ("p_listed_through_s", Arg::BigInt(listed_through)),
             ],
         })
         .await

@@ -51,8 +51,16 @@ pub struct Page<T> {
     pub has_more: bool,
 }
 
-/// The most pages one list call follows (100 objects each); a list longer than that is cut.
-const MAX_PAGES: usize = 20;
+/// The most pages one list call follows (100 objects each).
+pub const MAX_PAGES: usize = 20;
+
+/// What a list endpoint gave: its objects, newest first, and whether that was all of them
+/// (`false`: more than [`MAX_PAGES`] pages; narrow the query).
+#[derive(Debug)]
+pub struct Listed<T> {
+    pub items: Vec<T>,
+    pub complete: bool,
+}
 
 /// An id that goes into a URL path or query: one of `prefixes`, then ASCII letters, digits and
 /// `_`, at most 255 characters. Checked before any request is built, wherever the id came from.
@@ -361,17 +369,18 @@ impl StripeClient {
     /// JSON (each is read as the webhook reads a delivery).
     pub async fn list_undelivered_events(
         &self,
-        created_gte: i64,
+        created: std::ops::Range<i64>,
         types: &[&str],
         stats: &mut CallStats,
-    ) -> Result<Vec<Box<serde_json::value::RawValue>>, StripeError> {
-        let since = created_gte.to_string();
+    ) -> Result<Listed<Box<serde_json::value::RawValue>>, StripeError> {
+        let (from, to) = (created.start.to_string(), created.end.to_string());
         let mut query = vec![
             ("delivery_success", "false"),
-            ("created[gte]", since.as_str()),
+            ("created[gte]", from.as_str()),
+            ("created[lt]", to.as_str()),
         ];
         query.extend(types.iter().take(20).map(|t| ("types[]", *t)));
-        self.list(stats, &format!("{}/v1/events", self.base), &query)
+        self.list_pages(stats, &format!("{}/v1/events", self.base), &query)
             .await
     }
 
@@ -380,10 +389,10 @@ impl StripeClient {
         &self,
         created_gte: i64,
         stats: &mut CallStats,
-    ) -> Result<Vec<CheckoutSession>, StripeError> {
+    ) -> Result<Listed<CheckoutSession>, StripeError> {
         let since = created_gte.to_string();
         let query = [("status", "open"), ("created[gte]", since.as_str())];
-        self.list(
+        self.list_pages(
             stats,
             &format!("{}/v1/checkout/sessions", self.base),
             &query,
@@ -391,14 +400,31 @@ impl StripeClient {
         .await
     }
 
-    /// Every object of a list endpoint, 100 a page, following `starting_after` (at most
-    /// [`MAX_PAGES`] pages).
+    /// Every object of a list that is short by nature (one payment's refunds, one session's line
+    /// items): a list longer than [`MAX_PAGES`] pages is an error, never a silent cut.
     async fn list<T: serde::de::DeserializeOwned + HasId>(
         &self,
         stats: &mut CallStats,
         url: &str,
         query: &[(&str, &str)],
     ) -> Result<Vec<T>, StripeError> {
+        let listed = self.list_pages(stats, url, query).await?;
+        if !listed.complete {
+            return Err(StripeError::Decode(format!(
+                "{url} has more than {MAX_PAGES} pages"
+            )));
+        }
+        Ok(listed.items)
+    }
+
+    /// The objects of a list endpoint, 100 a page, following `starting_after` for at most
+    /// [`MAX_PAGES`] pages.
+    async fn list_pages<T: serde::de::DeserializeOwned + HasId>(
+        &self,
+        stats: &mut CallStats,
+        url: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Listed<T>, StripeError> {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         let mut elapsed = std::time::Duration::ZERO;
@@ -420,10 +446,18 @@ impl StripeClient {
             all.extend(page.data);
             match next {
                 Some(id) if page.has_more => after = Some(id),
-                _ => break,
+                _ => {
+                    return Ok(Listed {
+                        items: all,
+                        complete: true,
+                    })
+                }
             }
         }
-        Ok(all)
+        Ok(Listed {
+            items: all,
+            complete: false,
+        })
     }
 
     fn session_url(&self, id: &SessionId, suffix: &str) -> String {

@@ -406,6 +406,7 @@ fn list_events(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         &[
             "delivery_success",
             "created[gte]",
+            "created[lt]",
             "types[]",
             "type",
             "limit",
@@ -425,12 +426,14 @@ fn list_events(state: &mut FakeState, request: &Request) -> ResponseTemplate {
         return json_response(status, body);
     }
     let since = param(&pairs, "created[gte]").and_then(|v| v.parse::<i64>().ok());
+    let before = param(&pairs, "created[lt]").and_then(|v| v.parse::<i64>().ok());
     let undelivered = param(&pairs, "delivery_success") == Some("false");
     let items: Vec<Value> = state
         .log
         .iter()
         .rev()
         .filter(|e| since.is_none_or(|t| e["created"].as_i64().unwrap_or(0) >= t))
+        .filter(|e| before.is_none_or(|t| e["created"].as_i64().unwrap_or(0) < t))
         .filter(|e| types.is_empty() || types.contains(&e["type"].as_str().unwrap_or_default()))
         .filter(|e| {
             !undelivered
