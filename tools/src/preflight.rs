@@ -554,6 +554,35 @@ mod database_tls_tests {
             Status::Pass,
             "loopback"
         );
+        for remote_addr in [
+            "postgres://app_user:S3cret@localhost:15432/postgres?hostaddr=192.0.2.2",
+            "host=localhost hostaddr=192.0.2.2 port=15432 user=app_user password=S3cret",
+        ] {
+            let verdict = database_tls(
+                &|k: &str| (k == "DATABASE_URL").then(|| remote_addr.to_owned()),
+                true,
+            );
+            assert_eq!(verdict.status, Status::Pass, "{remote_addr}");
+            assert!(
+                verdict.detail.contains("TLS required"),
+                "a remote hostaddr is not a loopback host: {}",
+                verdict.detail
+            );
+            let separator = if remote_addr.contains('?') { "&" } else { " " };
+            assert_eq!(
+                check(&format!("{remote_addr}{separator}sslmode=disable"), true),
+                Status::Fail,
+                "{remote_addr}"
+            );
+        }
+        assert_eq!(
+            check(
+                "postgres://app_user:S3cret@/postgres?hostaddr=192.0.2.2",
+                true
+            ),
+            Status::Skip,
+            "no host to verify against: refused by the configuration check"
+        );
         let none = database_tls(&|_: &str| None, true);
         assert_eq!(none.status, Status::Skip);
     }
