@@ -6,6 +6,7 @@
 mod anonymous_checkout;
 mod auth;
 mod chat;
+mod chat_attacks;
 mod chat_ceilings;
 mod chat_limits;
 mod chat_ui;

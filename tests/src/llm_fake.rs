@@ -254,3 +254,51 @@ pub fn completion_with(content: &str, finish_reason: &str) -> Value {
     body["choices"][0]["finish_reason"] = json!(finish_reason);
     body
 }
+
+/// A server that streams an answer of `pieces` chunks, one every `gap`, for every request, and
+/// stops as soon as a write fails (the client went away). The counter tells how many content
+/// chunks were written.
+pub async fn trickling_stream(
+    pieces: usize,
+    gap: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let written = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let counter = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                if read_request(&mut socket).await.is_none() {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece_refs: Vec<String> = (0..pieces).map(|i| format!("p{i} ")).collect();
+                let refs: Vec<&str> = piece_refs.iter().map(String::as_str).collect();
+                let events: Vec<String> = sse(&refs)
+                    .split_inclusive("\n\n")
+                    .map(str::to_owned)
+                    .collect();
+                for event in events {
+                    let frame = format!("{:x}\r\n{event}\r\n", event.len());
+                    if socket.write_all(frame.as_bytes()).await.is_err()
+                        || socket.flush().await.is_err()
+                    {
+                        return;
+                    }
+                    if event.contains("\"content\":\"p") {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+                let _ = socket.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), written)
+}
