@@ -165,7 +165,7 @@ $$;
 -- reservation of p_reserve tokens for p_hold_s seconds. Answers one of
 --   {state: rate_limited, rate}
 --   {state: unknown_user}
---   {state: hit, response, rate}                        (free: nothing reserved)
+--   {state: hit, response, rate, budget?}               (free: nothing reserved)
 --   {state: budget_exceeded, rate, budget, requested}   (nothing reserved)
 --   {state: miss, rate, budget?, reservation?}
 -- rate: chat_rate_take's answer; budget: {budget, spent, reserved, remaining, reset_s,
@@ -195,7 +195,10 @@ begin
     select response into v_response from public.chat_cache
     where user_id = p_user and key = p_cache_key and expires_at > v_now;
     if v_response is not null then
-      return jsonb_build_object('state', 'hit', 'response', v_response, 'rate', v_rate);
+      -- Free: nothing reserved; the day's figures only inform the answer's headers.
+      return jsonb_build_object('state', 'hit', 'response', v_response, 'rate', v_rate,
+        'budget', case when coalesce(p_token_budget > 0, false) then
+          internal.chat_budget_figures(p_user, v_day, p_token_budget, v_now) end);
     end if;
   end if;
   if not coalesce(p_token_budget > 0, false) then
@@ -278,7 +281,8 @@ begin
     where user_id = p_user and expires_at < v_now - interval '1 hour';
   end if;
   if p_reservation is not null then
-    perform pg_advisory_xact_lock(hashtextextended('chat_budget/' || p_user::text, 0));
+    -- No budget lock: this transaction swaps a reservation for a charge no larger, and
+    -- admission reads both in one statement (one snapshot), so it sees neither or both.
     delete from public.chat_reservations
     where id = p_reservation and user_id = p_user
     returning day into v_day;

@@ -162,8 +162,13 @@ pub(crate) async fn admit(
             return Err(ChatError::Limited { refusal, quotas });
         }
         Ok(Admission::UnknownUser) => return Err(ChatError::UnknownUser),
-        Ok(Admission::Hit { response, rate }) => {
+        Ok(Admission::Hit {
+            response,
+            rate,
+            budget,
+        }) => {
             quotas.rate = Some(rate);
+            quotas.budget = budget;
             (Some(response), None, false)
         }
         Ok(Admission::Miss {

@@ -78,6 +78,8 @@ enum AttemptError {
     /// The reservation could not be extended: the budget (or the database) does not cover
     /// another attempt.
     NotCovered(&'static str),
+    /// Covering the attempt left no time to make it: not made, not charged.
+    NoTime,
 }
 
 impl From<OutOfTime> for AttemptError {
@@ -91,6 +93,7 @@ impl AttemptError {
         match self {
             AttemptError::Llm(e) => e.class(),
             AttemptError::NotCovered(why) => why,
+            AttemptError::NoTime => "timeout",
         }
     }
 
@@ -122,18 +125,13 @@ pub(crate) async fn ask(
         return Outcome::Failed;
     };
     let fallback = state.fallback.as_ref();
-    let first = attempts(
-        state,
-        llm,
-        &chat.model,
-        chat,
-        messages,
-        deadline,
-        fallback.is_some(),
-        ledger,
-        metrics,
-    )
-    .await;
+    let primary = Target {
+        client: llm,
+        model: &chat.model,
+        key_variable: "OPENAI_API_KEY",
+        fallback_waits: fallback.is_some(),
+    };
+    let first = attempts(state, primary, chat, messages, deadline, ledger, metrics).await;
     let error = match first {
         Ok(outcome) => return outcome.into_outcome(Source::Llm, &chat.model),
         Err(error) => error,
@@ -147,11 +145,13 @@ pub(crate) async fn ask(
         reason = error.reason(),
         "the first model failed before its first token; trying the fallback model"
     );
-    match attempts(
-        state, client, model, chat, messages, deadline, false, ledger, metrics,
-    )
-    .await
-    {
+    let second = Target {
+        client,
+        model,
+        key_variable: "LLM_FALLBACK_API_KEY",
+        fallback_waits: false,
+    };
+    match attempts(state, second, chat, messages, deadline, ledger, metrics).await {
         Ok(outcome) => outcome.into_outcome(Source::Fallback, model),
         Err(AttemptError::NotCovered(why)) => {
             ledger.reason = Some(why);
@@ -188,21 +188,30 @@ impl Answered {
     }
 }
 
-/// One model's tries under the retry loop. A timeout ends them at once when a fallback waits:
-/// a model that just used the whole per-attempt timeout would leave the fallback no time.
-#[allow(clippy::too_many_arguments)]
+/// One model to ask.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    client: &'a LlmClient,
+    model: &'a str,
+    /// The variable holding its key, for the log line when the upstream refuses it.
+    key_variable: &'static str,
+    /// A fallback model waits: a timeout ends this model's tries at once, since a model that
+    /// just used the whole per-attempt timeout would leave the fallback no time.
+    fallback_waits: bool,
+}
+
+/// One model's tries under the retry loop.
 async fn attempts(
     state: &State,
-    client: &LlmClient,
-    model: &str,
+    target: Target<'_>,
     chat: &Chat,
     messages: &[Message],
     deadline: Instant,
-    fallback_waits: bool,
     ledger: &mut Ledger,
     metrics: &mut MetricSet,
 ) -> Result<Answered, AttemptError> {
     let config = &state.config;
+    let Target { client, model, .. } = target;
     let request = chat.upstream(model, messages);
     let prompt_bound = budget::prompt_bound(messages);
     let extended = AtomicU64::new(0);
@@ -210,13 +219,17 @@ async fn attempts(
     let user = ledger.user.id;
     let started_before = ledger.started;
     let mut started = 0u32;
-    let attempt = |left: Duration| {
+    let attempt = |mut left: Duration| {
         started += 1;
         let first_of_request = started_before + started == 1;
         let (request, extended) = (&request, &extended);
         async move {
             if !first_of_request {
                 cover(state, user, reservation, prompt_bound, extended).await?;
+                left = deadline.saturating_duration_since(Instant::now());
+                if left < MIN_ATTEMPT {
+                    return Err(AttemptError::NoTime);
+                }
             }
             let began = Instant::now();
             let answered = if chat.stream {
@@ -255,14 +268,15 @@ async fn attempts(
             tracing::error!(
                 status,
                 model,
-                "the LLM upstream refused its API key: configuration error"
+                "the LLM upstream refused {}: configuration error",
+                target.key_variable
             );
         } else {
             tracing::warn!(class = error.class(), retry, model, "LLM attempt failed");
         }
         match error.retry_after() {
             _ if !error.is_retryable() => After::Stop,
-            _ if fallback_waits && *error == LlmError::Timeout => After::Stop,
+            _ if target.fallback_waits && *error == LlmError::Timeout => After::Stop,
             Some(after) if after > max_delay => After::Stop,
             retry_after => After::Retry { retry_after },
         }

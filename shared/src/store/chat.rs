@@ -52,6 +52,9 @@ pub enum Admission {
     Hit {
         response: Value,
         rate: RateState,
+        /// The day's figures, for the answer's headers.
+        #[serde(default)]
+        budget: Option<BudgetState>,
     },
     /// `spent + reserved + requested` would pass the budget; nothing reserved.
     BudgetExceeded {
