@@ -9,9 +9,10 @@
 --    instance died) counts in full while it is open and, once expired, is moved into
 --    unsettled_tokens: spent in full. So spent(day) + reserved(day) <= budget after every write,
 --    and spent(day) <= budget whatever the concurrency (see docs/api.md for the formula).
--- 2. Requests per user as an exact sliding window: the times of the requests admitted in the last
+-- 2. Requests per user as an exact sliding window: one row per request admitted in the last
 --    p_window_s seconds, kept in the database so every instance sees the same count; no window
---    edge lets a second burst through.
+--    edge lets a second burst through. A request costs one insert and an index range count of
+--    at most p_limit rows; rows out of the window are deleted as the user comes back.
 -- 3. Time is the function's clock (p_now_ms), as everything else a request is judged by, so a
 --    test can place requests at any instant; the database's now() is used when it is null.
 --
@@ -50,13 +51,14 @@ alter table public.chat_reservations enable row level security;
 revoke all on public.chat_reservations from anon, authenticated;
 grant all on public.chat_reservations to service_role;
 
--- The requests admitted per user in the last window (at most p_limit times).
-create table internal.chat_request_times (
-  user_id uuid primary key,
-  times timestamptz[] not null
+-- The requests admitted per user in the last window.
+create table internal.chat_requests (
+  user_id uuid not null,
+  at timestamptz not null
 );
-alter table internal.chat_request_times enable row level security;
-grant all on internal.chat_request_times to service_role;
+create index chat_requests_user_at on internal.chat_requests (user_id, at);
+alter table internal.chat_requests enable row level security;
+grant all on internal.chat_requests to service_role;
 
 -- The function's clock as a timestamp (null: the database's).
 create or replace function internal.chat_now(p_now_ms bigint)
@@ -66,66 +68,66 @@ as $$
   select coalesce(to_timestamp(p_now_ms / 1000.0), now())
 $$;
 
--- Counts one request against an exact sliding window of p_window_s seconds: admitted when fewer
--- than p_limit requests were admitted in (now - window, now]. Refused requests are not counted,
--- so a client retrying while limited does not push its own reset back. Answers
---   {allowed, limit, window_s, remaining, reset_s, retry_after}
+-- One lock per user for everything that must see a user's limits and budget as one: the
+-- request window, admission's reservation, an extension. Transaction-scoped: safe behind a
+-- transaction pooler.
+create or replace function internal.chat_lock(p_user uuid)
+returns void
+language sql set search_path = ''
+as $$
+  select pg_advisory_xact_lock(hashtextextended('chat/' || p_user::text, 0))
+$$;
+
+-- Counts one request against an exact sliding window of p_window_s seconds, under the caller's
+-- chat_lock: admitted when fewer than p_limit requests were admitted in (now - window, now].
+-- Refused requests are not counted, so a client retrying while limited does not push its own
+-- reset back. Answers {allowed, limit, window_s, remaining, reset_s, retry_after}
 -- reset_s: seconds until the oldest counted request leaves the window (one more unit frees up);
--- retry_after: 0 when allowed, else seconds until a request would be admitted.
+-- retry_after: 0 when admitted, else seconds until a request would be.
 create or replace function internal.chat_rate_take(
   p_user uuid, p_limit integer, p_window_s integer, p_now timestamptz)
 returns jsonb
 language plpgsql set search_path = ''
 as $$
 declare
-  v_window interval := make_interval(secs => p_window_s);
-  v_times timestamptz[];
+  v_since timestamptz := p_now - make_interval(secs => p_window_s);
   v_count integer;
-  v_allowed boolean;
+  v_oldest timestamptz;
   v_free_at timestamptz;
 begin
   if p_limit is null or p_limit <= 0 then
     return jsonb_build_object('allowed', true);
   end if;
-  insert into internal.chat_request_times (user_id, times) values (p_user, '{}')
-  on conflict (user_id) do nothing;
-  select array(
-    select t from unnest(r.times) t where t > p_now - v_window order by t
-  ) into v_times
-  from internal.chat_request_times r where r.user_id = p_user for update;
-  v_count := coalesce(cardinality(v_times), 0);
-  v_allowed := v_count < p_limit;
-  if v_allowed then
-    v_times := v_times || p_now;
-    v_count := v_count + 1;
+  delete from internal.chat_requests where user_id = p_user and at <= v_since;
+  select count(*), min(at) into v_count, v_oldest
+  from internal.chat_requests where user_id = p_user and at > v_since;
+  if v_count < p_limit then
+    insert into internal.chat_requests (user_id, at) values (p_user, p_now);
+    return jsonb_build_object(
+      'allowed', true, 'limit', p_limit, 'window_s', p_window_s,
+      'remaining', p_limit - v_count - 1,
+      'reset_s', greatest(0, ceil(extract(epoch from
+        coalesce(least(v_oldest, p_now), p_now) - v_since)))::integer,
+      'retry_after', 0);
   end if;
-  -- Only the newest p_limit times can ever decide: older ones are dropped.
-  if v_count > p_limit then
-    v_times := v_times[v_count - p_limit + 1 : v_count];
-    v_count := p_limit;
-  end if;
-  update internal.chat_request_times set times = v_times where user_id = p_user;
-  -- The request that must leave the window before one more fits.
-  v_free_at := v_times[greatest(1, v_count - p_limit + 1)] + v_window;
+  -- Full: one more fits when the request p_limit places back from the newest leaves.
+  select at into v_free_at from internal.chat_requests
+  where user_id = p_user and at > v_since
+  order by at offset v_count - p_limit limit 1;
   return jsonb_build_object(
-    'allowed', v_allowed,
-    'limit', p_limit,
-    'window_s', p_window_s,
-    'remaining', p_limit - v_count,
-    'reset_s', greatest(0, ceil(extract(epoch from v_times[1] + v_window - p_now)))::integer,
-    'retry_after', case when v_allowed then 0
-      else greatest(1, ceil(extract(epoch from v_free_at - p_now)))::integer end);
+    'allowed', false, 'limit', p_limit, 'window_s', p_window_s, 'remaining', 0,
+    'reset_s', greatest(1, ceil(extract(epoch from v_oldest - v_since)))::integer,
+    'retry_after', greatest(1, ceil(extract(epoch from v_free_at - v_since)))::integer);
 end
 $$;
 
--- The budget's figures for a user's day, under the caller's lock: spent (settled and expired) and
--- reserved (open reservations). Expired reservations are swept into unsettled_tokens first.
-create or replace function internal.chat_budget_lock(p_user uuid, p_now timestamptz)
+-- Under the caller's chat_lock: reservations past their expiry (their instance died, or their
+-- settlement failed) are swept into unsettled_tokens on their own day, spent in full.
+create or replace function internal.chat_sweep(p_user uuid, p_now timestamptz)
 returns void
 language plpgsql set search_path = ''
 as $$
 begin
-  perform pg_advisory_xact_lock(hashtextextended('chat_budget/' || p_user::text, 0));
   with gone as (
     delete from public.chat_reservations r
     where r.user_id = p_user and r.expires_at <= p_now
@@ -138,6 +140,8 @@ begin
 end
 $$;
 
+-- The budget's figures for a user's day, read in one statement (one snapshot): spent (settled,
+-- and expired in full) and reserved (open reservations).
 create or replace function internal.chat_budget_figures(
   p_user uuid, p_day date, p_budget bigint, p_now timestamptz)
 returns jsonb
@@ -184,6 +188,7 @@ declare
   v_figures jsonb;
   v_id uuid;
 begin
+  perform internal.chat_lock(p_user);
   v_rate := internal.chat_rate_take(p_user, p_limit, p_window_s, v_now);
   if not (v_rate ->> 'allowed')::boolean then
     return jsonb_build_object('state', 'rate_limited', 'rate', v_rate);
@@ -204,7 +209,7 @@ begin
   if not coalesce(p_token_budget > 0, false) then
     return jsonb_build_object('state', 'miss', 'rate', v_rate);
   end if;
-  perform internal.chat_budget_lock(p_user, v_now);
+  perform internal.chat_sweep(p_user, v_now);
   v_figures := internal.chat_budget_figures(p_user, v_day, p_token_budget, v_now);
   if (v_figures ->> 'spent')::bigint + (v_figures ->> 'reserved')::bigint
        + greatest(coalesce(p_reserve, 0), 0) > p_token_budget then
@@ -234,7 +239,8 @@ declare
   v_row public.chat_reservations;
   v_figures jsonb;
 begin
-  perform internal.chat_budget_lock(p_user, v_now);
+  perform internal.chat_lock(p_user);
+  perform internal.chat_sweep(p_user, v_now);
   select * into v_row from public.chat_reservations
   where id = p_reservation and user_id = p_user;
   if v_row.id is null then
@@ -392,8 +398,9 @@ $$;
 
 revoke all on function
   internal.chat_now(bigint),
+  internal.chat_lock(uuid),
   internal.chat_rate_take(uuid, integer, integer, timestamptz),
-  internal.chat_budget_lock(uuid, timestamptz),
+  internal.chat_sweep(uuid, timestamptz),
   internal.chat_budget_figures(uuid, date, bigint, timestamptz),
   public.chat_admit(uuid, text, integer, integer, bigint, bigint, integer, bigint),
   public.chat_extend(uuid, uuid, bigint, bigint, bigint),
@@ -402,8 +409,9 @@ revoke all on function
 from public, anon, authenticated;
 grant execute on function
   internal.chat_now(bigint),
+  internal.chat_lock(uuid),
   internal.chat_rate_take(uuid, integer, integer, timestamptz),
-  internal.chat_budget_lock(uuid, timestamptz),
+  internal.chat_sweep(uuid, timestamptz),
   internal.chat_budget_figures(uuid, date, bigint, timestamptz),
   public.chat_admit(uuid, text, integer, integer, bigint, bigint, integer, bigint),
   public.chat_extend(uuid, uuid, bigint, bigint, bigint),

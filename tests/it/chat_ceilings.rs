@@ -365,9 +365,9 @@ pub(crate) async fn advance_limiter(db: &TestDb, seconds: f64) {
                  update internal.rate_limits
                  set window_start = window_start - make_interval(secs => {seconds});
                end if;
-               if to_regclass('internal.chat_request_times') is not null then
-                 execute 'update internal.chat_request_times set times = array(
-                   select t - make_interval(secs => {seconds}) from unnest(times) t)';
+               if to_regclass('internal.chat_requests') is not null then
+                 execute 'update internal.chat_requests
+                   set at = at - make_interval(secs => {seconds})';
                end if;
              end $$"
         ))
