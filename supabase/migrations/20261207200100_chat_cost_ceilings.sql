@@ -11,8 +11,9 @@
 --    and spent(day) <= budget whatever the concurrency (see docs/api.md for the formula).
 -- 2. Requests per user as an exact sliding window: one row per request admitted in the last
 --    p_window_s seconds, kept in the database so every instance sees the same count; no window
---    edge lets a second burst through. A request costs one insert and an index range count of
---    at most p_limit rows; rows out of the window are deleted as the user comes back.
+--    edge lets a second burst through. A per-user count of those rows makes a request cost one
+--    insert, the deletion of the rows that left the window since (each row is deleted once),
+--    and an index lookup of the oldest: O(log n), whatever the limit.
 -- 3. Time is the function's clock (p_now_ms), as everything else a request is judged by, so a
 --    test can place requests at any instant; the database's now() is used when it is null.
 --
@@ -57,8 +58,14 @@ create table internal.chat_requests (
   at timestamptz not null
 );
 create index chat_requests_user_at on internal.chat_requests (user_id, at);
+-- How many of a user's rows are in internal.chat_requests (kept under chat_lock).
+create table internal.chat_request_counts (
+  user_id uuid primary key,
+  admitted integer not null check (admitted >= 0)
+);
 alter table internal.chat_requests enable row level security;
-grant all on internal.chat_requests to service_role;
+alter table internal.chat_request_counts enable row level security;
+grant all on internal.chat_requests, internal.chat_request_counts to service_role;
 
 -- The function's clock as a timestamp (null: the database's).
 create or replace function internal.chat_now(p_now_ms bigint)
@@ -91,6 +98,7 @@ language plpgsql set search_path = ''
 as $$
 declare
   v_since timestamptz := p_now - make_interval(secs => p_window_s);
+  v_left integer;
   v_count integer;
   v_oldest timestamptz;
   v_free_at timestamptz;
@@ -98,11 +106,16 @@ begin
   if p_limit is null or p_limit <= 0 then
     return jsonb_build_object('allowed', true);
   end if;
-  delete from internal.chat_requests where user_id = p_user and at <= v_since;
-  select count(*), min(at) into v_count, v_oldest
-  from internal.chat_requests where user_id = p_user and at > v_since;
+  with gone as (
+    delete from internal.chat_requests where user_id = p_user and at <= v_since returning 1)
+  select count(*) into v_left from gone;
+  insert into internal.chat_request_counts as c (user_id, admitted) values (p_user, 0)
+  on conflict (user_id) do update set admitted = greatest(c.admitted - v_left, 0)
+  returning admitted into v_count;
+  select min(at) into v_oldest from internal.chat_requests where user_id = p_user;
   if v_count < p_limit then
     insert into internal.chat_requests (user_id, at) values (p_user, p_now);
+    update internal.chat_request_counts set admitted = admitted + 1 where user_id = p_user;
     return jsonb_build_object(
       'allowed', true, 'limit', p_limit, 'window_s', p_window_s,
       'remaining', p_limit - v_count - 1,
@@ -110,10 +123,13 @@ begin
         coalesce(least(v_oldest, p_now), p_now) - v_since)))::integer,
       'retry_after', 0);
   end if;
-  -- Full: one more fits when the request p_limit places back from the newest leaves.
-  select at into v_free_at from internal.chat_requests
-  where user_id = p_user and at > v_since
-  order by at offset v_count - p_limit limit 1;
+  -- Full: one more fits when the request p_limit places back from the newest leaves (the
+  -- oldest, unless the limit was lowered since).
+  v_free_at := v_oldest;
+  if v_count > p_limit then
+    select at into v_free_at from internal.chat_requests
+    where user_id = p_user order by at offset v_count - p_limit limit 1;
+  end if;
   return jsonb_build_object(
     'allowed', false, 'limit', p_limit, 'window_s', p_window_s, 'remaining', 0,
     'reset_s', greatest(1, ceil(extract(epoch from v_oldest - v_since)))::integer,
@@ -220,8 +236,14 @@ begin
   values (p_user, v_day, greatest(coalesce(p_reserve, 0), 0), v_now,
           v_now + make_interval(secs => greatest(coalesce(p_hold_s, 0), 1)))
   returning id into v_id;
+  -- The figures with this reservation in them.
+  v_figures := v_figures || jsonb_build_object(
+    'reserved', (v_figures ->> 'reserved')::bigint + greatest(coalesce(p_reserve, 0), 0),
+    'remaining', (v_figures ->> 'remaining')::bigint - greatest(coalesce(p_reserve, 0), 0),
+    'next_expiry_s', least(coalesce((v_figures ->> 'next_expiry_s')::integer, 2147483647),
+                           greatest(coalesce(p_hold_s, 0), 1)));
   return jsonb_build_object('state', 'miss', 'rate', v_rate, 'reservation', v_id,
-    'budget', internal.chat_budget_figures(p_user, v_day, p_token_budget, v_now));
+    'budget', v_figures);
 end
 $$;
 
