@@ -45,6 +45,7 @@ use shared::telemetry::{Metrics, RequestContext};
 pub use admit::deadline_for;
 pub use config::Config;
 pub use error::ChatError;
+pub use respond::{CHARGED_HEADER, FALLBACK_HEADER, SOURCE_HEADER};
 
 use admit::{admit, Admitted};
 use meta::{Meta, Source};
@@ -54,12 +55,6 @@ use wire::Whole;
 
 /// The route name in logs.
 pub const ROUTE: &str = "chat";
-/// Header naming the answer's source: `llm`, `fallback`, `cache` or `rules`.
-pub const SOURCE_HEADER: &str = "x-chat-source";
-/// Header naming why the first model did not answer (fallback model and rule answers).
-pub const FALLBACK_HEADER: &str = "x-chat-fallback-reason";
-/// Header with the tokens a whole answer was charged against the budget (0: free).
-pub const CHARGED_HEADER: &str = "x-chat-tokens-charged";
 
 /// Everything a request needs, built once per cold start.
 #[derive(Debug)]

@@ -7,7 +7,13 @@ use shared::lambda::StreamBody;
 use crate::meta::Meta;
 use crate::ratelimit::Quotas;
 use crate::wire::{Whole, Wire};
-use crate::{CHARGED_HEADER, FALLBACK_HEADER, SOURCE_HEADER};
+
+/// Header naming the answer's source: `llm`, `fallback`, `cache` or `rules`.
+pub const SOURCE_HEADER: &str = "x-chat-source";
+/// Header naming why the first model did not answer (fallback model and rule answers).
+pub const FALLBACK_HEADER: &str = "x-chat-fallback-reason";
+/// Header with the tokens a whole answer was charged against the budget (0: free).
+pub const CHARGED_HEADER: &str = "x-chat-tokens-charged";
 
 fn headed(body: StreamBody, wire: Wire, meta: &Meta, quotas: &Quotas) -> Response<StreamBody> {
     let mut response = Response::new(body);
