@@ -1,6 +1,9 @@
 //! Embeds the list of migration versions, so `preflight --online` knows the newest one.
 fn main() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../supabase/migrations");
+    // Read when the script runs, not when it was compiled: a build script compiled in another
+    // checkout (a copied target/) would otherwise list that checkout's migrations.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let dir = std::path::Path::new(&manifest).join("../supabase/migrations");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut versions: Vec<String> = std::fs::read_dir(&dir)
         .map(|entries| {
