@@ -71,7 +71,7 @@ fn parsing(c: &mut Criterion) {
                 .map(|e| shared::payments::target_of(&e.event))
         })
     });
-    let limits = chat::request::Limits {
+    let limits = chat::conversation::Limits {
         max_messages: 50,
         max_message_chars: 8000,
         max_total_chars: 32_000,
@@ -86,7 +86,7 @@ fn parsing(c: &mut Criterion) {
         {"role": "user", "content": "我想购买完整报告，怎么支付？"}]})
     .to_string();
     c.bench_function("chat_request_validate", |b| {
-        b.iter(|| chat::request::parse(black_box(chat_body.as_bytes()), &limits))
+        b.iter(|| chat::wire::openai::parse(black_box(chat_body.as_bytes()), &limits))
     });
     // The same conversation as useChat posts it to the root: probe, UIMessages, the OpenAI parse.
     let ui_body = serde_json::json!({"id": "chat-1", "trigger": "submit-message", "messages": [

@@ -288,14 +288,17 @@ impl Verifier {
         }
 
         let claims: Claims = serde_json::from_slice(&b64(p)?).map_err(|_| AuthError::Malformed)?;
+        // Any i64 is a well-formed claim: the arithmetic is done in i128, where `claim ± 30` and
+        // `now ± 30` cannot overflow (`exp: i64::MAX` panicked here in debug builds).
+        let (now, leeway) = (i128::from(now), i128::from(LEEWAY_S));
         let exp = claims.exp.ok_or(AuthError::Expired)?;
-        if exp + LEEWAY_S <= now {
+        if i128::from(exp) + leeway <= now {
             return Err(AuthError::Expired);
         }
-        if claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_S) {
+        if claims.nbf.is_some_and(|nbf| i128::from(nbf) > now + leeway) {
             return Err(AuthError::NotYetValid);
         }
-        if claims.iat.is_some_and(|iat| iat > now + LEEWAY_S) {
+        if claims.iat.is_some_and(|iat| i128::from(iat) > now + leeway) {
             return Err(AuthError::IssuedInFuture);
         }
         let audience_ok = match &claims.aud {

@@ -17,6 +17,9 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Methods for an `Allow` header (405).
     pub allow: Option<&'static str>,
+    /// More fields of the error object, after `code`, `message` and `request_id` (a 429 says
+    /// which limit and when it resets).
+    pub details: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ApiError {
@@ -28,12 +31,19 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             allow: None,
+            details: None,
         }
     }
 
     /// Adds a `Retry-After` header.
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Adds fields to the error object.
+    pub fn details(mut self, details: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.details = Some(details);
         self
     }
 
@@ -86,6 +96,8 @@ impl ApiError {
             code: &'a str,
             message: &'a str,
             request_id: &'a str,
+            #[serde(flatten)]
+            details: Option<&'a serde_json::Map<String, serde_json::Value>>,
         }
         let mut response = json_response(
             self.status,
@@ -94,6 +106,7 @@ impl ApiError {
                     code: self.code,
                     message: &self.message,
                     request_id,
+                    details: self.details.as_ref(),
                 },
             },
         );

@@ -100,6 +100,49 @@ async fn time_claims_allow_thirty_seconds_of_skew_like_postgrest() {
     );
 }
 
+/// A correctly signed token may carry any integer in its time claims: `exp: i64::MAX` panicked
+/// (`exp + 30` overflowed in debug builds, wrapped to "expired" in release).
+#[tokio::test]
+async fn extreme_time_claims_never_overflow() {
+    let v = hs_verifier();
+    let at = now();
+    let token = |claim: &str, value: i64| {
+        let mut claims = tokens::user_claims(USER, None);
+        claims[claim] = json!(value);
+        tokens::hs256(&claims, SECRET)
+    };
+    let cases = [
+        ("exp", i64::MAX, None),
+        ("exp", i64::MAX - 29, None),
+        ("exp", i64::MIN, Some(AuthError::Expired)),
+        ("nbf", i64::MAX, Some(AuthError::NotYetValid)),
+        ("nbf", i64::MIN, None),
+        ("iat", i64::MAX, Some(AuthError::IssuedInFuture)),
+        ("iat", i64::MIN, None),
+    ];
+    for (claim, value, want) in cases {
+        let got = v.verify(&token(claim, value), at).await.err();
+        assert_eq!(got, want, "{claim} = {value}");
+    }
+    // The verifier's own clock at either end of the range.
+    let forever = token("exp", i64::MAX);
+    assert_eq!(v.verify(&forever, i64::MAX).await.err(), None);
+    assert_eq!(
+        v.verify(&forever, i64::MIN).await.err(),
+        Some(AuthError::IssuedInFuture),
+        "its iat is now"
+    );
+    let usual = tokens::hs256(&tokens::user_claims(USER, None), SECRET);
+    assert_eq!(
+        v.verify(&usual, i64::MAX).await.err(),
+        Some(AuthError::Expired)
+    );
+    assert_eq!(
+        v.verify(&usual, i64::MIN).await.err(),
+        Some(AuthError::IssuedInFuture)
+    );
+}
+
 #[tokio::test]
 async fn hs256_attacks_are_refused() {
     let v = hs_verifier();

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chat::request::Limits;
+use chat::conversation::Limits;
 use chat::rules::RuleBook;
 use serde_json::{json, Value};
 use shared::auth::AuthConfig;
@@ -34,6 +34,7 @@ fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
         },
         openai_key: base_url.map(|_| Secret::new(OPENAI_KEY)),
         openai_base_url: base_url.unwrap_or("http://127.0.0.1:9").to_owned(),
+        fallback: None,
         timeout: Duration::from_millis(800),
         backoff: RetryPolicy {
             max_retries: 2,

@@ -163,9 +163,11 @@ fn seconds_to_utc_midnight() -> u64 {
 #[tokio::test]
 async fn over_budget_is_429_until_the_next_utc_day_without_an_upstream_call() {
     let server = upstream_answering(llm_fake::completion("Hello!")).await;
+    // Each question reserves its prompt bound (3 + the system prompt's 27 bytes + 4 + the
+    // question's bytes + 4) plus CHAT_MAX_TOKENS (10): 62-63 tokens; each answer costs 19.
     let app = spawn(
         Some(&format!("{}/v1", server.uri())),
-        &[("CHAT_DAILY_TOKEN_BUDGET", "25")],
+        &[("CHAT_DAILY_TOKEN_BUDGET", "90"), ("CHAT_MAX_TOKENS", "10")],
     )
     .await;
     let user = app.user().await;
@@ -181,7 +183,7 @@ async fn over_budget_is_429_until_the_next_utc_day_without_an_upstream_call() {
     assert_eq!(
         (second.status, second.source()),
         (200, "llm"),
-        "19 of 25 used: still under"
+        "19 spent + 63 reserved of 90: still under"
     );
     assert_eq!(
         (refused.status, refused.code().as_str()),
@@ -255,9 +257,10 @@ async fn streamed_answers_are_counted_from_the_usage_chunk() {
         )
         .mount(&server)
         .await;
+    // "one" reserves 3 + (27 + 4) + (3 + 4) + 5 = 46 tokens; the answer costs 12.
     let app = spawn(
         Some(&format!("{}/v1", server.uri())),
-        &[("CHAT_DAILY_TOKEN_BUDGET", "12")],
+        &[("CHAT_DAILY_TOKEN_BUDGET", "50"), ("CHAT_MAX_TOKENS", "5")],
     )
     .await;
     let user = app.user().await;
@@ -362,8 +365,10 @@ async fn anonymous_sessions_get_the_smaller_budget_and_rate_limit() {
         Some(&format!("{}/v1", server.uri())),
         &[
             ("CHAT_DAILY_TOKEN_BUDGET", "1000"),
-            ("CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET", "10"),
+            // "one" reserves 51 tokens and costs 19: a second question does not fit in 60.
+            ("CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET", "60"),
             ("CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN", "3"),
+            ("CHAT_MAX_TOKENS", "10"),
         ],
     )
     .await;

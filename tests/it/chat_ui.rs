@@ -146,7 +146,7 @@ async fn use_chat_body_gets_the_ui_message_stream_with_exact_chunks() {
         &["type", "id", "delta"],
         &["type", "id"],
         &["type"],
-        &["type", "finishReason"],
+        &["type", "finishReason", "messageMetadata"],
     ];
     for (chunk, fields) in chunks.iter().zip(expected) {
         assert_eq!(keys(chunk), fields.iter().copied().collect(), "{chunk}");
@@ -155,6 +155,8 @@ async fn use_chat_body_gets_the_ui_message_stream_with_exact_chunks() {
     assert_eq!(text_ids.len(), 1, "one text part");
     assert_eq!(answer.text(), "你好!");
     assert_eq!(chunks[8]["finishReason"], "stop");
+    // The charge goes in the finish chunk's metadata (the upstream's usage: 9 + 3).
+    assert_eq!(chunks[8]["messageMetadata"], json!({"tokensCharged": 12}));
     assert_eq!(
         answer.metadata(),
         json!({"source": "llm", "model": "gpt-4o-mini"})

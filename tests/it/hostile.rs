@@ -76,13 +76,13 @@ proptest! {
 
     #[test]
     fn any_chat_body_is_a_valid_chat_or_a_400(body in proptest::collection::vec(any::<u8>(), 0..1024), json in any_json()) {
-        let limits = chat::request::Limits {
+        let limits = chat::conversation::Limits {
             max_messages: 8, max_message_chars: 100, max_total_chars: 300, max_tokens: 64,
             allow_client_system: false, models: vec!["m".into()], default_model: "m".into(),
         };
-        check_chat(chat::request::parse(&body, &limits), &limits)?;
+        check_chat(chat::wire::openai::parse(&body, &limits), &limits)?;
         let wrapped = serde_json::json!({"messages": [{"role": "user", "content": json}]}).to_string();
-        check_chat(chat::request::parse(wrapped.as_bytes(), &limits), &limits)?;
+        check_chat(chat::wire::openai::parse(wrapped.as_bytes(), &limits), &limits)?;
         // The useChat body on the root, raw and with arbitrary parts.
         check_chat(chat::wire::parse("/", &body, &limits).map(|p| p.chat), &limits)?;
         let ui = serde_json::json!({"id": "c", "trigger": "regenerate-message",
@@ -240,8 +240,8 @@ fn check_event(
 
 /// A chat within `limits` or, through chat's one error map, a 400 with a stable code.
 fn check_chat(
-    outcome: Result<chat::request::Chat, chat::request::Invalid>,
-    limits: &chat::request::Limits,
+    outcome: Result<chat::conversation::Chat, chat::conversation::Invalid>,
+    limits: &chat::conversation::Limits,
 ) -> Result<(), TestCaseError> {
     match outcome {
         Ok(chat) => {

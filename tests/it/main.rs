@@ -6,6 +6,9 @@
 mod anonymous_checkout;
 mod auth;
 mod chat;
+mod chat_attacks;
+mod chat_ceilings;
+mod chat_fallback;
 mod chat_limits;
 mod chat_ui;
 mod checkout;

@@ -6,7 +6,7 @@
 use futures::future::join_all;
 use serde_json::json;
 use shared::payments::facts::{Facts, InvoiceFact};
-use shared::store::chat::{Admission, AdmitLimits, Recorded};
+use shared::store::chat::{Admission, AdmitLimits, Reserve, SettledSource, Settlement};
 use shared::store::payments::Delivery;
 use shared::store::{Outcome, Store};
 use shared::stripe::events::{self, Event};
@@ -70,24 +70,43 @@ async fn concurrent_calls_through_a_transaction_pooler_are_each_applied_once() {
         let store = &stores[i % stores.len()];
         async move {
             let key = format!("key-{i}");
-            let before = store.chat_admit(*user, Some(&key), limits).await.unwrap();
+            let reserve = Reserve {
+                tokens: 100,
+                hold_s: 60,
+            };
+            let now = shared::clock::Clock::system().unix_ms();
+            let before = store
+                .chat_admit(*user, Some(&key), limits, reserve, now)
+                .await
+                .unwrap();
+            let reservation = match &before {
+                Admission::Miss { reservation, .. } => *reservation,
+                _ => None,
+            };
             let answer = json!({"answer": i});
             store
-                .chat_record(
+                .chat_settle(
                     *user,
-                    &Recorded {
+                    &Settlement {
+                        reservation,
                         cache_key: Some(&key),
                         cache: Some((&answer, 600)),
-                        llm: true,
-                        prompt_tokens: Some(3),
-                        completion_tokens: Some(5),
+                        source: SettledSource::Llm,
+                        prompt_tokens: 3,
+                        completion_tokens: 5,
+                        attempts: 1,
+                        failed_attempts: 0,
                         usage_estimated: false,
                         anonymous: false,
                     },
+                    now,
                 )
                 .await
                 .unwrap();
-            let after = store.chat_admit(*user, Some(&key), limits).await.unwrap();
+            let after = store
+                .chat_admit(*user, Some(&key), limits, reserve, now)
+                .await
+                .unwrap();
             (before, after, answer)
         }
     }))
@@ -104,9 +123,18 @@ async fn concurrent_calls_through_a_transaction_pooler_are_each_applied_once() {
         .get(0);
     assert_eq!(recorded, 32);
     for (before, after, answer) in admitted {
-        assert!(matches!(before, Admission::Miss), "{before:?}");
         assert!(
-            matches!(&after, Admission::Hit { response } if *response == answer),
+            matches!(
+                before,
+                Admission::Miss {
+                    reservation: Some(_),
+                    ..
+                }
+            ),
+            "{before:?}"
+        );
+        assert!(
+            matches!(&after, Admission::Hit { response, .. } if *response == answer),
             "{after:?}"
         );
     }

@@ -309,7 +309,10 @@ async fn no_secret_reaches_logs_on_the_refusal_paths() {
         ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
         ("OPENAI_API_KEY", OPENAI_KEY.to_owned()),
         ("OPENAI_BASE_URL", base),
-        ("CHAT_DAILY_TOKEN_BUDGET", "1".to_owned()),
+        // "first" reserves 3 + (9 + 4) + (5 + 4) + 10 = 35 and costs 19: nothing more fits.
+        ("CHAT_SYSTEM_PROMPT", "Be brief.".to_owned()),
+        ("CHAT_MAX_TOKENS", "10".to_owned()),
+        ("CHAT_DAILY_TOKEN_BUDGET", "40".to_owned()),
         ("CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN", "1".to_owned()),
     ];
     let chat_config = chat::Config::read(shared::config::EnvReader::new(|k| {

@@ -1,8 +1,10 @@
 """A fake OpenAI-compatible upstream for the SDK test and the browser journey: answers
 /v1/chat/completions, streamed or not, with "echo: <last message>"; with "recall: <first user
 message>" when the last message contains "RECALL" (proves the history arrived); fails with 500
-when it contains "FAIL" (to exercise the fallback). FAKE_OPENAI_CHUNK_DELAY_MS spaces the streamed
-chunks out, so a client can watch an answer grow."""
+when it contains "FAIL" (to exercise the rules), and with 503 when it contains "FALLBACK" unless
+the request is for the model "sdk-backup" (to exercise the fallback model).
+FAKE_OPENAI_CHUNK_DELAY_MS spaces the streamed chunks out, so a client can watch an answer
+grow."""
 import json
 import os
 import sys
@@ -27,6 +29,8 @@ class Handler(BaseHTTPRequestHandler):
         last = request["messages"][-1]["content"]
         if "FAIL" in last:
             return self.send_json(500, {"error": {"message": "boom", "type": "server_error", "code": None}})
+        if "FALLBACK" in last and request.get("model") != "sdk-backup":
+            return self.send_json(503, {"error": {"message": "The engine is currently overloaded", "type": "server_error", "code": None}})
         answer = f"echo: {last}"
         if "RECALL" in last:
             first = next(m["content"] for m in request["messages"] if m["role"] == "user")

@@ -51,6 +51,34 @@ stream = client.chat.completions.create(
 text = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
 check("streamed rules answer (Chinese)", "您好" in text, text)
 
+backup = client.chat.completions.with_raw_response.create(
+    model="gpt-4o-mini", messages=[{"role": "user", "content": "FALLBACK please"}])
+answered = backup.parse()
+check("an overloaded first model hands over to the fallback model",
+      backup.headers.get("x-chat-source") == "fallback" and answered.model == "sdk-backup",
+      f"{backup.headers.get('x-chat-source')} {answered.model}")
+check("the fallback says why", backup.headers.get("x-chat-fallback-reason") == "upstream_5xx",
+      backup.headers.get("x-chat-fallback-reason"))
+check("the fallback's answer", answered.choices[0].message.content == "echo: FALLBACK please",
+      answered.choices[0].message.content)
+
+policy, state = raw.headers.get("ratelimit-policy", ""), raw.headers.get("ratelimit", "")
+check("answers carry RateLimit-Policy", '"requests";q=20;w=60' in policy and '"tokens";q=5000' in policy, policy)
+check("answers carry RateLimit", state.startswith('"requests";r=') and '"tokens";r=' in state, state)
+check("charged what the upstream reported", raw.headers.get("x-chat-tokens-charged") == "8",
+      raw.headers.get("x-chat-tokens-charged"))
+
+try:
+    # About 4,500 bytes: with the completion cap the worst case passes the whole budget (5,000).
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "完" * 1500}])
+    check("a request over the budget is a 429", False)
+except openai.RateLimitError as e:
+    body = e.body if isinstance(e.body, dict) else {}
+    check("a request over the budget is a 429",
+          e.status_code == 429 and e.code == "token_budget_exceeded" and body.get("limit") == "tokens", str(e))
+    check("the 429 has Retry-After", int(e.response.headers.get("retry-after", "0")) >= 1,
+          e.response.headers.get("retry-after"))
+
 try:
     client.chat.completions.create(model="not-allowed", messages=[{"role": "user", "content": "x"}])
     check("unknown model is a 400", False)

@@ -182,3 +182,123 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
         }
     }
 }
+
+/// The most expensive upstream an honest provider can be: every answer uses the whole
+/// completion cap the request asked for (`max_tokens` or `max_completion_tokens`), and the
+/// prompt is counted one token per byte plus OpenAI's framing (no byte-level tokenizer counts
+/// more). Streams send one chunk per token and the usage chunk only when
+/// `stream_options.include_usage` asks for it, as OpenAI does; `delay` comes before the answer.
+#[derive(Clone, Debug)]
+pub struct Metered {
+    pub delay: Duration,
+}
+
+impl Metered {
+    /// The usage this upstream reports for `request` (an upstream request body).
+    pub fn usage(request: &Value) -> (u64, u64) {
+        let messages = request["messages"].as_array().cloned().unwrap_or_default();
+        let prompt = messages.iter().fold(3u64, |sum, m| {
+            sum + m["content"].as_str().map_or(0, |c| c.len() as u64) + 4
+        });
+        let completion = request["max_completion_tokens"]
+            .as_u64()
+            .or_else(|| request["max_tokens"].as_u64())
+            .unwrap_or(16);
+        (prompt, completion)
+    }
+}
+
+impl wiremock::Respond for Metered {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+            return wiremock::ResponseTemplate::new(400).set_body_json(error(
+                "We could not parse the JSON body of your request.",
+                "invalid_request_error",
+                "invalid_json",
+            ));
+        };
+        let (prompt, completion) = Self::usage(&body);
+        let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion});
+        let pieces: Vec<String> = (0..completion).map(|i| format!("t{i} ")).collect();
+        let response = if body["stream"] == Value::Bool(true) {
+            let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            // The whole cap used: the finish reason is `length`.
+            let mut events: String = sse(&refs)
+                .split_inclusive("\n\n")
+                .filter(|e| !e.contains("\"usage\""))
+                .collect::<String>()
+                .replace("\"finish_reason\":\"stop\"", "\"finish_reason\":\"length\"");
+            if body["stream_options"]["include_usage"] == Value::Bool(true) {
+                let chunk = json!({"id": "chatcmpl-up", "object": "chat.completion.chunk",
+                    "created": 1, "model": body["model"], "choices": [], "usage": usage});
+                events = events.replace(
+                    "data: [DONE]\n\n",
+                    &format!("data: {chunk}\n\ndata: [DONE]\n\n"),
+                );
+            }
+            wiremock::ResponseTemplate::new(200).set_body_raw(events, "text/event-stream")
+        } else {
+            let mut answer = completion_with(&pieces.concat(), "length");
+            answer["usage"] = usage;
+            answer["model"] = body["model"].clone();
+            wiremock::ResponseTemplate::new(200).set_body_json(answer)
+        };
+        response.set_delay(self.delay)
+    }
+}
+
+/// A `chat.completion` body with `content` and `finish_reason`.
+pub fn completion_with(content: &str, finish_reason: &str) -> Value {
+    let mut body = completion(content);
+    body["choices"][0]["finish_reason"] = json!(finish_reason);
+    body
+}
+
+/// A server that streams an answer of `pieces` chunks, one every `gap`, for every request, and
+/// stops as soon as a write fails (the client went away). The counter tells how many content
+/// chunks were written.
+pub async fn trickling_stream(
+    pieces: usize,
+    gap: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let written = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let counter = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                if read_request(&mut socket).await.is_none() {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece_refs: Vec<String> = (0..pieces).map(|i| format!("p{i} ")).collect();
+                let refs: Vec<&str> = piece_refs.iter().map(String::as_str).collect();
+                let events: Vec<String> = sse(&refs)
+                    .split_inclusive("\n\n")
+                    .map(str::to_owned)
+                    .collect();
+                for event in events {
+                    let frame = format!("{:x}\r\n{event}\r\n", event.len());
+                    if socket.write_all(frame.as_bytes()).await.is_err()
+                        || socket.flush().await.is_err()
+                    {
+                        return;
+                    }
+                    if event.contains("\"content\":\"p") {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+                let _ = socket.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), written)
+}

@@ -70,6 +70,7 @@ pub fn fix_for(variable: &str) -> &'static str {
         "DATABASE_URL" | "DATABASE_CA_CERT" => "Supabase Dashboard > Connect > Transaction pooler (port 6543) URI; SSL certificate from Project Settings > Database",
         "OPENAI_API_KEY" => "an API key of the OpenAI-compatible provider, or CHAT_RULES_ONLY=true to answer from rules on purpose",
         "CHECKOUT_SUCCESS_URL" | "CHECKOUT_CANCEL_URL" => "your app's https pages for a finished or cancelled checkout",
+        "LLM_FALLBACK_MODEL" | "LLM_FALLBACK_BASE_URL" | "LLM_FALLBACK_API_KEY" => "the second model's name, and its OpenAI-compatible server and key when it is another provider (they default to the first's): docs/configuration.md",
         "CHAT_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN" => "tokens per user and UTC day (0 turns a budget off) and the anonymous sessions' requests per minute: docs/configuration.md",
         _ => "see docs/configuration.md",
     }
@@ -590,6 +591,35 @@ mod database_tls_tests {
             check("postgres://postgres@127.0.0.1:5432/x?sslmode=disable", true),
             Status::Pass,
             "loopback"
+        );
+        for remote_addr in [
+            "postgres://app_user:S3cret@localhost:15432/postgres?hostaddr=192.0.2.2",
+            "host=localhost hostaddr=192.0.2.2 port=15432 user=app_user password=S3cret",
+        ] {
+            let verdict = database_tls(
+                &|k: &str| (k == "DATABASE_URL").then(|| remote_addr.to_owned()),
+                true,
+            );
+            assert_eq!(verdict.status, Status::Pass, "{remote_addr}");
+            assert!(
+                verdict.detail.contains("TLS required"),
+                "a remote hostaddr is not a loopback host: {}",
+                verdict.detail
+            );
+            let separator = if remote_addr.contains('?') { "&" } else { " " };
+            assert_eq!(
+                check(&format!("{remote_addr}{separator}sslmode=disable"), true),
+                Status::Fail,
+                "{remote_addr}"
+            );
+        }
+        assert_eq!(
+            check(
+                "postgres://app_user:S3cret@/postgres?hostaddr=192.0.2.2",
+                true
+            ),
+            Status::Skip,
+            "no host to verify against: refused by the configuration check"
         );
         let none = database_tls(&|_: &str| None, true);
         assert_eq!(none.status, Status::Skip);

@@ -1,8 +1,10 @@
 // The chat endpoint (/api/llm/chat), as functions/chat: OpenAI Chat Completions on the wire, an
 // answer always. Verify the token, validate the request, then one round trip (`chat_admit`)
-// counts it against the user's rate limit and looks the answer up in the per-user cache. A miss
-// goes to the LLM (the official `openai` client, non-streamed) and the answer is recorded
-// (`chat_record`); with no key, or when the LLM fails for good, the rule engine answers.
+// counts it against the user's request window, looks the answer up in the per-user cache and
+// reserves the request's worst case against the daily budget. A miss goes to the LLM (the
+// official `openai` client, non-streamed) and the request is settled (`chat_settle`: the
+// reservation replaced by the usage, the answer cached); with no key, or when the LLM fails for
+// good, the rule engine answers (after settling what the attempt cost).
 // The source is in the `x-chat-source` header and the `x_source` body field. Deployed with
 // InvokeMode RESPONSE_STREAM like the Rust function, so answers go out in streaming mode.
 
@@ -63,6 +65,7 @@ function readConfig() {
     },
     systemPrompt: env.optional('CHAT_SYSTEM_PROMPT') ?? DEFAULT_SYSTEM_PROMPT,
     rateLimitPerMin: env.integer('CHAT_RATE_LIMIT_PER_MIN', 20, 1, 100_000),
+    dailyTokenBudget: env.integer('CHAT_DAILY_TOKEN_BUDGET', 200_000, 0, 1_000_000_000),
     cacheTtlS: env.integer('CHAT_CACHE_TTL_S', 3600, 0, 30 * 86_400),
     maxBodyBytes: env.integer('CHAT_MAX_BODY_BYTES', 256 * 1024, 1024, 6 << 20),
     rules,
@@ -139,28 +142,68 @@ function init() {
       throw new ApiError(400, error.code, error.message);
     }
     const key = config.cacheTtlS > 0 ? cacheKey(chat, config.systemPrompt) : null;
+    // The worst case: one token per UTF-8 byte of the prompt plus framing, and the cap.
+    const prompt = upstreamMessages(chat);
+    const reserve = prompt.reduce((sum, m) => sum + Buffer.byteLength(m.content, 'utf8') + 4, 3) + chat.maxTokens;
+    const budget = openai && config.dailyTokenBudget > 0 ? config.dailyTokenBudget : null;
     // If the database is down the request is still answered (uncached, unlimited).
     let cached = null;
+    let reservation = null;
     try {
       const admission = decodeState(await rpc(supabase, 'chat_admit', {
         p_user: user.id, p_cache_key: key, p_limit: config.rateLimitPerMin, p_window_s: RATE_WINDOW_S,
+        p_token_budget: budget, p_reserve: reserve, p_hold_s: Math.ceil(config.totalBudgetMs / 1000) + 7,
+        p_now_ms: Date.now(),
       }), 'chat_admit');
       if (admission.state === 'rate_limited') {
         metrics.count('RateLimited');
-        throw new ApiError(429, 'rate_limited', 'too many chat requests; try again shortly', { retryAfter: admission.retry_after });
+        throw new ApiError(429, 'rate_limited', 'too many chat requests; try again shortly', { retryAfter: admission.rate.retry_after });
+      }
+      if (admission.state === 'budget_exceeded') {
+        metrics.count('BudgetExceeded');
+        throw new ApiError(429, 'token_budget_exceeded', "you have used today's chat allowance", { retryAfter: admission.budget.reset_s });
       }
       if (admission.state === 'unknown_user') throw new ApiError(403, 'unknown_user', "the token's user does not exist in this project");
       if (admission.state === 'hit') cached = admission.response;
+      reservation = admission.reservation ?? null;
     } catch (error) {
       if (error instanceof ApiError) throw error;
       metrics.count('StoreErrors');
       log('error', 'chat admission failed; answering without cache or rate limit', { error: error.message });
     }
-    return { user, chat, key, cached };
+    return { user, chat, key, cached, reservation, prompt };
+  }
+
+  function upstreamMessages(chat) {
+    return config.systemPrompt ? [{ role: 'system', content: config.systemPrompt }, ...chat.messages] : chat.messages;
+  }
+
+  /** Releases the reservation and charges what the attempt used (and caches a whole answer). */
+  async function settle(user, reservation, key, response, source, usage, failed, metrics) {
+    try {
+      await rpc(supabase, 'chat_settle', {
+        p_user: user.id,
+        p_reservation: reservation,
+        p_cache_key: key,
+        p_response: response,
+        p_cache_ttl_s: response ? config.cacheTtlS : 0,
+        p_source: source,
+        p_prompt_tokens: usage ? usage.prompt_tokens : 0,
+        p_completion_tokens: usage ? usage.completion_tokens : 0,
+        p_attempts: 1,
+        p_failed_attempts: failed ? 1 : 0,
+        p_usage_estimated: !usage,
+        p_anonymous: user.isAnonymous ?? false,
+        p_now_ms: Date.now(),
+      });
+    } catch (error) {
+      metrics.count('StoreErrors');
+      log('error', 'could not settle the chat request', { error: error.message });
+    }
   }
 
   async function answer(event, context, metrics) {
-    const { user, chat, key, cached } = await admit(event, metrics);
+    const { user, chat, key, cached, reservation, prompt } = await admit(event, metrics);
     const meta = (source, fallbackReason = null) => ({
       id: `chatcmpl-${randomUUID().replaceAll('-', '')}`, created: Math.floor(Date.now() / 1000), model: chat.model, source, fallbackReason,
     });
@@ -182,11 +225,7 @@ function init() {
     const left = context.getRemainingTimeInMillis();
     if (left > 1000 && left < 15 * 60 * 1000) budget = Math.min(budget, Math.max(left - config.deadlineReserveMs, 100));
     if (budget < MIN_ATTEMPT_MS) return rules('timeout');
-    const params = {
-      model: chat.model,
-      messages: config.systemPrompt ? [{ role: 'system', content: config.systemPrompt }, ...chat.messages] : chat.messages,
-      stream: false,
-    };
+    const params = { model: chat.model, messages: prompt, stream: false };
     if (chat.usesMaxCompletionTokens) params.max_completion_tokens = chat.maxTokens;
     else params.max_tokens = chat.maxTokens;
     if (chat.temperature !== null) params.temperature = chat.temperature;
@@ -209,6 +248,13 @@ function init() {
       if (reason === 'timeout') metrics.count('Timeouts');
       if (reason === 'auth') metrics.count('UpstreamAuthErrors');
       log(reason === 'auth' ? 'error' : 'warn', 'LLM call failed', { class: reason });
+      if (reason !== 'connect') {
+        // The attempt reached the upstream: its prompt is charged (estimated, none reported).
+        const estimate = prompt.reduce((sum, m) => sum + Math.ceil(Buffer.byteLength(m.content, 'utf8') / 3) + 4, 0);
+        await settle(user, reservation, null, null, 'rules', { prompt_tokens: estimate, completion_tokens: 0 }, true, metrics);
+      } else {
+        await settle(user, reservation, null, null, 'rules', null, true, metrics);
+      }
       return rules(reason);
     }
 
@@ -218,20 +264,7 @@ function init() {
     }
     // Only complete answers are cached.
     const cacheable = finishReason === 'stop' && content !== '';
-    try {
-      await rpc(supabase, 'chat_record', {
-        p_user: user.id,
-        p_cache_key: key,
-        p_response: cacheable ? { content, finish_reason: finishReason, usage } : null,
-        p_cache_ttl_s: cacheable ? config.cacheTtlS : 0,
-        p_llm: true,
-        p_prompt_tokens: usage ? usage.prompt_tokens : null,
-        p_completion_tokens: usage ? usage.completion_tokens : null,
-      });
-    } catch (error) {
-      metrics.count('StoreErrors');
-      log('error', 'could not record the chat answer', { error: error.message });
-    }
+    await settle(user, reservation, key, cacheable ? { content, finish_reason: finishReason, usage } : null, 'llm', usage, false, metrics);
     return wholeAnswer(chat, meta('llm'), content, finishReason, usage);
   }
 

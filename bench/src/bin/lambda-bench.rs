@@ -723,6 +723,7 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let clients = bench::tls::first_clients();
     let mut tls = false;
+    let mut only: Option<String> = None;
     while let Some(arg) = args.next() {
         if arg == "--tls" {
             tls = true;
@@ -734,10 +735,11 @@ async fn main() {
             ("--pooler", Some(v)) => pooler = Some(v),
             ("--warm", Some(v)) => warm = v.parse().unwrap_or(warm),
             ("--cold", Some(v)) => cold = v.parse().unwrap_or(cold),
+            ("--only", Some(v)) => only = Some(v),
             _ => {
                 eprintln!(
                     "usage: lambda-bench [--bin-dir DIR] [--node DIR_OF_BUNDLES] [--pooler URL] [--warm N] \
-                     [--cold N] [--tls]\n  --node bench/node/dist adds the Node.js baseline, measured pair \
+                     [--cold N] [--tls] [--only FUNCTION]\n  --only chat measures one function (a short run)\n  --node bench/node/dist adds the Node.js baseline, measured pair \
                      by pair\n  --pooler postgres://postgres@127.0.0.1:6432/postgres adds cold \
                      starts through that transaction-mode pooler (scripts/ensure-pgbouncer)\n  --tls adds cold starts with every peer behind TLS (a CA made for the run)"
                 );
@@ -789,7 +791,10 @@ async fn main() {
     if up.node_dir.is_some() {
         impls.push(Impl::Node);
     }
-    let functions = ["webhook", "checkout", "chat"];
+    let functions: Vec<&str> = ["webhook", "checkout", "chat"]
+        .into_iter()
+        .filter(|f| only.as_deref().is_none_or(|o| o == *f))
+        .collect();
 
     let mut colds = Vec::new();
     let mut warms: Vec<(&str, &str, Vec<Warm>)> = Vec::new();
@@ -802,7 +807,7 @@ async fn main() {
     if up.tls.is_some() {
         runs.extend(cold_impls.iter().map(|i| (*i, true)));
     }
-    for function in functions {
+    for &function in &functions {
         colds.push(cold_starts(&up, function, &runs, cold).await);
         let list = branches(&up, function, impls.len(), warm, false).await;
         let (rows, peak) = warm_runs(&up, function, &impls, &[], list, warm).await;
@@ -822,7 +827,11 @@ async fn main() {
             warms.extend(rows.into_iter().map(|(b, f)| (function, b, f)));
         }
     }
-    let instant = instant_database(&up, &impls, warm).await;
+    let instant = if functions.contains(&"webhook") {
+        instant_database(&up, &impls, warm).await
+    } else {
+        Vec::new()
+    };
     let floor = postgres_floor(&up, cold).await;
     let trips = round_trips(&up.db, &up.stripe, &up.openai).await;
     let handshakes = match &up.tls {

@@ -1,4 +1,6 @@
-//! Admission: what a request must pass before anything is asked of the LLM, and its deadline.
+//! Admission: what a request must pass before anything is asked of the LLM (path, method,
+//! token, body, the request limit, the cache and the token reservation, the last three in one
+//! round trip), and its deadline.
 
 use std::time::{Duration, Instant};
 
@@ -7,14 +9,18 @@ use lambda_http::{Request, RequestExt};
 use serde_json::Value;
 use shared::clock::Clock;
 use shared::llm::Message;
-use shared::store::chat::Admission;
+use shared::store::chat::{Admission, Reserve};
 use shared::telemetry::MetricSet;
 
-use crate::request::Chat;
+use crate::conversation::Chat;
+use crate::ratelimit::{Quotas, Refusal};
 use crate::wire::{self, Wire};
-use crate::{cache_key, ChatError, Config, State};
+use crate::{budget, cache_key, ChatError, Config, State};
 
-const RATE_WINDOW_S: u32 = 60;
+/// The request limit's window.
+pub const RATE_WINDOW_S: u32 = 60;
+/// Time a settlement is given after the function's own end before a reservation counts in full.
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
 
 /// When the answer must be out: the configured budget, shortened by the invocation's own
 /// deadline minus a reserve. A deadline in the past or absurdly far (as `cargo lambda watch`
@@ -41,6 +47,7 @@ fn is_chat_path(path: &str) -> bool {
     )
 }
 
+/// A request that passed admission.
 pub(crate) struct Admitted {
     pub user: Asker,
     pub chat: Chat,
@@ -49,6 +56,21 @@ pub(crate) struct Admitted {
     pub wire: Wire,
     pub cache_key: Option<String>,
     pub cached: Option<Value>,
+    /// The limits as admission left them, for the answer's headers.
+    pub quotas: Quotas,
+    /// The tokens reserved for the first attempt, when a budget applies.
+    pub reservation: Option<Reservation>,
+    /// The database could not be asked: nothing is limited, reserved or cached.
+    pub store_down: bool,
+}
+
+/// An open reservation of tokens against the user's day.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reservation {
+    pub id: uuid::Uuid,
+    /// Tokens held now.
+    pub tokens: u64,
+    pub budget: u64,
 }
 
 /// Who asked, as the bookkeeping needs it.
@@ -58,11 +80,12 @@ pub(crate) struct Asker {
     pub anonymous: bool,
 }
 
-/// Everything before the answer: path, method, token, body, limits, budget and cache (one
-/// round trip for the last three).
+/// Everything before the answer: path, method, token, body, then one round trip for the request
+/// limit, the cache and the reservation of the request's worst case.
 pub(crate) async fn admit(
     state: &State,
     request: &Request,
+    deadline: Instant,
     metrics: &mut MetricSet,
 ) -> Result<Admitted, ChatError> {
     if !is_chat_path(request.uri().path()) {
@@ -71,65 +94,104 @@ pub(crate) async fn admit(
     if request.method() != Method::POST {
         return Err(ChatError::MethodNotAllowed);
     }
-    let now = state.clock.unix_s();
+    let config = &state.config;
     let user = state
         .verifier
-        .verify_request(request.headers(), now)
+        .verify_request(request.headers(), state.clock.unix_s())
         .await?;
     let body = request.body().as_ref();
-    if body.len() > state.config.max_body_bytes {
-        return Err(ChatError::BodyTooLarge(state.config.max_body_bytes));
+    if body.len() > config.max_body_bytes {
+        return Err(ChatError::BodyTooLarge(config.max_body_bytes));
     }
     if !shared::lambda::has_json_body(request.headers()) {
         return Err(ChatError::UnsupportedMediaType);
     }
     let wire::Parsed { chat, wire, fresh } =
-        wire::parse(request.uri().path(), body, &state.config.limits)
-            .map_err(ChatError::Invalid)?;
-    let messages = chat.upstream_messages(&state.config.system_prompt);
-    let cache_key = if state.config.cache_ttl_s > 0 {
-        cache_key::cache_key(&chat.upstream(&messages))
+        wire::parse(request.uri().path(), body, &config.limits).map_err(ChatError::Invalid)?;
+    let messages = chat.upstream_messages(&config.system_prompt);
+    let cache_key = if config.cache_ttl_s > 0 {
+        cache_key::cache_key(&chat.upstream(&chat.model, &messages))
     } else {
         None
     };
     // A fresh answer (a regenerate) is not looked up, but it is recorded.
     let lookup = if fresh { None } else { cache_key.as_deref() };
-    let mut limits = state.config.budgets.limits(
-        user.is_anonymous,
-        state.config.rate_limit_per_min,
-        RATE_WINDOW_S,
-    );
+    let mut limits =
+        config
+            .budgets
+            .limits(user.is_anonymous, config.rate_limit_per_min, RATE_WINDOW_S);
     if state.llm.is_none() {
         // Rules only: every answer is free, so no budget applies.
         limits.daily_tokens = None;
     }
-    // The limits and the cache share one round trip. If the database is down the request is
-    // still answered (uncached, unlimited): the chat must never fail for want of bookkeeping.
-    let admission = state.store.chat_admit(user.id, lookup, limits).await;
-    let cached = match admission {
-        Ok(Admission::RateLimited { retry_after }) => {
-            return Err(ChatError::RateLimited(retry_after))
+    let mut quotas = Quotas {
+        policy: Some((limits.per_window, limits.window_s)),
+        budget_policy: limits.daily_tokens,
+        ..Quotas::default()
+    };
+    let reserve = Reserve {
+        tokens: budget::worst_case(&messages, chat.max_tokens),
+        hold_s: hold_for(deadline, config),
+    };
+    let admission = state
+        .store
+        .chat_admit(user.id, lookup, limits, reserve, state.clock.unix_ms())
+        .await;
+    let (cached, reservation, store_down) = match admission {
+        Ok(Admission::RateLimited { rate }) => {
+            quotas.rate = Some(rate);
+            let refusal = Refusal::Requests(rate);
+            return Err(ChatError::Limited { refusal, quotas });
         }
         Ok(Admission::BudgetExceeded {
-            retry_after,
-            used,
             budget,
+            requested,
+            rate,
         }) => {
+            quotas.rate = Some(rate);
+            quotas.budget = Some(budget);
             tracing::info!(
-                used,
-                budget,
+                spent = budget.spent,
+                reserved = budget.reserved,
+                requested,
+                budget = budget.budget,
                 anonymous = user.is_anonymous,
                 "daily token budget reached"
             );
-            return Err(ChatError::BudgetExceeded(retry_after));
+            let refusal = Refusal::Tokens { budget, requested };
+            return Err(ChatError::Limited { refusal, quotas });
         }
         Ok(Admission::UnknownUser) => return Err(ChatError::UnknownUser),
-        Ok(Admission::Hit { response }) => Some(response),
-        Ok(Admission::Miss) => None,
+        Ok(Admission::Hit {
+            response,
+            rate,
+            budget,
+        }) => {
+            quotas.rate = Some(rate);
+            quotas.budget = budget;
+            (Some(response), None, false)
+        }
+        Ok(Admission::Miss {
+            rate,
+            budget,
+            reservation,
+        }) => {
+            quotas.rate = Some(rate);
+            quotas.budget = budget;
+            let reservation =
+                reservation
+                    .zip(limits.daily_tokens)
+                    .map(|(id, budget)| Reservation {
+                        id,
+                        tokens: reserve.tokens,
+                        budget,
+                    });
+            (None, reservation, false)
+        }
         Err(e) => {
             metrics.count("StoreErrors", 1);
-            tracing::error!(error = %e, "chat admission failed; answering without cache or rate limit");
-            None
+            tracing::error!(error = %e, "chat admission failed: no cache, limit or reservation");
+            (None, None, true)
         }
     };
     Ok(Admitted {
@@ -142,5 +204,17 @@ pub(crate) async fn admit(
         wire,
         cache_key,
         cached,
+        quotas,
+        reservation,
+        store_down,
     })
+}
+
+/// How long a reservation stays open without a settlement: the request's time left, the reserve
+/// kept before the function's timeout, and a grace for the settlement's own round trip. After
+/// that the function cannot be running any more, and the reservation counts as spent in full.
+fn hold_for(deadline: Instant, config: &Config) -> u32 {
+    let hold =
+        deadline.saturating_duration_since(Instant::now()) + config.deadline_reserve + SETTLE_GRACE;
+    u32::try_from(hold.as_secs() + 1).unwrap_or(u32::MAX)
 }

@@ -1,9 +1,13 @@
-//! Cost ceilings: the token budget per user and UTC day, the smaller limits of anonymous
-//! sessions, and the token estimate used when the upstream reports no usage.
+//! Cost ceilings, the pure part: the token budget per user and UTC day and the smaller limits
+//! of anonymous sessions (config), the worst case a request reserves, and what each upstream
+//! attempt is charged.
 //!
-//! The budget is enforced at admission (`chat_admit`, in the same round trip as the rate limit
-//! and the cache) against the tokens recorded so far today, so it can be overshot by the requests
-//! already in flight, each at most its prompt plus `CHAT_MAX_TOKENS`.
+//! Admission reserves [`worst_case`] (the prompt's upper bound plus the completion cap) in the
+//! same round trip as the request limit and the cache; each further attempt (a retry, the
+//! fallback model) first extends the reservation by the prompt bound; settlement replaces the
+//! reservation by [`Charges`]: every attempt that reached the upstream, at its reported usage or
+//! an estimate. A charge never exceeds what was reserved for it as long as the upstream honours
+//! `max_tokens` and a token is at least one byte, so the day's spend never passes the budget.
 
 use shared::config::EnvReader;
 use shared::llm::{Message, Usage};
@@ -79,6 +83,8 @@ impl Budgets {
 
 /// Tokens counted for a message's framing (role, separators), as OpenAI's own guide counts them.
 const PER_MESSAGE: u32 = 4;
+/// Tokens that prime the reply (`<|start|>assistant<|message|>`).
+const REPLY_PRIMING: u64 = 3;
 
 /// A deliberately high estimate of an exchange's tokens, for when the upstream reports no usage
 /// (a server that ignores `stream_options.include_usage`, a stream cut before its usage chunk):
@@ -96,6 +102,71 @@ pub fn estimate(prompt: &[Message], completion: &str) -> Usage {
         prompt_tokens,
         completion_tokens,
         total_tokens: prompt_tokens.saturating_add(completion_tokens),
+    }
+}
+
+/// An upper bound of a prompt's tokens: byte-level BPE tokenizers (OpenAI's, Llama's) never make
+/// a token of less than one byte, so the UTF-8 bytes plus each message's framing and the reply's
+/// priming bound the count whatever the text (the estimate above is a third of that).
+pub fn prompt_bound(prompt: &[Message]) -> u64 {
+    prompt.iter().fold(REPLY_PRIMING, |sum, m| {
+        sum.saturating_add(m.content.len() as u64)
+            .saturating_add(u64::from(PER_MESSAGE))
+    })
+}
+
+/// The most one upstream attempt can cost: the prompt's bound plus the completion cap.
+pub fn worst_case(prompt: &[Message], max_tokens: u32) -> u64 {
+    prompt_bound(prompt).saturating_add(u64::from(max_tokens))
+}
+
+/// What one request's upstream attempts cost, accumulated attempt by attempt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Charges {
+    /// Attempts that reached the upstream.
+    pub attempts: u32,
+    /// Of those, the ones that failed.
+    pub failed: u32,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Part of the charge is an estimate (the upstream reported no usage for an attempt).
+    pub estimated: bool,
+}
+
+impl Charges {
+    /// Charges one attempt that reached the upstream: its reported usage, else the prompt's
+    /// estimate plus the estimate of the text it produced (`text`: what was streamed before a
+    /// cut, or the whole answer), never more than the completion cap `max_tokens`.
+    pub fn attempt(
+        &mut self,
+        prompt: &[Message],
+        max_tokens: u32,
+        usage: Option<Usage>,
+        text: &str,
+        failed: bool,
+    ) {
+        let (prompt_tokens, completion_tokens) = match usage {
+            Some(u) => (u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
+            None => {
+                self.estimated = true;
+                let guess = estimate(prompt, text);
+                (
+                    u64::from(guess.prompt_tokens),
+                    u64::from(guess.completion_tokens.min(max_tokens)),
+                )
+            }
+        };
+        self.attempts = self.attempts.saturating_add(1);
+        if failed {
+            self.failed = self.failed.saturating_add(1);
+        }
+        self.prompt_tokens = self.prompt_tokens.saturating_add(prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(completion_tokens);
+    }
+
+    /// Everything charged so far.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
@@ -181,5 +252,45 @@ mod tests {
         );
         assert_eq!(chinese.total_tokens, 17);
         assert_eq!(estimate(&[], "").total_tokens, 0);
+    }
+
+    #[test]
+    fn the_prompt_bound_holds_whatever_the_text_and_the_reservation_covers_any_charge() {
+        let message = |content: &str| Message {
+            role: "user".into(),
+            content: content.into(),
+        };
+        // One token per byte is the worst a byte-level tokenizer can do: random ASCII and
+        // emoji come close, and the 1-per-3-bytes estimate is far below it.
+        let hostile = [message("x9$Qz!#k~@1^"), message("🙂🙃🫠")];
+        assert_eq!(prompt_bound(&hostile), 3 + (12 + 4) + (12 + 4));
+        assert!(u64::from(estimate(&hostile, "").prompt_tokens) < prompt_bound(&hostile));
+        assert_eq!(worst_case(&hostile, 100), prompt_bound(&hostile) + 100);
+        assert_eq!(prompt_bound(&[]), 3);
+
+        // An attempt cut after a long answer without usage: the completion estimate is capped.
+        let mut charges = Charges::default();
+        let long_answer = "word ".repeat(400);
+        charges.attempt(&hostile, 100, None, &long_answer, true);
+        assert_eq!(charges.completion_tokens, 100, "never more than max_tokens");
+        assert!(charges.total() <= worst_case(&hostile, 100));
+        assert!(charges.estimated);
+        // Reported usage is charged as reported.
+        charges.attempt(
+            &hostile,
+            100,
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 5,
+                total_tokens: 16,
+            }),
+            "ignored",
+            false,
+        );
+        assert_eq!(
+            (charges.attempts, charges.failed, charges.prompt_tokens),
+            (2, 1, u64::from(estimate(&hostile, "").prompt_tokens) + 11)
+        );
+        assert_eq!(charges.completion_tokens, 105);
     }
 }

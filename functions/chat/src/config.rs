@@ -7,7 +7,7 @@ use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig};
 use shared::retry::RetryPolicy;
 
 use crate::budget::Budgets;
-use crate::request::Limits;
+use crate::conversation::Limits;
 use crate::rules::RuleBook;
 
 /// The chat function's configuration.
@@ -18,6 +18,8 @@ pub struct Config {
     /// `None`: rules only (no `OPENAI_API_KEY`).
     pub openai_key: Option<Secret>,
     pub openai_base_url: String,
+    /// The second model (`LLM_FALLBACK_*`), tried when the first fails before its first token.
+    pub fallback: Option<FallbackModel>,
     pub timeout: Duration,
     /// Retries of a failed LLM call (`LLM_MAX_RETRIES`) and the pauses between them.
     pub backoff: RetryPolicy,
@@ -33,6 +35,17 @@ pub struct Config {
     pub cache_ttl_s: u32,
     pub max_body_bytes: usize,
     pub rules: RuleBook,
+}
+
+/// The second model: any OpenAI-compatible server, the same as the first by default.
+#[derive(Clone, Debug)]
+pub struct FallbackModel {
+    /// `LLM_FALLBACK_BASE_URL`, default `OPENAI_BASE_URL`.
+    pub base_url: String,
+    /// `LLM_FALLBACK_API_KEY`, default `OPENAI_API_KEY`.
+    pub key: Secret,
+    /// `LLM_FALLBACK_MODEL`: asked instead of the request's model.
+    pub model: String,
 }
 
 /// The stream idle timeout's default, shortened to `LLM_TIMEOUT_MS` when that is smaller.
@@ -65,6 +78,7 @@ impl Config {
         if !openai_base_url.starts_with("http://") && !openai_base_url.starts_with("https://") {
             env.problem("OPENAI_BASE_URL", "must be an http(s) URL");
         }
+        let fallback = read_fallback(&mut env, openai_key.as_ref(), &openai_base_url);
         let timeout = Duration::from_millis(env.integer("LLM_TIMEOUT_MS", 30_000, 100..=600_000));
         let max_retries = env.integer("LLM_MAX_RETRIES", 2, 0..=5) as u32;
         // Neither stream timeout waits longer than LLM_TIMEOUT_MS unless configured on purpose.
@@ -141,6 +155,7 @@ impl Config {
             auth,
             openai_key,
             openai_base_url,
+            fallback,
             timeout,
             backoff: RetryPolicy {
                 max_retries,
@@ -161,4 +176,41 @@ impl Config {
         });
         env.finish_required(config, "DATABASE_URL")
     }
+}
+
+/// `LLM_FALLBACK_MODEL` turns the second model on; its server and key default to the first's.
+fn read_fallback(
+    env: &mut EnvReader<'_>,
+    openai_key: Option<&Secret>,
+    openai_base_url: &str,
+) -> Option<FallbackModel> {
+    let base_url = env.optional("LLM_FALLBACK_BASE_URL");
+    let key = env.optional("LLM_FALLBACK_API_KEY").map(Secret::new);
+    let model = env.optional("LLM_FALLBACK_MODEL");
+    let Some(model) = model else {
+        if base_url.is_some() || key.is_some() {
+            env.problem(
+                "LLM_FALLBACK_MODEL",
+                "is required with LLM_FALLBACK_BASE_URL or LLM_FALLBACK_API_KEY (which model to ask)",
+            );
+        }
+        return None;
+    };
+    if openai_key.is_none() {
+        env.problem(
+            "LLM_FALLBACK_MODEL",
+            "needs OPENAI_API_KEY: the fallback is tried after the first model",
+        );
+        return None;
+    }
+    let base_url = base_url.unwrap_or_else(|| openai_base_url.to_owned());
+    if !base_url.starts_with("http://") && !base_url.starts_with("https://") {
+        env.problem("LLM_FALLBACK_BASE_URL", "must be an http(s) URL");
+    }
+    let key = key.or_else(|| openai_key.cloned())?;
+    Some(FallbackModel {
+        base_url,
+        key,
+        model,
+    })
 }

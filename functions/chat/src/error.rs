@@ -4,7 +4,8 @@ use http::StatusCode;
 use shared::auth::AuthError;
 use shared::error::ApiError;
 
-use crate::request;
+use crate::conversation::Invalid;
+use crate::ratelimit::{Quotas, Refusal};
 
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -20,11 +21,10 @@ pub enum ChatError {
     #[error("body too large")]
     BodyTooLarge(usize),
     #[error("invalid request: {}", .0.message)]
-    Invalid(request::Invalid),
-    #[error("rate limited")]
-    RateLimited(u64),
-    #[error("daily token budget exceeded")]
-    BudgetExceeded(u64),
+    Invalid(Invalid),
+    /// A limit: requests in the window, or the day's tokens; `quotas` for the headers.
+    #[error("over a limit")]
+    Limited { refusal: Refusal, quotas: Quotas },
     #[error("unknown user")]
     UnknownUser,
 }
@@ -49,18 +49,34 @@ impl ChatError {
                 invalid.code,
                 invalid.message.clone(),
             ),
-            ChatError::RateLimited(after) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many chat requests; try again shortly",
-            )
-            .retry_after(*after),
-            ChatError::BudgetExceeded(after) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "token_budget_exceeded",
-                "you have used today's chat allowance; it renews at midnight UTC",
-            )
-            .retry_after(*after),
+            ChatError::Limited { refusal, .. } => {
+                let (code, message) = match refusal {
+                    Refusal::Requests(_) => {
+                        ("rate_limited", "too many chat requests; try again shortly")
+                    }
+                    Refusal::Tokens { budget, requested } if *requested > budget.budget => (
+                        "token_budget_exceeded",
+                        "this conversation alone needs more tokens than the daily allowance; \
+                         shorten it or ask for a shorter answer",
+                    ),
+                    Refusal::Tokens { budget, requested }
+                        if budget.spent.saturating_add(*requested) <= budget.budget =>
+                    {
+                        (
+                            "token_budget_exceeded",
+                            "your answers in progress hold the rest of today's chat allowance; \
+                             try again when they finish",
+                        )
+                    }
+                    Refusal::Tokens { .. } => (
+                        "token_budget_exceeded",
+                        "you have used today's chat allowance; it renews at midnight UTC",
+                    ),
+                };
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+                    .retry_after(refusal.retry_after())
+                    .details(refusal.details())
+            }
             ChatError::UnknownUser => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "unknown_user",

@@ -1,30 +1,33 @@
-//! The chat endpoint (`/api/llm/chat`): OpenAI Chat Completions on the wire, an answer always.
+//! The chat endpoint (`/api/llm/chat`): an answer always, at a cost that never passes the
+//! user's budget.
 //!
-//! Every request is answered within its deadline: by the LLM (`OPENAI_BASE_URL`, per-attempt
-//! timeout, at most `LLM_MAX_RETRIES` retries with backoff while the deadline allows), by the
-//! per-user cache, or by the rule engine when the LLM fails for good or is not configured. The
-//! source is in the `x-chat-source` header and the `x_source` body field.
+//! A request's trip, in the order [`handle`] makes it:
+//! 1. [`admit`]: path, token, body (the protocol is read by [`wire`]: `wire/openai.rs` or
+//!    `wire/ui.rs`), then one round trip for the request limit, the cache and the reservation of
+//!    the request's worst case against the user's UTC day;
+//! 2. a cache hit is answered at once, free ([`respond`]);
+//! 3. [`upstream`]: the first model under the retry loop, then the fallback model, each further
+//!    attempt covered by extending the reservation first, every attempt that reached the
+//!    upstream charged;
+//! 4. the answer: whole ([`respond`]) or relayed chunk by chunk ([`relay`]), or the rule engine
+//!    when no model answered ([`rules`]);
+//! 5. [`settle`]: the reservation replaced by what was charged, the answer cached (the second
+//!    round trip).
 //!
-//! The same URL speaks the AI SDK's UI message stream to `useChat` bodies (`ui_request`,
-//! `ui_stream`): the body decides, everything before the answer's bytes is shared (`wire`).
-//!
-//! The flow is here; each step has its module: `admit` (path, token, body, limits, cache),
-//! `upstream` (the LLM under the retry loop), `respond` (whole answers), `relay` (streamed
-//! answers), `bookkeeping` (cache and token counts).
+//! Nothing below calls back into this file: the modules form a tree under [`handle`].
 
 pub mod admit;
-mod bookkeeping;
 pub mod budget;
 pub mod cache_key;
 pub mod config;
+pub mod conversation;
 pub mod error;
+pub mod meta;
+pub mod ratelimit;
 mod relay;
-pub mod reply;
-pub mod request;
 mod respond;
 pub mod rules;
-pub mod ui_request;
-pub mod ui_stream;
+mod settle;
 mod upstream;
 pub mod wire;
 
@@ -42,20 +45,16 @@ use shared::telemetry::{Metrics, RequestContext};
 pub use admit::deadline_for;
 pub use config::Config;
 pub use error::ChatError;
+pub use respond::{CHARGED_HEADER, FALLBACK_HEADER, SOURCE_HEADER};
 
 use admit::{admit, Admitted};
-use reply::{Meta, Source};
-use request::Chat;
-use respond::{sse_response, whole_answer};
-use upstream::with_retries;
-use wire::Wire;
+use meta::{Meta, Source};
+use settle::Cacheable;
+use upstream::{Ledger, Outcome};
+use wire::Whole;
 
 /// The route name in logs.
 pub const ROUTE: &str = "chat";
-/// Header naming the answer's source.
-pub const SOURCE_HEADER: &str = "x-chat-source";
-/// Header naming why the rules answered.
-pub const FALLBACK_HEADER: &str = "x-chat-fallback-reason";
 
 /// Everything a request needs, built once per cold start.
 #[derive(Debug)]
@@ -64,9 +63,11 @@ pub struct State {
     pub store: Store,
     /// `None`: rules only.
     pub llm: Option<LlmClient>,
+    /// The second model's client and name (`LLM_FALLBACK_*`).
+    pub fallback: Option<(LlmClient, String)>,
     pub verifier: Verifier,
     pub metrics: Metrics,
-    /// The wall clock (token times, the invocation's deadline).
+    /// The wall clock (token times, the invocation's deadline, the limits' and budget's time).
     pub clock: Clock,
 }
 
@@ -85,11 +86,19 @@ impl State {
             ),
             None => None,
         };
+        let fallback = match &config.fallback {
+            Some(f) => Some((
+                LlmClient::new(&f.base_url, f.key.clone()).map_err(|e| e.to_string())?,
+                f.model.clone(),
+            )),
+            None => None,
+        };
         Ok(Self {
             verifier: Verifier::new(config.auth.clone()),
             config,
             store,
             llm,
+            fallback,
             metrics,
             clock: Clock::system(),
         })
@@ -97,47 +106,20 @@ impl State {
 }
 
 /// Handles one request. Non-streamed answers are complete when this returns; streamed ones
-/// finish in a task that also writes the request's log and metrics lines.
+/// finish in a task that also settles the request and writes its log and metrics lines.
 pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody> {
     let mut context = RequestContext::start(&state.metrics, shared::lambda::request_id(&request));
     context.metrics.count("Requests", 1);
-    let deadline = deadline_for(&request, &state.config, state.clock);
-    if ui_stream::is_resume_probe(request.method(), request.uri().path()) {
+    if wire::ui::is_resume_probe(request.method(), request.uri().path()) {
         context.finish(204, "no_stream_to_resume").await;
-        return ui_stream::no_stream_to_resume();
+        return wire::ui::no_stream_to_resume();
     }
+    let deadline = deadline_for(&request, &state.config, state.clock);
 
-    let admitted = match admit(&state, &request, &mut context.metrics).await {
+    let admitted = match admit(&state, &request, deadline, &mut context.metrics).await {
         Ok(admitted) => admitted,
-        Err(error) => {
-            let metrics = &mut context.metrics;
-            match &error {
-                ChatError::Auth(e) => {
-                    metrics.count("AuthFailures", 1);
-                    tracing::warn!(
-                        request_id = context.request_id,
-                        reason = e.code(),
-                        "token refused"
-                    );
-                }
-                ChatError::RateLimited(_) => metrics.count("RateLimited", 1),
-                ChatError::BudgetExceeded(_) => metrics.count("BudgetExceeded", 1),
-                ChatError::Invalid(i) => metrics.count_by("InvalidRequests", "Code", i.code, 1),
-                _ => {}
-            }
-            let api = error.to_api_error();
-            let code = api.code;
-            let mut response = error_stream(api, &context.request_id);
-            if matches!(error, ChatError::Auth(_)) {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, shared::auth::www_authenticate());
-            }
-            context.finish(response.status().as_u16(), code).await;
-            return response;
-        }
+        Err(error) => return refuse(error, context).await,
     };
-
     let Admitted {
         user,
         chat,
@@ -145,114 +127,170 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
         wire,
         cache_key,
         cached,
+        quotas,
+        reservation,
+        store_down,
     } = admitted;
+    let now = state.clock.unix_s();
+
     if let Some(cached) = cached {
         context.metrics.count("CacheHits", 1);
-        let content = cached["content"].as_str().unwrap_or_default().to_owned();
-        let finish_reason = cached["finish_reason"]
-            .as_str()
-            .unwrap_or("stop")
-            .to_owned();
-        let usage = serde_json::from_value::<Usage>(cached["usage"].clone()).ok();
-        let meta = Meta::new(&chat.model, Source::Cache, None, state.clock.unix_s());
-        let response = whole_answer(wire, &chat, &meta, &content, &finish_reason, usage);
+        context.metrics.count("TokensCharged", 0);
+        let content = cached["content"].as_str().unwrap_or_default();
+        let finish_reason = cached["finish_reason"].as_str().unwrap_or("stop");
+        let meta = Meta::new(&chat.model, Source::Cache, None, now);
+        let answer = Whole {
+            content,
+            finish_reason,
+            usage: None,
+            charged: 0,
+        };
+        let response = respond::whole(wire, &meta, &quotas, answer);
         done(context, &meta).await;
         return response;
     }
 
-    let Some(llm) = state.llm.clone() else {
-        return rules_answer(&state, wire, &chat, "no_api_key", context).await;
+    let mut ledger = Ledger::new(user, reservation);
+    let outcome = if store_down && quotas.budget_policy.is_some() {
+        // No reservation could be made: the budget cannot be kept, so no model is asked.
+        ledger.reason = Some("store_unavailable");
+        Outcome::Failed
+    } else {
+        upstream::ask(
+            &state,
+            &chat,
+            &messages,
+            deadline,
+            &mut ledger,
+            &mut context.metrics,
+        )
+        .await
     };
-    let upstream = chat.upstream(&messages);
+    let reason = |source: Source| match source {
+        Source::Llm => None,
+        _ => ledger.reason.map(str::to_owned),
+    };
 
-    if !chat.stream {
-        let config = &state.config;
-        let result = with_retries(config, deadline, &mut context.metrics, |left| {
-            llm.complete(&upstream, config.timeout.min(left))
-        })
-        .await;
-        return match result {
-            Ok(completion) => {
-                let meta = Meta::new(&chat.model, Source::Llm, None, state.clock.unix_s());
-                bookkeeping::record(
-                    &state,
-                    user,
-                    cache_key.as_deref(),
-                    &messages,
-                    &completion.content,
-                    &completion.finish_reason,
-                    completion.usage,
-                    &mut context.metrics,
-                )
-                .await;
-                let response = whole_answer(
-                    wire,
-                    &chat,
-                    &meta,
-                    &completion.content,
-                    &completion.finish_reason,
-                    completion.usage,
-                );
-                done(context, &meta).await;
-                response
-            }
-            Err(error) => rules_answer(&state, wire, &chat, error.class(), context).await,
-        };
+    match outcome {
+        Outcome::Complete {
+            source,
+            model,
+            completion,
+        } => {
+            ledger.charges.attempt(
+                &messages,
+                chat.max_tokens,
+                completion.usage,
+                &completion.content,
+                false,
+            );
+            let meta = Meta::new(&model, source, reason(source), now);
+            let cacheable = cache_key
+                .as_deref()
+                .filter(|_| source == Source::Llm)
+                .filter(|_| completion.finish_reason == "stop" && !completion.content.is_empty())
+                .map(|key| Cacheable {
+                    key,
+                    content: &completion.content,
+                    finish_reason: &completion.finish_reason,
+                    usage: completion.usage,
+                });
+            settle::settle(&state, &ledger, source, cacheable, &mut context.metrics).await;
+            let answer = Whole {
+                content: &completion.content,
+                finish_reason: &completion.finish_reason,
+                usage: completion.usage,
+                charged: ledger.charges.total(),
+            };
+            let response = respond::whole(wire, &meta, &quotas, answer);
+            done(context, &meta).await;
+            response
+        }
+        Outcome::Stream {
+            source,
+            model,
+            first,
+            stream,
+        } => {
+            let meta = Meta::new(&model, source, reason(source), now);
+            let (tx, body) = StreamBody::channel(32);
+            let response = respond::stream(wire, &meta, &quotas, body);
+            let task = relay::StreamTask {
+                state: state.clone(),
+                ledger,
+                messages,
+                max_tokens: chat.max_tokens,
+                cache_key,
+                wire,
+                meta,
+                deadline,
+                context,
+            };
+            tokio::spawn(task.run(first, stream, tx));
+            response
+        }
+        Outcome::Failed => {
+            let reason = ledger.reason.unwrap_or("timeout");
+            let answer = state.config.rules.answer(chat.last_user_text());
+            context.metrics.count_by("Fallbacks", "Reason", reason, 1);
+            tracing::info!(
+                request_id = context.request_id,
+                reason,
+                rule = answer.rule,
+                "answered from rules"
+            );
+            // Failed attempts are paid for, and the reservation released.
+            settle::settle(&state, &ledger, Source::Rules, None, &mut context.metrics).await;
+            let meta = Meta::new(&chat.model, Source::Rules, Some(reason.to_owned()), now);
+            let whole = Whole {
+                content: answer.reply,
+                finish_reason: "stop",
+                usage: None::<Usage>,
+                charged: ledger.charges.total(),
+            };
+            let response = respond::whole(wire, &meta, &quotas, whole);
+            done(context, &meta).await;
+            response
+        }
     }
-
-    let config = &state.config;
-    let opened = with_retries(config, deadline, &mut context.metrics, |left| {
-        llm.open_stream(&upstream, config.first_token_timeout.min(left))
-    })
-    .await;
-    let (first, stream) = match opened {
-        Ok(opened) => opened,
-        Err(error) => return rules_answer(&state, wire, &chat, error.class(), context).await,
-    };
-    let meta = Meta::new(&chat.model, Source::Llm, None, state.clock.unix_s());
-    let (tx, body) = StreamBody::channel(32);
-    let response = match wire {
-        Wire::UiStream => ui_stream::response(&meta, body),
-        Wire::OpenAi { .. } => sse_response(&meta, body),
-    };
-    let task = relay::StreamTask {
-        state: state.clone(),
-        user,
-        messages,
-        cache_key,
-        wire,
-        meta,
-        deadline,
-        context,
-    };
-    tokio::spawn(task.run(first, stream, tx));
-    response
 }
 
-/// The rule engine's answer, when the LLM is not configured or failed for good (`reason`).
-async fn rules_answer(
-    state: &State,
-    wire: Wire,
-    chat: &Chat,
-    reason: &str,
-    mut context: RequestContext,
-) -> Response<StreamBody> {
-    let answer = state.config.rules.answer(chat.last_user_text());
-    context.metrics.count_by("Fallbacks", "Reason", reason, 1);
-    tracing::info!(
-        request_id = context.request_id,
-        reason,
-        rule = answer.rule,
-        "answered from rules"
-    );
-    let meta = Meta::new(
-        &chat.model,
-        Source::Rules,
-        Some(reason.to_owned()),
-        state.clock.unix_s(),
-    );
-    let response = whole_answer(wire, chat, &meta, answer.reply, "stop", None);
-    done(context, &meta).await;
+/// The answer to a refused request (its 4xx, with `Retry-After` and the limit for a 429).
+async fn refuse(error: ChatError, mut context: RequestContext) -> Response<StreamBody> {
+    let metrics = &mut context.metrics;
+    match &error {
+        ChatError::Auth(e) => {
+            metrics.count("AuthFailures", 1);
+            tracing::warn!(
+                request_id = context.request_id,
+                reason = e.code(),
+                "token refused"
+            );
+        }
+        ChatError::Limited {
+            refusal: ratelimit::Refusal::Requests(_),
+            ..
+        } => metrics.count("RateLimited", 1),
+        ChatError::Limited {
+            refusal: ratelimit::Refusal::Tokens { .. },
+            ..
+        } => metrics.count("BudgetExceeded", 1),
+        ChatError::Invalid(i) => metrics.count_by("InvalidRequests", "Code", i.code, 1),
+        _ => {}
+    }
+    let api = error.to_api_error();
+    let code = api.code;
+    let mut response = error_stream(api, &context.request_id);
+    match &error {
+        ChatError::Auth(_) => {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, shared::auth::www_authenticate());
+        }
+        ChatError::Limited { quotas, .. } => quotas.insert(response.headers_mut()),
+        _ => {}
+    }
+    context.finish(response.status().as_u16(), code).await;
     response
 }
 

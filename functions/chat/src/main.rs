@@ -15,6 +15,9 @@ async fn main() -> Result<(), lambda_http::Error> {
     if let Some(llm) = &state.llm {
         llm.warm_up();
     }
+    if let Some((fallback, _)) = &state.fallback {
+        fallback.warm_up();
+    }
     state.verifier.prefetch().await;
     shared::lambda::run_streaming(|request| chat::handle(state.clone(), request)).await
 }

@@ -1,6 +1,7 @@
 //! The relay of a streamed LLM answer: the rest of the upstream's events, chunk by chunk in the
-//! wire format asked for, each wait bounded by the idle timeout and the deadline; the answer is
-//! recorded and the request closed before the body ends.
+//! wire format asked for, each wait bounded by the idle timeout and the deadline. However it
+//! ends (complete, broken, the client gone, the deadline), the attempt is charged and the
+//! request settled before the body ends: Lambda may freeze the instance once the stream closes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,16 +10,19 @@ use std::time::Instant;
 use shared::llm::{self, sse::Event, LlmError, Message};
 use shared::telemetry::RequestContext;
 
-use crate::admit::Asker;
-use crate::reply::Meta;
+use crate::meta::{Meta, Source};
+use crate::settle::{self, Cacheable};
+use crate::upstream::Ledger;
 use crate::wire::Wire;
-use crate::{bookkeeping, State};
+use crate::State;
 
 /// The rest of a streamed LLM answer, relayed chunk by chunk.
 pub(crate) struct StreamTask {
     pub state: Arc<State>,
-    pub user: Asker,
+    pub ledger: Ledger,
+    /// The prompt sent upstream and the completion cap, for the charge.
     pub messages: Vec<Message>,
+    pub max_tokens: u32,
     pub cache_key: Option<String>,
     pub wire: Wire,
     pub meta: Meta,
@@ -73,7 +77,18 @@ impl StreamTask {
                 Some(Event::Usage(u)) => usage = Some(u),
             }
         }
-        let status_outcome = match (&failure, open) {
+        // Dropping the upstream stream closes its connection: the provider stops generating.
+        drop(stream);
+        self.ledger.charges.attempt(
+            &self.messages,
+            self.max_tokens,
+            usage,
+            &content,
+            failure.is_some(),
+        );
+        let charged = self.ledger.charges.total();
+        let complete = failure.is_none() && open;
+        let outcome = match (&failure, open) {
             (Some(error), true) => {
                 let metrics = &mut self.context.metrics;
                 metrics.count_by("LlmErrors", "Class", error.class(), 1);
@@ -88,30 +103,35 @@ impl StreamTask {
             }
             (None, true) => {
                 let reason = finish_reason.as_deref().unwrap_or("stop");
-                send(self.wire.closing(&self.meta, reason, usage)).await;
-                "llm"
+                send(self.wire.closing(&self.meta, reason, usage, charged)).await;
+                self.meta.source.as_str()
             }
         };
-        // Recorded before the body ends: Lambda may freeze the instance once the stream closes.
-        let complete = failure.is_none() && open;
-        let reason = if complete {
-            finish_reason.as_deref().unwrap_or("stop")
-        } else {
-            "interrupted"
+        let finish_reason = finish_reason.as_deref().unwrap_or("stop");
+        // Only complete answers of the first model are cached.
+        let cacheable = match (&self.cache_key, complete, self.meta.source) {
+            (Some(key), true, Source::Llm) if finish_reason == "stop" && !content.is_empty() => {
+                Some(Cacheable {
+                    key,
+                    content: &content,
+                    finish_reason,
+                    usage,
+                })
+            }
+            _ => None,
         };
-        bookkeeping::record(
+        settle::settle(
             &self.state,
-            self.user,
-            self.cache_key.as_deref(),
-            &self.messages,
-            &content,
-            reason,
-            usage,
+            &self.ledger,
+            self.meta.source,
+            cacheable,
             &mut self.context.metrics,
         )
         .await;
         drop(tx);
-        self.context.metrics.count_by("Answers", "Source", "llm", 1);
-        self.context.finish(200, status_outcome).await;
+        self.context
+            .metrics
+            .count_by("Answers", "Source", self.meta.source.as_str(), 1);
+        self.context.finish(200, outcome).await;
     }
 }

@@ -1,16 +1,22 @@
-//! Building answers: headers naming the source, and a whole answer (rules, cache, a complete LLM
-//! answer) in the format the request asked for.
+//! Answers as HTTP responses: the content headers of the protocol, and the headers every answer
+//! carries (who answered, why the first model did not, the tokens charged, the limits).
 
 use http::{header, HeaderValue, Response};
 use shared::lambda::StreamBody;
-use shared::llm::Usage;
 
-use crate::reply::{self, Meta};
-use crate::request::Chat;
-use crate::wire::Wire;
-use crate::{ui_stream, FALLBACK_HEADER, SOURCE_HEADER};
+use crate::meta::Meta;
+use crate::ratelimit::Quotas;
+use crate::wire::{Whole, Wire};
 
-pub(crate) fn with_source(mut response: Response<StreamBody>, meta: &Meta) -> Response<StreamBody> {
+/// Header naming the answer's source: `llm`, `fallback`, `cache` or `rules`.
+pub const SOURCE_HEADER: &str = "x-chat-source";
+/// Header naming why the first model did not answer (fallback model and rule answers).
+pub const FALLBACK_HEADER: &str = "x-chat-fallback-reason";
+/// Header with the tokens a whole answer was charged against the budget (0: free).
+pub const CHARGED_HEADER: &str = "x-chat-tokens-charged";
+
+fn headed(body: StreamBody, wire: Wire, meta: &Meta, quotas: &Quotas) -> Response<StreamBody> {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
         SOURCE_HEADER,
@@ -24,40 +30,32 @@ pub(crate) fn with_source(mut response: Response<StreamBody>, meta: &Meta) -> Re
         headers.insert(FALLBACK_HEADER, reason);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    quotas.insert(headers);
+    wire.headers(headers);
     response
 }
 
-pub(crate) fn sse_response(meta: &Meta, body: StreamBody) -> Response<StreamBody> {
-    let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    with_source(response, meta)
+/// An answer that exists at once (rules, cache, a complete LLM answer).
+pub(crate) fn whole(
+    wire: Wire,
+    meta: &Meta,
+    quotas: &Quotas,
+    answer: Whole<'_>,
+) -> Response<StreamBody> {
+    let body = wire.whole(meta, answer);
+    let mut response = headed(StreamBody::full(body), wire, meta, quotas);
+    response
+        .headers_mut()
+        .insert(CHARGED_HEADER, HeaderValue::from(answer.charged));
+    response
 }
 
-/// An answer that exists at once (rules, cache, a complete LLM answer), in the format asked for.
-pub(crate) fn whole_answer(
+/// The head of a streamed answer whose events come through `body`.
+pub(crate) fn stream(
     wire: Wire,
-    chat: &Chat,
     meta: &Meta,
-    content: &str,
-    finish_reason: &str,
-    usage: Option<Usage>,
+    quotas: &Quotas,
+    body: StreamBody,
 ) -> Response<StreamBody> {
-    if wire == Wire::UiStream {
-        let events = ui_stream::whole(meta, content, finish_reason);
-        return ui_stream::response(meta, StreamBody::full(events));
-    }
-    if chat.stream {
-        let events = reply::whole_stream(meta, content, finish_reason, usage, chat.include_usage);
-        return sse_response(meta, StreamBody::full(events));
-    }
-    let body = reply::completion(meta, content, finish_reason, usage);
-    let mut response = Response::new(StreamBody::full(body.to_string()));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    with_source(response, meta)
+    headed(body, wire, meta, quotas)
 }

@@ -64,8 +64,10 @@ pub struct Completion {
 pub enum LlmError {
     #[error("the upstream did not answer in time")]
     Timeout,
-    #[error("could not connect to the upstream")]
-    Connect,
+    /// `sent: false`: no connection could be made, so nothing reached the upstream; `true`: the
+    /// connection broke after the request went out (a reset, a body cut short).
+    #[error("could not connect to the upstream, or the connection broke")]
+    Connect { sent: bool },
     #[error("the upstream rate-limited the request")]
     RateLimited { retry_after: Option<Duration> },
     #[error("the upstream failed with {status}")]
@@ -92,7 +94,7 @@ impl LlmError {
     pub fn class(&self) -> &'static str {
         match self {
             LlmError::Timeout => "timeout",
-            LlmError::Connect => "connect",
+            LlmError::Connect { .. } => "connect",
             LlmError::RateLimited { .. } => "rate_limited",
             LlmError::Upstream5xx { .. } => "upstream_5xx",
             LlmError::Upstream4xx { .. } => "upstream_4xx",
@@ -107,11 +109,17 @@ impl LlmError {
         matches!(
             self,
             LlmError::Timeout
-                | LlmError::Connect
+                | LlmError::Connect { .. }
                 | LlmError::RateLimited { .. }
                 | LlmError::Upstream5xx { .. }
                 | LlmError::StreamStalled
         )
+    }
+
+    /// False only when the request never left (no connection could be made): any other failed
+    /// attempt may have been processed, and billed, by the upstream.
+    pub fn reached_upstream(&self) -> bool {
+        !matches!(self, LlmError::Connect { sent: false })
     }
 
     /// `Retry-After` of a 429, if the upstream gave one.
@@ -124,13 +132,14 @@ impl LlmError {
 
     fn from_reqwest(error: &reqwest::Error) -> Self {
         crate::http_client::log_if_untrusted(error, "llm");
-        if error.is_timeout() {
+        if error.is_connect() {
+            // Refused, unreachable, or the connect timed out: the request never left.
+            LlmError::Connect { sent: false }
+        } else if error.is_timeout() {
             LlmError::Timeout
-        } else if error.is_connect() {
-            LlmError::Connect
         } else {
-            // Resets and broken bodies: as retryable as a failed connection.
-            LlmError::Connect
+            // Resets and broken bodies: as retryable as a failed connection, but sent.
+            LlmError::Connect { sent: true }
         }
     }
 

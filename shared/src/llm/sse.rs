@@ -61,7 +61,7 @@ impl EventStream {
                     self.drain_lines()?;
                 }
                 Err(e) if e.is_timeout() => return Err(LlmError::Timeout),
-                Err(_) => return Err(LlmError::Connect),
+                Err(_) => return Err(LlmError::Connect { sent: true }),
             }
         }
     }

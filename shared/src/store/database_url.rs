@@ -15,6 +15,11 @@
 //!
 //! Never unverified TLS: libpq's `require` skips verification, which a man in the middle with any
 //! certificate defeats; here it verifies like `verify-full`.
+//!
+//! "Loopback" means every `host` and every `hostaddr` is loopback: with a `hostaddr`,
+//! tokio-postgres connects to that address and uses the host only as the name TLS verifies, so
+//! `host=localhost hostaddr=192.0.2.2` is a remote host. A remote `hostaddr` without any host is
+//! refused unless `sslmode=disable`: there is no name to verify a certificate against.
 
 use std::borrow::Cow;
 
@@ -117,6 +122,13 @@ impl DatabaseUrl {
             Some(path) => Roots::File(path.to_owned()),
         };
         let tls = policy(sslmode, is_loopback(&config), roots);
+        if matches!(tls, TlsPolicy::Verified { .. }) && config.get_hosts().is_empty() {
+            return Err(UrlError(
+                "has a hostaddr that is not loopback but no host: TLS needs the server's name to \
+                 verify its certificate against (add host=<name>, or the name before the port)"
+                    .into(),
+            ));
+        }
         if let TlsPolicy::Verified {
             check_host: false,
             roots,
@@ -159,9 +171,11 @@ pub fn policy(sslmode: Option<SslMode>, loopback: bool, roots: Roots) -> TlsPoli
     }
 }
 
-/// True when every host is loopback (`localhost`, 127.0.0.0/8, `::1`) or a Unix socket.
+/// True when every host is loopback (`localhost`, 127.0.0.0/8, `::1`) or a Unix socket, and so
+/// is every `hostaddr`: tokio-postgres connects to `hostaddr` when it is given (the host only
+/// names the server for TLS), so a remote address behind `host=localhost` is a remote host.
 pub fn is_loopback(config: &tokio_postgres::Config) -> bool {
-    config.get_hosts().iter().all(|host| match host {
+    let hosts = config.get_hosts().iter().all(|host| match host {
         Host::Tcp(name) => {
             name == "localhost"
                 || name
@@ -169,7 +183,8 @@ pub fn is_loopback(config: &tokio_postgres::Config) -> bool {
                     .is_ok_and(|ip| ip.is_loopback())
         }
         Host::Unix(_) => true,
-    })
+    });
+    hosts && config.get_hostaddrs().iter().all(|ip| ip.is_loopback())
 }
 
 struct Split<'a> {
@@ -384,6 +399,54 @@ mod tests {
                 .tls,
             verified(true, Roots::Default)
         );
+    }
+
+    /// tokio-postgres connects to `hostaddr` when it is given (the host name only names the
+    /// server for TLS): a remote address behind `localhost`, or with no host at all, is remote.
+    #[test]
+    fn a_remote_hostaddr_is_a_remote_host_in_every_form() {
+        for url in [
+            "postgres://app_user:S3cret@localhost:15432/postgres?hostaddr=192.0.2.2",
+            "postgres://app_user:S3cret@127.0.0.1:15432/postgres?hostaddr=192.0.2.2&sslmode=prefer",
+            "host=localhost hostaddr=192.0.2.2 port=15432 user=app_user password=S3cret",
+            "host=localhost hostaddr=2001:db8::2 user=app_user password=S3cret sslmode=allow",
+        ] {
+            let parsed = parse(url).unwrap();
+            assert!(!is_loopback(&parsed.config), "{url}");
+            assert_eq!(parsed.tls, verified(true, Roots::Default), "{url}");
+            assert_eq!(
+                parsed.config.get_ssl_mode(),
+                tokio_postgres::config::SslMode::Require,
+                "{url}"
+            );
+        }
+        // Without a host there is no name to verify a certificate against: refused, never plain.
+        for url in [
+            "postgres://app_user:S3cret@/postgres?hostaddr=192.0.2.2&port=15432",
+            "postgresql:///postgres?hostaddr=192.0.2.2",
+            "hostaddr=192.0.2.2 port=15432 user=app_user password=S3cret dbname=postgres",
+        ] {
+            let err = parse(url).unwrap_err();
+            assert!(err.0.contains("hostaddr"), "{url}: {err}");
+            assert!(!err.0.contains("S3cret"));
+        }
+        // sslmode=disable stays the operator's explicit choice (preflight fails it in production).
+        let disabled = parse("hostaddr=192.0.2.2 user=u sslmode=disable").unwrap();
+        assert_eq!(disabled.tls, TlsPolicy::Plain);
+        assert!(!is_loopback(&disabled.config));
+        // Loopback addresses stay loopback, with or without a host name.
+        for url in [
+            "postgres://postgres@localhost:5432/x?hostaddr=127.0.0.1",
+            "hostaddr=127.0.0.1 port=5432 user=postgres",
+            "host=localhost hostaddr=::1 user=postgres",
+        ] {
+            let parsed = parse(url).unwrap();
+            assert!(is_loopback(&parsed.config), "{url}");
+            assert_eq!(parsed.tls, TlsPolicy::Plain, "{url}");
+        }
+        // A remote name reached through a loopback address (a tunnel) still verifies that name.
+        let tunnel = parse("postgres://u@db.example.com/x?hostaddr=127.0.0.1").unwrap();
+        assert_eq!(tunnel.tls, verified(true, Roots::Default));
     }
 
     #[test]

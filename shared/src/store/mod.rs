@@ -38,6 +38,8 @@ pub enum Arg<'a> {
     OptText(Option<&'a str>),
     /// A `uuid` argument.
     Uuid(uuid::Uuid),
+    /// A nullable `uuid` argument.
+    OptUuid(Option<uuid::Uuid>),
     /// A nullable `integer` argument.
     Int(Option<i32>),
     /// A nullable `bigint` argument.
@@ -57,7 +59,7 @@ impl Arg<'_> {
             Arg::Json(_) | Arg::Value(_) | Arg::OptJson(_) => "jsonb",
             Arg::Bool(_) => "boolean",
             Arg::Text(_) | Arg::OptText(_) => "text",
-            Arg::Uuid(_) => "uuid",
+            Arg::Uuid(_) | Arg::OptUuid(_) => "uuid",
             Arg::Int(_) => "integer",
             Arg::BigInt(_) => "bigint",
             Arg::TextArray(_) => "text[]",

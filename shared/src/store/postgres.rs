@@ -155,6 +155,7 @@ impl PgBackend {
                     Arg::Text(t) => (Box::new(*t), Type::TEXT),
                     Arg::OptText(t) => (Box::new(*t), Type::TEXT),
                     Arg::Uuid(u) => (Box::new(*u), Type::UUID),
+                    Arg::OptUuid(u) => (Box::new(*u), Type::UUID),
                     Arg::Int(i) => (Box::new(*i), Type::INT4),
                     Arg::BigInt(i) => (Box::new(*i), Type::INT8),
                     Arg::Bool(b) => (Box::new(*b), Type::BOOL),

@@ -107,6 +107,7 @@ fn body_for(call: &Call<'_>) -> Result<String, StoreError> {
                 Arg::Text(t) => serde_json::to_writer(&mut body, t),
                 Arg::OptText(t) => serde_json::to_writer(&mut body, t),
                 Arg::Uuid(u) => serde_json::to_writer(&mut body, u),
+                Arg::OptUuid(u) => serde_json::to_writer(&mut body, u),
                 Arg::Int(i) => serde_json::to_writer(&mut body, i),
                 Arg::BigInt(i) => serde_json::to_writer(&mut body, i),
                 Arg::Bool(b) => serde_json::to_writer(&mut body, b),

@@ -1,22 +1,17 @@
-//! The OpenAI Chat Completions request, as much of it as a chat UI sends, parsed into a
-//! validated [`Chat`]. Parameters the SDKs send that do not change the answer are accepted and
-//! ignored; anything else unknown, non-text content and unknown roles are refused.
+//! The OpenAI Chat Completions wire format, both ways: the request as much of it as the SDKs
+//! send, parsed into a [`Chat`] (parameters that do not change the answer are accepted and
+//! ignored; anything else unknown, non-text content and unknown roles are refused), and the
+//! answer: `chat.completion` objects or `chat.completion.chunk` server-sent events ending with
+//! `data: [DONE]`, with the answer's source and charge in extra `x_` fields the SDKs ignore.
 
 use serde::Deserialize;
-use serde_json::Value;
-use shared::llm::{self, Message};
+use serde_json::{json, Value};
+use shared::llm::{Message, Usage};
 
-/// Limits from config.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub max_messages: usize,
-    pub max_message_chars: usize,
-    pub max_total_chars: usize,
-    pub max_tokens: u32,
-    pub allow_client_system: bool,
-    pub models: Vec<String>,
-    pub default_model: String,
-}
+use crate::conversation::{invalid, refused_body, Chat, Invalid, Limits};
+use crate::meta::Meta;
+
+// ---- The request ----
 
 // Some fields are parsed only so the SDKs' requests are accepted; they are deliberately unused.
 #[allow(dead_code)]
@@ -94,47 +89,6 @@ struct RawPart {
     type_: String,
     #[serde(default)]
     text: Option<String>,
-}
-
-/// A validated chat request.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Chat {
-    pub model: String,
-    /// The client's messages (no server system prompt yet).
-    pub messages: Vec<Message>,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub max_tokens: u32,
-    /// The client used `max_completion_tokens` (sent upstream the same way).
-    pub uses_max_completion_tokens: bool,
-    pub temperature: Option<f64>,
-}
-
-/// Why a request was refused: a stable code and a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Invalid {
-    pub code: &'static str,
-    pub message: String,
-}
-
-pub(crate) fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
-    Invalid {
-        code,
-        message: message.into(),
-    }
-}
-
-/// A body serde refused: `unknown_field` and `missing_field` say which field, anything else is
-/// `invalid_json` with `what` (the body's content never goes into the answer).
-pub(crate) fn refused_body(error: serde_json::Error, what: &str) -> Invalid {
-    let text = error.to_string();
-    if text.starts_with("unknown field") {
-        invalid("unknown_field", text)
-    } else if text.starts_with("missing field") {
-        invalid("missing_field", text)
-    } else {
-        invalid("invalid_json", what)
-    }
 }
 
 /// Parses and validates a request body.
@@ -277,45 +231,123 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Chat, Invalid> {
     })
 }
 
-impl Chat {
-    /// The user's last message (what the rule engine answers).
-    pub fn last_user_text(&self) -> &str {
-        self.messages
-            .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .map(|m| m.content.as_str())
-            .unwrap_or("")
-    }
+// ---- The answer ----
 
-    /// The messages sent upstream: the server's system prompt first.
-    pub fn upstream_messages(&self, system_prompt: &str) -> Vec<Message> {
-        let mut out = Vec::with_capacity(self.messages.len() + 1);
-        if !system_prompt.is_empty() {
-            out.push(Message {
-                role: "system".into(),
-                content: system_prompt.to_owned(),
-            });
-        }
-        out.extend(self.messages.iter().cloned());
-        out
-    }
+/// A complete `chat.completion` object. `usage` is the upstream's (zeros for cache and rule
+/// answers, which cost nothing); `charged` is what the request was charged against the budget.
+pub fn completion(
+    meta: &Meta,
+    content: &str,
+    finish_reason: &str,
+    usage: Option<Usage>,
+    charged: u64,
+) -> Value {
+    json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish_reason,
+        }],
+        "usage": usage_json(usage),
+        "x_source": meta.source.as_str(),
+        "x_fallback_reason": meta.fallback_reason,
+        "x_tokens_charged": charged,
+    })
+}
 
-    /// The upstream request for `messages` (from [`Chat::upstream_messages`]); usage is always
-    /// asked for on streams, since the token budget counts it.
-    pub fn upstream<'a>(&'a self, messages: &'a [Message]) -> llm::Request<'a> {
-        llm::Request {
-            model: &self.model,
-            messages,
-            max_tokens: (!self.uses_max_completion_tokens).then_some(self.max_tokens),
-            max_completion_tokens: self.uses_max_completion_tokens.then_some(self.max_tokens),
-            temperature: self.temperature,
-            stream: self.stream,
-            stream_options: self.stream.then_some(llm::StreamOptions {
-                include_usage: true,
-            }),
-        }
+fn usage_json(usage: Option<Usage>) -> Value {
+    let u = usage.unwrap_or_default();
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+/// One SSE event carrying a `chat.completion.chunk`.
+fn chunk(meta: &Meta, delta: Value, finish_reason: Option<&str>) -> Value {
+    json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+        "x_source": meta.source.as_str(),
+    })
+}
+
+fn event(chunk: &Value) -> String {
+    format!("data: {chunk}\n\n")
+}
+
+/// The terminator.
+pub const DONE: &str = "data: [DONE]\n\n";
+
+/// The first event of a streamed answer: the role.
+pub fn opening(meta: &Meta) -> String {
+    event(&chunk(
+        meta,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    ))
+}
+
+/// One piece of a streamed answer's text.
+pub fn delta(meta: &Meta, text: &str) -> String {
+    event(&chunk(meta, json!({"content": text}), None))
+}
+
+/// The end of a complete streamed answer: the finish chunk (with the charge in
+/// `x_tokens_charged`), the usage chunk when asked for (`stream_options.include_usage`: empty
+/// `choices`), `[DONE]`.
+pub fn closing(
+    meta: &Meta,
+    finish_reason: &str,
+    usage: Option<Usage>,
+    include_usage: bool,
+    charged: u64,
+) -> String {
+    let mut finish = chunk(meta, json!({}), Some(finish_reason));
+    finish["x_tokens_charged"] = json!(charged);
+    let mut out = event(&finish);
+    if include_usage {
+        out.push_str(&event(&json!({
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [],
+            "usage": usage_json(usage),
+        })));
     }
+    out.push_str(DONE);
+    out
+}
+
+/// The end of a stream that broke after it started: an OpenAI-style error object, which the SDKs
+/// raise as an API error, then `[DONE]`.
+pub fn broken(class: &str) -> String {
+    let mut out = event(&json!({"error": {
+        "message": "the answer was interrupted; please retry",
+        "type": "upstream_error", "code": class, "param": null}}));
+    out.push_str(DONE);
+    out
+}
+
+/// A whole answer as SSE events (rules and cache answers, which exist at once).
+pub fn whole_stream(
+    meta: &Meta,
+    content: &str,
+    finish_reason: &str,
+    usage: Option<Usage>,
+    include_usage: bool,
+    charged: u64,
+) -> String {
+    let mut out = opening(meta);
+    out.push_str(&delta(meta, content));
+    out.push_str(&closing(meta, finish_reason, usage, include_usage, charged));
+    out
 }
 
 #[cfg(test)]
