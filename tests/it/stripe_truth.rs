@@ -7,8 +7,6 @@ use serde_json::json;
 use testkit::apps;
 use testkit::money::{Setup, World};
 use testkit::stripe_fake::AMOUNT;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, ResponseTemplate};
 
 async fn world() -> World {
     World::new(Setup::default()).await
@@ -138,16 +136,8 @@ async fn a_click_with_an_open_session_while_a_payment_link_is_verified_is_in_fli
     let s1 = click_session(&w, &user).await;
     let (link, _) = pay_link(&w, &user);
     let events = w.stripe.take_events();
-    Mock::given(method("GET"))
-        .and(path(format!("/v1/checkout/sessions/{link}/line_items")))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"object": "list", "has_more": false, "data": [
-                    {"object": "item", "quantity": 1, "price": {"id": apps::PRICE, "object": "price"}}]}))
-                .set_delay(Duration::from_millis(800)),
-        )
-        .with_priority(1)
-        .mount(&w.stripe.server)
+    w.stripe
+        .slow_line_items(&link, apps::PRICE, Duration::from_millis(800))
         .await;
 
     let click = async {

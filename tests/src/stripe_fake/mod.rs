@@ -1036,6 +1036,24 @@ impl FakeStripe {
             .count()
     }
 
+    /// Answers the line items of `session` (one item of `price`) only after `delay`: a Payment
+    /// Link's verification held open, for a click to fall into.
+    pub async fn slow_line_items(&self, session: &str, price: &str, delay: Duration) {
+        Mock::given(method("GET"))
+            .and(wiremock::matchers::path(format!(
+                "/v1/checkout/sessions/{session}/line_items"
+            )))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"object": "list", "has_more": false, "data": [
+                        {"object": "item", "quantity": 1, "price": {"id": price, "object": "price"}}]}))
+                    .set_delay(delay),
+            )
+            .with_priority(1)
+            .mount(&self.server)
+            .await;
+    }
+
     /// Every request received with this method.
     pub async fn requests(&self, verb: &str) -> Vec<Request> {
         self.server
