@@ -112,6 +112,12 @@ fn parsing(c: &mut Criterion) {
     c.bench_function("rules_match_chinese", |b| {
         b.iter(|| book.answer(black_box("你好，我的完整报告支付失败了，怎么办？")))
     });
+    // 2,200 characters of near-misses: more than the longest text hostile.rs's property test
+    // generates (2,000), which asserts only that an answer comes.
+    let long: String = "refun paymen charg 报告 ".repeat(100);
+    c.bench_function("rules_match_2000_chars", |b| {
+        b.iter(|| book.answer(black_box(long.as_str())))
+    });
 }
 
 /// Everything the webhook does per delivery except the Stripe read and the database call: the

@@ -4,7 +4,9 @@
 
 import { build } from 'esbuild';
 
-for (const fn of ['webhook', 'checkout', 'chat']) {
+// Chat only: the webhook and checkout baselines implemented the SQL contract that issue 20
+// replaced (see README.md).
+for (const fn of ['chat']) {
   await build({
     entryPoints: [`src/${fn}.js`],
     outfile: `dist/${fn}.js`,

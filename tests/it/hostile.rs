@@ -104,12 +104,12 @@ proptest! {
     }
 
     #[test]
-    fn rule_engine_answers_any_text_quickly(text in "\\PC{0,2000}") {
+    fn rule_engine_answers_any_text(text in "\\PC{0,2000}") {
+        // How fast is a benchmark (bench/benches/micro.rs, rules_match_2000_chars), not a
+        // timed assertion that a loaded CI machine can fail.
         let book = chat::rules::RuleBook::embedded();
-        let started = std::time::Instant::now();
         let answer = book.answer(&text);
-        prop_assert!(!answer.reply.is_empty());
-        prop_assert!(started.elapsed() < Duration::from_millis(50));
+        prop_assert!(!answer.reply.trim().is_empty());
     }
 
     #[test]

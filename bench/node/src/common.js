@@ -1,7 +1,7 @@
-// What the three handlers share, as the Rust `shared` crate does: configuration from the
-// environment, JSON answers and the error envelope, Supabase access-token verification (HS256,
-// node:crypto only), the store (SQL functions through supabase.rpc), and one EMF metrics line plus
-// one JSON log line per request.
+// What the handlers share, as the Rust `shared` crate does: configuration from the environment,
+// JSON answers and the error envelope, Supabase access-token verification (HS256, node:crypto
+// only), the store (SQL functions through supabase.rpc), and one EMF metrics line plus one JSON
+// log line per request. Written for the three routes; chat is the one left (see README.md).
 
 import { createHmac, createSecretKey, timingSafeEqual } from 'node:crypto';
 import { createClient } from '@supabase/supabase-js';
@@ -77,13 +77,6 @@ export class Env {
     }
     return value;
   }
-}
-
-/** `test` or `live` for a Stripe secret or restricted key, undefined for anything else. */
-export function stripeKeyMode(key) {
-  if (/^(sk|rk)_live_/.test(key)) return 'live';
-  if (/^(sk|rk)_test_/.test(key)) return 'test';
-  return undefined;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 //! binaries, driven through a local stand-in for the Lambda Runtime API with real function-URL
 //! events, against local fakes (Stripe, OpenAI) and the local PostgreSQL.
 //!
+//! The Node.js baseline (`--node`) covers chat only: its webhook and checkout implemented the SQL
+//! contract that issue 20 replaced (events as commands, `apply_stripe_event`), and were removed.
+//!
 //! Usage: lambda-bench [--bin-dir target/release] [--warm 1000]
 //! Prints a markdown table (README, Benchmarks).
 
@@ -22,7 +25,8 @@ const SERVICE_KEY: &str = "bench-service-role-key";
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One function implementation to run: a Rust release binary (direct PostgreSQL or through the
-/// PostgREST stand-in) or the Node.js baseline (supabase-js through the PostgREST stand-in).
+/// PostgREST stand-in) or the Node.js baseline (supabase-js through the PostgREST stand-in; chat
+/// only, see `runs_function`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Impl {
     RustDirect,
@@ -35,6 +39,11 @@ enum Impl {
 }
 
 impl Impl {
+    /// Whether this implementation exists for `function`: the Node.js baseline is chat only.
+    fn runs_function(self, function: &str) -> bool {
+        self != Impl::Node || function == "chat"
+    }
+
     fn label(self) -> &'static str {
         match self {
             Impl::RustDirect => "Rust, direct PostgreSQL",
@@ -331,16 +340,67 @@ impl Upstreams {
     }
 
     async fn paid_user(&self) -> String {
-        let user = self.users(1).await.remove(0);
-        self.sql
-            .execute(
-                "insert into orders (user_id, status, paid_at) values ($1::text::uuid, 'paid', now())",
-                &[&user],
-            )
-            .await
-            .expect("paid order");
-        user
+        paid_order(&self.sql, &self.stripe).await.0
     }
+
+    async fn refunded_payment(&self) -> (serde_json::Value, serde_json::Value) {
+        refunded_payment(&self.sql, &self.stripe).await
+    }
+}
+
+/// A new user's order with a session of ours, paid at the fake Stripe (nothing delivered yet:
+/// the facts design knows a payment only from what it read at Stripe, so a `paid` row alone is
+/// no payment). Answers the user and the payment intent.
+async fn paid_order(sql: &Client, stripe: &testkit::stripe_fake::FakeStripe) -> (String, String) {
+    let row = sql
+        .query_one(
+            "with u as (insert into auth.users (id, email)
+                        select id, replace(id::text, '-', '') || '@example.com'
+                        from (select gen_random_uuid() as id) g returning id)
+             insert into orders (user_id) select id from u returning user_id::text, id::text",
+            &[],
+        )
+        .await
+        .expect("order");
+    let (user, order): (String, String) = (row.get(0), row.get(1));
+    let session = stripe.session_for_order(&user, &order);
+    sql.execute(
+        "update orders set stripe_checkout_session_id = $2, session_created_at = now()
+         where id = $1::text::uuid",
+        &[&order, &session],
+    )
+    .await
+    .expect("attach");
+    (user, stripe.pay(&session).expect("pay"))
+}
+
+/// A paid order (`paid_order`), then partly refunded (500 of 1900: the order stays paid).
+/// Answers the events the fake sent for it: `checkout.session.completed` (its first delivery
+/// pays the order) and `charge.refunded`, whose delivery makes the webhook read the payment
+/// intent (latest charge expanded), its refunds and its disputes.
+async fn refunded_payment(
+    sql: &Client,
+    stripe: &testkit::stripe_fake::FakeStripe,
+) -> (serde_json::Value, serde_json::Value) {
+    let (_, pi) = paid_order(sql, stripe).await;
+    stripe.refund(&pi, Some(500)).expect("partial refund");
+    let events = stripe.take_events();
+    let find = |type_: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == type_ && e["data"]["object"]["payment_intent"] == pi.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("no {type_} event for {pi}"))
+    };
+    (find("checkout.session.completed"), find("charge.refunded"))
+}
+
+/// `event` delivered anew: a new id, created now.
+fn redelivered(event: &serde_json::Value) -> serde_json::Value {
+    let mut e = event.clone();
+    fixtures::set(&mut e, "/id", json!(fixtures::event_id()));
+    fixtures::set(&mut e, "/created", json!(fixtures::now()));
+    e
 }
 
 /// `iss` of the tokens: the PostgREST stand-in's Auth URL, which the functions check when they
@@ -432,6 +492,9 @@ async fn cold_starts(up: &Upstreams, function: &str, runs: &[Run], n: usize) -> 
     let mut out: Vec<Cold> = runs.iter().map(|_| Cold::default()).collect();
     for _ in 0..n {
         for (k, &(which, tls)) in runs.iter().enumerate() {
+            if !which.runs_function(function) {
+                continue;
+            }
             match (&up.tls, tls) {
                 (Some(peers), true) => set_issuer(&peers.rest.uri()),
                 _ => set_issuer(&up.rest.uri()),
@@ -548,6 +611,10 @@ async fn branches<'a>(
     match function {
         "webhook" => {
             let dup = invoice();
+            let mut payments = Vec::new();
+            for _ in 0..impls {
+                payments.push(up.refunded_payment().await);
+            }
             vec![
                 Branch {
                     name: "new event",
@@ -558,6 +625,20 @@ async fn branches<'a>(
                     name: "duplicate event",
                     expect: Expect::status(200),
                     event: Box::new(move |_, _| webhook_event(&dup)),
+                },
+                // The unmeasured first event pays the order; every measured one is a new
+                // `charge.refunded` about the same payment: 3 Stripe reads and the store call.
+                Branch {
+                    name: "payment event",
+                    expect: Expect::status(200),
+                    event: Box::new(move |k, i| {
+                        let (completed, refunded) = &payments[k];
+                        if i == n {
+                            webhook_event(completed)
+                        } else {
+                            webhook_event(&redelivered(refunded))
+                        }
+                    }),
                 },
             ]
         }
@@ -625,7 +706,8 @@ async fn branches<'a>(
 }
 
 /// The webhook against a PostgREST that answers `record_stripe_facts` at once: the function's own
-/// cost per warm invocation (Rust through its PostgREST backend, and the Node.js baseline).
+/// cost per warm invocation besides the database (Rust through its PostgREST backend; the
+/// `invoice.paid` event, so one read of the invoice at the local fake Stripe is included).
 async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl, Warm)> {
     let instant = MockServer::start().await;
     Mock::given(method("POST"))
@@ -639,7 +721,7 @@ async fn instant_database(up: &Upstreams, impls: &[Impl], n: usize) -> Vec<(Impl
     let mut which: Vec<Impl> = impls
         .iter()
         .copied()
-        .filter(|i| *i != Impl::RustDirect)
+        .filter(|i| *i != Impl::RustDirect && i.runs_function("webhook"))
         .collect();
     which.push(Impl::RuntimeFloor);
     let event = webhook_event(&invoice());
@@ -809,16 +891,22 @@ async fn main() {
     }
     for &function in &functions {
         colds.push(cold_starts(&up, function, &runs, cold).await);
-        let list = branches(&up, function, impls.len(), warm, false).await;
-        let (rows, peak) = warm_runs(&up, function, &impls, &[], list, warm).await;
+        // Node.js only where the baseline has the function: the same positions otherwise.
+        let here: Vec<Impl> = impls
+            .iter()
+            .copied()
+            .filter(|i| i.runs_function(function))
+            .collect();
+        let list = branches(&up, function, here.len(), warm, false).await;
+        let (rows, peak) = warm_runs(&up, function, &here, &[], list, warm).await;
         rss.push(peak);
         warms.extend(rows.into_iter().map(|(b, f)| (function, b, f)));
         if function == "chat" {
-            let list = branches(&up, function, impls.len(), warm, true).await;
+            let list = branches(&up, function, here.len(), warm, true).await;
             let (rows, _) = warm_runs(
                 &up,
                 function,
-                &impls,
+                &here,
                 &[("CHAT_CACHE_TTL_S", "0"), ("OPENAI_API_KEY", "")],
                 list,
                 warm,
@@ -869,7 +957,8 @@ async fn main() {
     println!();
     println!(
         "PostgreSQL floor under a direct cold start (median of {cold}): connect {:.2} ms, first \
-         `apply_stripe_event` in the new session {:.2} ms, the same call warm {:.2} ms",
+         `record_stripe_facts` (an invoice read) in the new session {:.2} ms, the same call warm \
+         {:.2} ms",
         floor.0, floor.1, floor.2
     );
     println!();
@@ -892,7 +981,8 @@ async fn main() {
     println!();
     println!(
         "Webhook with the database answering instantly (a constant PostgREST reply): what one warm \
-         invocation costs besides the database, through the same Runtime API stand-in"
+         invocation of the invoice event costs besides the database (its Stripe read, at the local \
+         fake, included), through the same Runtime API stand-in"
     );
     println!();
     println!("| implementation | p50 | p99 | CPU per invocation |");
@@ -907,11 +997,12 @@ async fn main() {
         );
     }
     if impls.contains(&Impl::Node) {
+        // Positions in the chat runs, the only function the baseline has.
         let (r, n) = (1, 2);
         println!();
         println!(
-            "Node.js baseline (bench/node) against {} with the same fakes, runtime stand-in and \
-             PostgREST stand-in, measured pair by pair in this run",
+            "Node.js baseline (bench/node, chat only) against {} with the same fakes, runtime \
+             stand-in and PostgREST stand-in, measured pair by pair in this run",
             impls[r].label()
         );
         println!();
@@ -923,7 +1014,11 @@ async fn main() {
                 node / rust.max(f64::MIN_POSITIVE)
             );
         };
+        let with_node = |function: &str| Impl::Node.runs_function(function);
         for (function, c) in functions.iter().zip(&colds) {
+            if !with_node(function) {
+                continue;
+            }
             row(
                 format!("{function} cold start"),
                 median(&c[r].total_ms),
@@ -932,6 +1027,9 @@ async fn main() {
             );
         }
         for (function, peak) in functions.iter().zip(&rss) {
+            if !with_node(function) {
+                continue;
+            }
             row(
                 format!("{function} peak RSS"),
                 peak[r] as f64 / 1024.0,
@@ -940,6 +1038,9 @@ async fn main() {
             );
         }
         for (function, branch, figures) in &warms {
+            if !with_node(function) {
+                continue;
+            }
             row(
                 format!("{function} {branch} p50"),
                 figures[r].p(50),
@@ -974,7 +1075,7 @@ fn print_tls(
     let pick = |c: &'_ [Cold], which: Impl, tls: bool| -> Option<usize> {
         runs.iter()
             .position(|r| *r == (which, tls))
-            .filter(|k| *k < c.len())
+            .filter(|k| *k < c.len() && !c[*k].total_ms.is_empty())
     };
     let total = |c: &[Cold], which, tls| pick(c, which, tls).map(|k| median(&c[k].total_ms));
     let cpu = |c: &[Cold], which, tls| pick(c, which, tls).map(|k| median(&c[k].cpu_ms));
@@ -1125,6 +1226,18 @@ async fn round_trips(
         assert_eq!(response.status(), 200, "webhook {name}");
         out.push(("webhook", name, store.round_trips() - before));
     }
+    let (completed, refunded) = refunded_payment(&sql, stripe).await;
+    for (name, event) in [("paid first", completed), ("payment event", refunded)] {
+        let before = store.round_trips();
+        let request = shared::lambda::into_request(
+            serde_json::from_str(&webhook_event(&event)).expect("event"),
+            lambda_http::Context::default(),
+        )
+        .expect("request");
+        let response = webhook::handle(&webhook, request).await;
+        assert_eq!(response.status(), 200, "webhook {name}");
+        out.push(("webhook", name, store.round_trips() - before));
+    }
     let env = |k: &str| -> Option<String> {
         match k {
             "DATABASE_URL" => Some(db.url.clone()),
@@ -1153,13 +1266,11 @@ async fn round_trips(
         )
         .expect("request")
     };
-    let payer = db.create_user(&sql).await.to_string();
-    sql.execute(
-        "insert into orders (user_id, status, paid_at) values ($1::text::uuid, 'paid', now())",
-        &[&payer],
-    )
-    .await
-    .expect("paid");
+    // Paid at Stripe; the first click reads the session and records the payment (not counted,
+    // as in the warm runs, whose first event of a branch is not measured).
+    let (payer, _) = paid_order(&sql, stripe).await;
+    let response = checkout::handle(&checkout, request(&payer)).await;
+    assert_eq!(response.status(), 409, "checkout paid first");
     for (name, user) in [
         ("new session", buyer.clone()),
         ("reused session", buyer),
