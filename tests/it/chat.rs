@@ -34,6 +34,7 @@ fn config(db_url: &str, base_url: Option<&str>) -> chat::Config {
         },
         openai_key: base_url.map(|_| Secret::new(OPENAI_KEY)),
         openai_base_url: base_url.unwrap_or("http://127.0.0.1:9").to_owned(),
+        cap_field: chat::CapField::MaxCompletionTokens,
         fallback: None,
         timeout: Duration::from_millis(800),
         backoff: RetryPolicy {
@@ -218,7 +219,9 @@ async fn llm_answer_in_openai_format_with_source() {
         json!({"role": "system", "content": "You are the test assistant."})
     );
     assert_eq!(sent["messages"][1]["content"], "Say hello");
-    assert_eq!(sent["max_tokens"], 256);
+    // In the field the server chose (LLM_MAX_TOKENS_FIELD), whatever the client sent.
+    assert_eq!(sent["max_completion_tokens"], 256);
+    assert!(sent.get("max_tokens").is_none());
     assert_eq!(sent["stream"], false);
     let usage = app
         .db

@@ -48,7 +48,7 @@ fn now_ms() -> i64 {
 }
 
 #[tokio::test]
-async fn a_client_leaving_mid_stream_pays_for_what_was_streamed_and_frees_the_rest() {
+async fn a_client_leaving_mid_stream_closes_the_upstream_and_pays_the_cut_streams_bound() {
     let (base, written) = llm_fake::trickling_stream(200, Duration::from_millis(30)).await;
     let app = fleet(
         Some(&base),
@@ -97,15 +97,64 @@ async fn a_client_leaving_mid_stream_pays_for_what_was_streamed_and_frees_the_re
     );
     assert_eq!(
         prompt_tokens,
-        i64::from(chat::budget::estimate(&prompt("a long story please"), "").prompt_tokens),
-        "no usage came back: the prompt's estimate"
+        chat::budget::prompt_bound(&prompt("a long story please")) as i64,
+        "no usage came back: the prompt's bound"
     );
-    assert!(
-        (1..300).contains(&completion),
-        "what was streamed, estimated: {completion}"
+    assert_eq!(
+        completion, 300,
+        "cut before its usage chunk: what the upstream may have generated, the cap"
     );
     assert_eq!(unsettled, 0);
     assert_eq!(app.metric_total("ClientDisconnects"), 1.0);
+}
+
+/// A client that keeps the connection but stops reading: the body's buffer fills and each send
+/// waits. The wait ends at the request's deadline, so the answer is settled (and the function
+/// ends) while the client still holds the body, instead of when the client lets go.
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_hold_the_answer_past_its_deadline() {
+    let (base, _) = llm_fake::trickling_stream(400, Duration::from_millis(1)).await;
+    let app = fleet(
+        Some(&base),
+        1,
+        &[
+            ("CHAT_DAILY_TOKEN_BUDGET", "5000"),
+            ("CHAT_MAX_TOKENS", "300"),
+            ("LLM_TOTAL_BUDGET_MS", "1500"),
+        ],
+    )
+    .await;
+    let user = app.user().await;
+    let body =
+        json!({"messages": [{"role": "user", "content": "a long story please"}], "stream": true});
+    let request = FunctionUrlRequest::post("/v1/chat/completions", body.to_string().as_bytes())
+        .bearer(&tokens::hs256(
+            &tokens::user_claims(&user, None),
+            b"chat-ceilings-jwt-secret-at-least-32-characters",
+        ))
+        .into_request()
+        .unwrap();
+
+    let response = chat::handle(app.instances[0].clone(), request).await;
+    let mut body = response.into_body();
+    body.next().await.expect("the first chunk").unwrap();
+    // Held, never read again: 400 chunks do not fit the body's buffer.
+    for _ in 0..100 {
+        if open_reservations(&app).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    assert_eq!(
+        open_reservations(&app).await,
+        0,
+        "settled while the client still holds the body"
+    );
+    let (_, completion, _) = usage_on(&app, &user, now_ms()).await.unwrap();
+    assert_eq!(completion, 300, "cut at the deadline: charged the cap");
+    assert_eq!(app.metric_total("ClientDisconnects"), 1.0);
+    drop(body);
 }
 
 #[tokio::test]
@@ -263,7 +312,7 @@ async fn a_retry_storm_while_limited_does_not_push_the_limit_back() {
 }
 
 #[tokio::test]
-async fn a_prompt_whose_worst_case_passes_the_whole_budget_is_refused_with_the_reason() {
+async fn a_prompt_whose_worst_case_passes_the_whole_budget_is_a_400_no_wait_can_fix() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200).set_body_json(llm_fake::completion("x")))
@@ -287,11 +336,30 @@ async fn a_prompt_whose_worst_case_passes_the_whole_budget_is_refused_with_the_r
 
     assert_eq!(
         (refused.status, refused.code().as_str()),
-        (429, "token_budget_exceeded")
+        (400, "conversation_exceeds_budget")
+    );
+    assert!(
+        refused.header("retry-after").is_empty(),
+        "waiting does not help: no Retry-After"
     );
     let error = &refused.json()["error"];
-    assert!(error["requested"].as_u64().unwrap() > 1000, "{error}");
-    assert!(error["message"].as_str().unwrap().contains("alone"));
+    assert_eq!(error["quota"], 1000);
+    assert_eq!(error["limit"], "tokens");
+    assert!(error.get("retry_after_s").is_none());
+    let requested = error["requested"].as_u64().unwrap();
+    assert!(requested > 1000, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("up to {requested} tokens")),
+        "{error}"
+    );
+    assert_eq!(
+        app.metric_total("InvalidRequests"),
+        1.0,
+        "counted as a bad request, not a limit"
+    );
     assert_eq!(
         (shorter.status, shorter.source()),
         (200, "llm"),
@@ -393,7 +461,8 @@ async fn retries_the_budget_cannot_cover_are_not_made() {
         )))
         .mount(&server)
         .await;
-    // "hi" reserves 3 + (27 + 4) + (2 + 4) + 100 = 140; a retry needs 40 more.
+    // "hi" reserves 3 + (27 + 4) + (2 + 4) + 100 = 140; a retry needs 140 more: a 5xx may
+    // come after the model generated, so each attempt may cost its whole worst case.
     let app = fleet(
         Some(&format!("{}/v1", server.uri())),
         1,
@@ -413,11 +482,12 @@ async fn retries_the_budget_cannot_cover_are_not_made() {
     assert_eq!(
         server.received_requests().await.unwrap().len(),
         1,
-        "140 + 40 > 160: the first retry is not covered"
+        "140 + 140 > 160: the first retry is not covered"
     );
     assert_eq!(
         app.spent(&user).await,
-        i64::from(chat::budget::estimate(&prompt("hi"), "").prompt_tokens)
+        chat::budget::worst_case(&prompt("hi"), 100) as i64,
+        "the 500 is charged its bound: the prompt's and the cap"
     );
     assert_eq!(open_reservations(&app).await, 0);
 }
@@ -466,7 +536,8 @@ async fn without_its_database_the_chat_answers_from_rules_rather_than_unmetered(
         }
     };
 
-    let metered = answer_with("1000").await;
+    // Above the default cap's worst case (1,024 + the prompt): a budget the request fits.
+    let metered = answer_with("5000").await;
     let unmetered = answer_with("0").await;
 
     assert_eq!(metered.status(), 200);

@@ -110,7 +110,7 @@ pub(crate) async fn admit(
         wire::parse(request.uri().path(), body, &config.limits).map_err(ChatError::Invalid)?;
     let messages = chat.upstream_messages(&config.system_prompt);
     let cache_key = if config.cache_ttl_s > 0 {
-        cache_key::cache_key(&chat.upstream(&chat.model, &messages))
+        cache_key::cache_key(&chat.upstream(&chat.model, &messages, config.cap_field))
     } else {
         None
     };
@@ -133,6 +133,13 @@ pub(crate) async fn admit(
         tokens: budget::worst_case(&messages, chat.max_tokens),
         hold_s: hold_for(deadline, config),
     };
+    if let Some(budget) = limits.daily_tokens.filter(|b| reserve.tokens > *b) {
+        // Refused before the round trip: it would never fit, so it counts against no limit.
+        return Err(ChatError::ExceedsBudget {
+            requested: reserve.tokens,
+            budget,
+        });
+    }
     let admission = state
         .store
         .chat_admit(user.id, lookup, limits, reserve, state.clock.unix_ms())

@@ -4,10 +4,11 @@
 //!
 //! Admission reserves [`worst_case`] (the prompt's upper bound plus the completion cap) in the
 //! same round trip as the request limit and the cache; each further attempt (a retry, the
-//! fallback model) first extends the reservation by the prompt bound; settlement replaces the
-//! reservation by [`Charges`]: every attempt that reached the upstream, at its reported usage or
-//! an estimate. A charge never exceeds what was reserved for it as long as the upstream honours
-//! `max_tokens` and a token is at least one byte, so the day's spend never passes the budget.
+//! fallback model) first extends the reservation by the same worst case; settlement replaces
+//! the reservation by [`Charges`]: every attempt that reached the upstream, at its reported usage
+//! or, unreported, at the most it can have cost. A charge never exceeds what was reserved for it
+//! as long as the upstream honours `max_tokens` and a token is at least one byte, so the day's
+//! spend never passes the budget.
 
 use shared::config::EnvReader;
 use shared::llm::{Message, Usage};
@@ -86,28 +87,10 @@ const PER_MESSAGE: u32 = 4;
 /// Tokens that prime the reply (`<|start|>assistant<|message|>`).
 const REPLY_PRIMING: u64 = 3;
 
-/// A deliberately high estimate of an exchange's tokens, for when the upstream reports no usage
-/// (a server that ignores `stream_options.include_usage`, a stream cut before its usage chunk):
-/// one token per 3 UTF-8 bytes, which is about right for Chinese (3 bytes, ~1 token a character)
-/// and over-counts English (~4 bytes a token), so an unreported answer never costs less than it
-/// should.
-pub fn estimate(prompt: &[Message], completion: &str) -> Usage {
-    let tokens = |text: &str| u32::try_from(text.len().div_ceil(3)).unwrap_or(u32::MAX);
-    let prompt_tokens = prompt.iter().fold(0u32, |sum, m| {
-        sum.saturating_add(tokens(&m.content))
-            .saturating_add(PER_MESSAGE)
-    });
-    let completion_tokens = tokens(completion);
-    Usage {
-        prompt_tokens,
-        completion_tokens,
-        total_tokens: prompt_tokens.saturating_add(completion_tokens),
-    }
-}
-
 /// An upper bound of a prompt's tokens: byte-level BPE tokenizers (OpenAI's, Llama's) never make
 /// a token of less than one byte, so the UTF-8 bytes plus each message's framing and the reply's
-/// priming bound the count whatever the text (the estimate above is a third of that).
+/// priming bound the count whatever the text (English runs at about a quarter of it, Chinese at
+/// a third).
 pub fn prompt_bound(prompt: &[Message]) -> u64 {
     prompt.iter().fold(REPLY_PRIMING, |sum, m| {
         sum.saturating_add(m.content.len() as u64)
@@ -120,6 +103,18 @@ pub fn worst_case(prompt: &[Message], max_tokens: u32) -> u64 {
     prompt_bound(prompt).saturating_add(u64::from(max_tokens))
 }
 
+/// How an attempt ended, which bounds what it can have cost when the upstream reported no usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended<'a> {
+    /// The upstream answered with an error status (429, another 4xx): it generated nothing.
+    Refused,
+    /// The whole answer arrived (`text`): at most one token per byte of it, plus its stop token.
+    Complete(&'a str),
+    /// Cut before its end (a timeout, a broken connection, a 5xx, a stalled stream): the
+    /// upstream may have generated up to the completion cap before it stopped.
+    Cut,
+}
+
 /// What one request's upstream attempts cost, accumulated attempt by attempt.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Charges {
@@ -129,31 +124,36 @@ pub struct Charges {
     pub failed: u32,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    /// Part of the charge is an estimate (the upstream reported no usage for an attempt).
+    /// Part of the charge is a bound, not a count (the upstream reported no usage for an
+    /// attempt).
     pub estimated: bool,
 }
 
 impl Charges {
-    /// Charges one attempt that reached the upstream: its reported usage, else the prompt's
-    /// estimate plus the estimate of the text it produced (`text`: what was streamed before a
-    /// cut, or the whole answer), never more than the completion cap `max_tokens`.
+    /// Charges one attempt that reached the upstream: its reported usage, else the most it can
+    /// have cost: the prompt's bound plus, for the completion, nothing when the upstream refused
+    /// it, the answer's bytes (plus its stop token, within the cap) when it arrived whole, the
+    /// completion cap when it was cut. Never an estimate below the truth: a guess that could be
+    /// low would let the day's real spend pass the budget.
     pub fn attempt(
         &mut self,
         prompt: &[Message],
         max_tokens: u32,
         usage: Option<Usage>,
-        text: &str,
+        ended: Ended<'_>,
         failed: bool,
     ) {
+        let cap = u64::from(max_tokens);
         let (prompt_tokens, completion_tokens) = match usage {
             Some(u) => (u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
             None => {
                 self.estimated = true;
-                let guess = estimate(prompt, text);
-                (
-                    u64::from(guess.prompt_tokens),
-                    u64::from(guess.completion_tokens.min(max_tokens)),
-                )
+                let completion = match ended {
+                    Ended::Refused => 0,
+                    Ended::Complete(text) => (text.len() as u64).saturating_add(1).min(cap),
+                    Ended::Cut => cap,
+                };
+                (prompt_bound(prompt), completion)
             }
         };
         self.attempts = self.attempts.saturating_add(1);
@@ -233,49 +233,37 @@ mod tests {
     }
 
     #[test]
-    fn estimate_counts_high_for_english_and_about_right_for_chinese() {
-        let message = |content: &str| Message {
-            role: "user".into(),
-            content: content.into(),
-        };
-        // "Say hello" is 2-3 tokens for OpenAI's tokenizers.
-        let english = estimate(&[message("Say hello")], "Hello there!");
-        assert_eq!(
-            (english.prompt_tokens, english.completion_tokens),
-            (3 + 4, 4)
-        );
-        // 9 characters, 27 bytes; about 9 tokens.
-        let chinese = estimate(&[message("我想购买完整的报告")], "完整报告");
-        assert_eq!(
-            (chinese.prompt_tokens, chinese.completion_tokens),
-            (9 + 4, 4)
-        );
-        assert_eq!(chinese.total_tokens, 17);
-        assert_eq!(estimate(&[], "").total_tokens, 0);
-    }
-
-    #[test]
     fn the_prompt_bound_holds_whatever_the_text_and_the_reservation_covers_any_charge() {
         let message = |content: &str| Message {
             role: "user".into(),
             content: content.into(),
         };
         // One token per byte is the worst a byte-level tokenizer can do: random ASCII and
-        // emoji come close, and the 1-per-3-bytes estimate is far below it.
+        // emoji come close.
         let hostile = [message("x9$Qz!#k~@1^"), message("🙂🙃🫠")];
         assert_eq!(prompt_bound(&hostile), 3 + (12 + 4) + (12 + 4));
-        assert!(u64::from(estimate(&hostile, "").prompt_tokens) < prompt_bound(&hostile));
         assert_eq!(worst_case(&hostile, 100), prompt_bound(&hostile) + 100);
         assert_eq!(prompt_bound(&[]), 3);
 
-        // An attempt cut after a long answer without usage: the completion estimate is capped.
-        let mut charges = Charges::default();
+        // Without usage, each way an attempt ends is charged the most it can have cost, and
+        // never more than one attempt's worst case.
+        let bound = prompt_bound(&hostile);
+        let charge = |ended: Ended<'_>| {
+            let mut charges = Charges::default();
+            charges.attempt(&hostile, 100, None, ended, false);
+            assert!(charges.estimated);
+            assert!(charges.total() <= worst_case(&hostile, 100));
+            (charges.prompt_tokens, charges.completion_tokens)
+        };
+        assert_eq!(charge(Ended::Refused), (bound, 0));
+        assert_eq!(charge(Ended::Cut), (bound, 100));
+        assert_eq!(charge(Ended::Complete("Hello there!")), (bound, 13));
         let long_answer = "word ".repeat(400);
-        charges.attempt(&hostile, 100, None, &long_answer, true);
-        assert_eq!(charges.completion_tokens, 100, "never more than max_tokens");
-        assert!(charges.total() <= worst_case(&hostile, 100));
-        assert!(charges.estimated);
-        // Reported usage is charged as reported.
+        assert_eq!(charge(Ended::Complete(&long_answer)), (bound, 100));
+
+        // Reported usage is charged as reported, and attempts add up.
+        let mut charges = Charges::default();
+        charges.attempt(&hostile, 100, None, Ended::Cut, true);
         charges.attempt(
             &hostile,
             100,
@@ -284,12 +272,12 @@ mod tests {
                 completion_tokens: 5,
                 total_tokens: 16,
             }),
-            "ignored",
+            Ended::Complete("ignored"),
             false,
         );
         assert_eq!(
             (charges.attempts, charges.failed, charges.prompt_tokens),
-            (2, 1, u64::from(estimate(&hostile, "").prompt_tokens) + 11)
+            (2, 1, bound + 11)
         );
         assert_eq!(charges.completion_tokens, 105);
     }

@@ -7,7 +7,7 @@ use shared::config::{self, ConfigError, EnvReader, Secret, StoreConfig};
 use shared::retry::RetryPolicy;
 
 use crate::budget::Budgets;
-use crate::conversation::Limits;
+use crate::conversation::{CapField, Limits};
 use crate::rules::RuleBook;
 
 /// The chat function's configuration.
@@ -18,6 +18,8 @@ pub struct Config {
     /// `None`: rules only (no `OPENAI_API_KEY`).
     pub openai_key: Option<Secret>,
     pub openai_base_url: String,
+    /// The field the first model's server takes the completion cap in (`LLM_MAX_TOKENS_FIELD`).
+    pub cap_field: CapField,
     /// The second model (`LLM_FALLBACK_*`), tried when the first fails before its first token.
     pub fallback: Option<FallbackModel>,
     pub timeout: Duration,
@@ -46,6 +48,8 @@ pub struct FallbackModel {
     pub key: Secret,
     /// `LLM_FALLBACK_MODEL`: asked instead of the request's model.
     pub model: String,
+    /// `LLM_FALLBACK_MAX_TOKENS_FIELD`, default the first model's.
+    pub cap_field: CapField,
 }
 
 /// The stream idle timeout's default, shortened to `LLM_TIMEOUT_MS` when that is smaller.
@@ -78,7 +82,12 @@ impl Config {
         if !openai_base_url.starts_with("http://") && !openai_base_url.starts_with("https://") {
             env.problem("OPENAI_BASE_URL", "must be an http(s) URL");
         }
-        let fallback = read_fallback(&mut env, openai_key.as_ref(), &openai_base_url);
+        let cap_field = read_cap_field(
+            &mut env,
+            "LLM_MAX_TOKENS_FIELD",
+            CapField::MaxCompletionTokens,
+        );
+        let fallback = read_fallback(&mut env, openai_key.as_ref(), &openai_base_url, cap_field);
         let timeout = Duration::from_millis(env.integer("LLM_TIMEOUT_MS", 30_000, 100..=600_000));
         let max_retries = env.integer("LLM_MAX_RETRIES", 2, 0..=5) as u32;
         // Neither stream timeout waits longer than LLM_TIMEOUT_MS unless configured on purpose.
@@ -155,6 +164,7 @@ impl Config {
             auth,
             openai_key,
             openai_base_url,
+            cap_field,
             fallback,
             timeout,
             backoff: RetryPolicy {
@@ -183,7 +193,9 @@ fn read_fallback(
     env: &mut EnvReader<'_>,
     openai_key: Option<&Secret>,
     openai_base_url: &str,
+    first_cap_field: CapField,
 ) -> Option<FallbackModel> {
+    let cap_field = read_cap_field(env, "LLM_FALLBACK_MAX_TOKENS_FIELD", first_cap_field);
     let base_url = env.optional("LLM_FALLBACK_BASE_URL");
     let key = env.optional("LLM_FALLBACK_API_KEY").map(Secret::new);
     let model = env.optional("LLM_FALLBACK_MODEL");
@@ -212,5 +224,17 @@ fn read_fallback(
         base_url,
         key,
         model,
+        cap_field,
     })
+}
+
+/// `max_completion_tokens` (OpenAI's field, the only one its reasoning models take) or
+/// `max_tokens` (the older spelling some OpenAI-compatible servers still need).
+fn read_cap_field(env: &mut EnvReader<'_>, variable: &'static str, default: CapField) -> CapField {
+    env.parsed(
+        variable,
+        default,
+        "max_completion_tokens or max_tokens",
+        CapField::parse,
+    )
 }

@@ -24,9 +24,27 @@ pub struct Chat {
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: u32,
-    /// The client used `max_completion_tokens` (sent upstream the same way).
-    pub uses_max_completion_tokens: bool,
     pub temperature: Option<f64>,
+}
+
+/// The field an upstream takes the completion cap in. The server chooses it per upstream
+/// (`LLM_MAX_TOKENS_FIELD`, `LLM_FALLBACK_MAX_TOKENS_FIELD`), whichever the client sent: OpenAI's
+/// reasoning models refuse `max_tokens`, and some OpenAI-compatible servers know only it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapField {
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl CapField {
+    /// The field's name, as the variables spell it.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "max_tokens" => Some(CapField::MaxTokens),
+            "max_completion_tokens" => Some(CapField::MaxCompletionTokens),
+            _ => None,
+        }
+    }
 }
 
 /// Why a request was refused: a stable code and a message.
@@ -43,16 +61,64 @@ pub(crate) fn invalid(code: &'static str, message: impl Into<String>) -> Invalid
     }
 }
 
-/// A body serde refused: `unknown_field` and `missing_field` say which field, anything else is
-/// `invalid_json` with `what` (the body's content never goes into the answer).
-pub(crate) fn refused_body(error: serde_json::Error, what: &str) -> Invalid {
-    let text = error.to_string();
+/// Reads a body as `T`, or says which field is wrong and how: `unknown_field`,
+/// `missing_field`, `invalid_parameter` (a field of the wrong type or value, named by its path,
+/// with what was expected), or `invalid_json` with `what` for a body that is not JSON at all. The
+/// body's content never goes into the answer (serde's own messages quote the value; these do
+/// not).
+pub(crate) fn read_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, Invalid> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| refused_body(e, what))?;
+    // Anything after the JSON value (serde_json::from_slice refuses it too).
+    deserializer
+        .end()
+        .map_err(|_| invalid("invalid_json", what))?;
+    Ok(value)
+}
+
+fn refused_body(error: serde_path_to_error::Error<serde_json::Error>, what: &str) -> Invalid {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    let text = inner.to_string();
+    let text = text.split(" at line ").next().unwrap_or_default();
+    let at = |message: &str| {
+        if path == "." {
+            message.to_owned()
+        } else {
+            format!("{path}: {message}")
+        }
+    };
     if text.starts_with("unknown field") {
-        invalid("unknown_field", text)
+        invalid("unknown_field", at(text))
     } else if text.starts_with("missing field") {
-        invalid("missing_field", text)
+        invalid("missing_field", at(text))
+    } else if inner.classify() == serde_json::error::Category::Data && path != "." {
+        let expected = match text.split_once(", expected ") {
+            Some((_, expected)) => plain_type(expected),
+            None if text.contains("untagged enum RawContent") => {
+                "a string or an array of text parts".to_owned()
+            }
+            None => "another type or value".to_owned(),
+        };
+        invalid("invalid_parameter", at(&format!("expected {expected}")))
     } else {
         invalid("invalid_json", what)
+    }
+}
+
+/// Serde's names of the types a field expects, as an API's user would say them.
+fn plain_type(expected: &str) -> String {
+    match expected {
+        "u32" => "a whole number from 0 to 4294967295".to_owned(),
+        "i64" => "a whole number".to_owned(),
+        "f64" => "a number".to_owned(),
+        "a sequence" => "an array".to_owned(),
+        other if other.starts_with("struct ") || other == "a map" => "an object".to_owned(),
+        other => other.to_owned(),
     }
 }
 
@@ -80,14 +146,21 @@ impl Chat {
         out
     }
 
-    /// The upstream request for `messages` (from [`Chat::upstream_messages`]) to `model`; usage
-    /// is always asked for on streams, since the token budget counts it.
-    pub fn upstream<'a>(&'a self, model: &'a str, messages: &'a [Message]) -> llm::Request<'a> {
+    /// The upstream request for `messages` (from [`Chat::upstream_messages`]) to `model`, with
+    /// the cap in the field that upstream takes; usage is always asked for on streams, since the
+    /// token budget counts it.
+    pub fn upstream<'a>(
+        &'a self,
+        model: &'a str,
+        messages: &'a [Message],
+        cap_field: CapField,
+    ) -> llm::Request<'a> {
+        let cap = |field| (cap_field == field).then_some(self.max_tokens);
         llm::Request {
             model,
             messages,
-            max_tokens: (!self.uses_max_completion_tokens).then_some(self.max_tokens),
-            max_completion_tokens: self.uses_max_completion_tokens.then_some(self.max_tokens),
+            max_tokens: cap(CapField::MaxTokens),
+            max_completion_tokens: cap(CapField::MaxCompletionTokens),
             temperature: self.temperature,
             stream: self.stream,
             stream_options: self.stream.then_some(llm::StreamOptions {

@@ -27,6 +27,9 @@ pub enum ChatError {
     Limited { refusal: Refusal, quotas: Quotas },
     #[error("unknown user")]
     UnknownUser,
+    /// The request's worst case alone passes the whole day's budget: no wait would let it in.
+    #[error("the conversation exceeds the daily token budget")]
+    ExceedsBudget { requested: u64, budget: u64 },
 }
 
 impl ChatError {
@@ -54,11 +57,6 @@ impl ChatError {
                     Refusal::Requests(_) => {
                         ("rate_limited", "too many chat requests; try again shortly")
                     }
-                    Refusal::Tokens { budget, requested } if *requested > budget.budget => (
-                        "token_budget_exceeded",
-                        "this conversation alone needs more tokens than the daily allowance; \
-                         shorten it or ask for a shorter answer",
-                    ),
                     Refusal::Tokens { budget, requested }
                         if budget.spent.saturating_add(*requested) <= budget.budget =>
                     {
@@ -77,6 +75,16 @@ impl ChatError {
                     .retry_after(refusal.retry_after())
                     .details(refusal.details())
             }
+            ChatError::ExceedsBudget { requested, budget } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "conversation_exceeds_budget",
+                format!(
+                    "this conversation can cost up to {requested} tokens (its prompt and the \
+                     answer's cap), more than the whole daily allowance of {budget}; shorten it \
+                     or ask for a shorter answer (max_tokens)"
+                ),
+            )
+            .details(exceeds_details(*requested, *budget)),
             ChatError::UnknownUser => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "unknown_user",
@@ -84,4 +92,14 @@ impl ChatError {
             ),
         }
     }
+}
+
+/// The fields a `conversation_exceeds_budget` body adds: no `retry_after_s`, since no wait helps.
+fn exceeds_details(requested: u64, budget: u64) -> serde_json::Map<String, serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("limit".into(), "tokens".into());
+    map.insert("quota".into(), budget.into());
+    map.insert("window".into(), "utc_day".into());
+    map.insert("requested".into(), requested.into());
+    map
 }

@@ -44,6 +44,7 @@ use shared::telemetry::{Metrics, RequestContext};
 
 pub use admit::deadline_for;
 pub use config::Config;
+pub use conversation::CapField;
 pub use error::ChatError;
 pub use respond::{CHARGED_HEADER, FALLBACK_HEADER, SOURCE_HEADER};
 
@@ -63,8 +64,8 @@ pub struct State {
     pub store: Store,
     /// `None`: rules only.
     pub llm: Option<LlmClient>,
-    /// The second model's client and name (`LLM_FALLBACK_*`).
-    pub fallback: Option<(LlmClient, String)>,
+    /// The second model's client, name and cap field (`LLM_FALLBACK_*`).
+    pub fallback: Option<(LlmClient, String, CapField)>,
     pub verifier: Verifier,
     pub metrics: Metrics,
     /// The wall clock (token times, the invocation's deadline, the limits' and budget's time).
@@ -90,6 +91,7 @@ impl State {
             Some(f) => Some((
                 LlmClient::new(&f.base_url, f.key.clone()).map_err(|e| e.to_string())?,
                 f.model.clone(),
+                f.cap_field,
             )),
             None => None,
         };
@@ -181,7 +183,7 @@ pub async fn handle(state: Arc<State>, request: Request) -> Response<StreamBody>
                 &messages,
                 chat.max_tokens,
                 completion.usage,
-                &completion.content,
+                budget::Ended::Complete(&completion.content),
                 false,
             );
             let meta = Meta::new(&model, source, reason(source), now);
@@ -276,6 +278,9 @@ async fn refuse(error: ChatError, mut context: RequestContext) -> Response<Strea
             ..
         } => metrics.count("BudgetExceeded", 1),
         ChatError::Invalid(i) => metrics.count_by("InvalidRequests", "Code", i.code, 1),
+        ChatError::ExceedsBudget { .. } => {
+            metrics.count_by("InvalidRequests", "Code", "conversation_exceeds_budget", 1)
+        }
         _ => {}
     }
     let api = error.to_api_error();

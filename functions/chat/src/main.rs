@@ -15,7 +15,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     if let Some(llm) = &state.llm {
         llm.warm_up();
     }
-    if let Some((fallback, _)) = &state.fallback {
+    if let Some((fallback, ..)) = &state.fallback {
         fallback.warm_up();
     }
     state.verifier.prefetch().await;

@@ -1,7 +1,11 @@
 //! The relay of a streamed LLM answer: the rest of the upstream's events, chunk by chunk in the
-//! wire format asked for, each wait bounded by the idle timeout and the deadline. However it
-//! ends (complete, broken, the client gone, the deadline), the attempt is charged and the
-//! request settled before the body ends: Lambda may freeze the instance once the stream closes.
+//! wire format asked for, each wait for the upstream bounded by the idle timeout and the
+//! deadline, each wait for the client by the deadline. When the client leaves (or reads too
+//! slowly to finish by the deadline) the upstream connection is closed, so the provider stops
+//! generating; its usage chunk, which comes last, is then lost, and the attempt is charged the
+//! most it can have cost (the prompt's bound and the completion cap). However it ends (complete,
+//! broken, the client gone, the deadline), the attempt is charged and the request settled before
+//! the body ends: Lambda may freeze the instance once the stream closes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,6 +14,7 @@ use std::time::Instant;
 use shared::llm::{self, sse::Event, LlmError, Message};
 use shared::telemetry::RequestContext;
 
+use crate::budget::Ended;
 use crate::meta::{Meta, Source};
 use crate::settle::{self, Cacheable};
 use crate::upstream::Ledger;
@@ -37,9 +42,17 @@ impl StreamTask {
         mut stream: llm::sse::EventStream,
         tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) {
+        // A send waits for room in the body's buffer only until the deadline: a client that
+        // stops reading cannot hold the request past it.
+        let deadline = tokio::time::Instant::from_std(self.deadline);
         let send = |text: String| {
             let tx = tx.clone();
-            async move { tx.send(bytes::Bytes::from(text)).await.is_ok() }
+            async move {
+                matches!(
+                    tokio::time::timeout_at(deadline, tx.send(bytes::Bytes::from(text))).await,
+                    Ok(Ok(()))
+                )
+            }
         };
         let mut content = String::new();
         let mut finish_reason: Option<String> = None;
@@ -79,11 +92,18 @@ impl StreamTask {
         }
         // Dropping the upstream stream closes its connection: the provider stops generating.
         drop(stream);
+        // Whole only when the upstream ended it and the client was there to the end; a stream
+        // cut on either side may have generated up to the cap.
+        let ended = if failure.is_none() && open {
+            Ended::Complete(&content)
+        } else {
+            Ended::Cut
+        };
         self.ledger.charges.attempt(
             &self.messages,
             self.max_tokens,
             usage,
-            &content,
+            ended,
             failure.is_some(),
         );
         let charged = self.ledger.charges.total();

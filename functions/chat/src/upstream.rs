@@ -1,9 +1,9 @@
 //! The LLM attempts of one request: the first model under the one retry loop
 //! (`shared::retry`), then, when it failed before its first token for a reason another model
 //! may not share (timeout, connection, 429, 5xx), the fallback model under the same deadline.
-//! Every attempt but the request's first extends the token reservation before it is made (one
-//! round trip; refused: no more attempts), and every attempt that reached the upstream is
-//! charged.
+//! Every attempt but the request's first extends the token reservation by its worst case before
+//! it is made (one round trip; refused: no more attempts), and every attempt that reached the
+//! upstream is charged.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,8 +14,8 @@ use shared::store::chat::Extension;
 use shared::telemetry::MetricSet;
 
 use crate::admit::{Asker, Reservation};
-use crate::budget::{self, Charges};
-use crate::conversation::Chat;
+use crate::budget::{self, Charges, Ended};
+use crate::conversation::{CapField, Chat};
 use crate::meta::Source;
 use crate::State;
 
@@ -130,6 +130,7 @@ pub(crate) async fn ask(
         model: &chat.model,
         key_variable: "OPENAI_API_KEY",
         fallback_waits: fallback.is_some(),
+        cap_field: state.config.cap_field,
     };
     let first = attempts(state, primary, chat, messages, deadline, ledger, metrics).await;
     let error = match first {
@@ -137,7 +138,7 @@ pub(crate) async fn ask(
         Err(error) => error,
     };
     ledger.reason = Some(error.reason());
-    let Some((client, model)) = fallback.filter(|_| error.calls_for_fallback()) else {
+    let Some((client, model, cap_field)) = fallback.filter(|_| error.calls_for_fallback()) else {
         return Outcome::Failed;
     };
     metrics.count("FallbackModelTries", 1);
@@ -150,6 +151,7 @@ pub(crate) async fn ask(
         model,
         key_variable: "LLM_FALLBACK_API_KEY",
         fallback_waits: false,
+        cap_field: *cap_field,
     };
     match attempts(state, second, chat, messages, deadline, ledger, metrics).await {
         Ok(outcome) => outcome.into_outcome(Source::Fallback, model),
@@ -198,6 +200,8 @@ struct Target<'a> {
     /// A fallback model waits: a timeout ends this model's tries at once, since a model that
     /// just used the whole per-attempt timeout would leave the fallback no time.
     fallback_waits: bool,
+    /// The field its server takes the completion cap in.
+    cap_field: CapField,
 }
 
 /// One model's tries under the retry loop.
@@ -211,9 +215,16 @@ async fn attempts(
     metrics: &mut MetricSet,
 ) -> Result<Answered, AttemptError> {
     let config = &state.config;
-    let Target { client, model, .. } = target;
-    let request = chat.upstream(model, messages);
-    let prompt_bound = budget::prompt_bound(messages);
+    let Target {
+        client,
+        model,
+        cap_field,
+        ..
+    } = target;
+    let request = chat.upstream(model, messages, cap_field);
+    // A failed attempt may be charged its whole worst case (cut after generating up to the cap),
+    // so each further attempt reserves that much before it is made.
+    let per_attempt = budget::worst_case(messages, chat.max_tokens);
     let extended = AtomicU64::new(0);
     let reservation = ledger.reservation;
     let user = ledger.user.id;
@@ -225,7 +236,7 @@ async fn attempts(
         let (request, extended) = (&request, &extended);
         async move {
             if !first_of_request {
-                cover(state, user, reservation, prompt_bound, extended).await?;
+                cover(state, user, reservation, per_attempt, extended).await?;
                 left = deadline.saturating_duration_since(Instant::now());
                 if left < MIN_ATTEMPT {
                     return Err(AttemptError::NoTime);
@@ -255,9 +266,14 @@ async fn attempts(
             return After::Stop;
         };
         if error.reached_upstream() {
-            // Billed by the provider whether or not it answered: its prompt (nothing was
-            // streamed before a retry).
-            charges.attempt(messages, chat.max_tokens, None, "", true);
+            // Billed by the provider whether or not it answered: a refusal its prompt at most,
+            // anything cut (a timeout, a broken connection, a 5xx) up to the completion cap too.
+            let ended = if error.generated_nothing() {
+                Ended::Refused
+            } else {
+                Ended::Cut
+            };
+            charges.attempt(messages, chat.max_tokens, None, ended, true);
         }
         metrics.count_by("LlmErrors", "Class", error.class(), 1);
         if *error == LlmError::Timeout {
@@ -306,7 +322,7 @@ async fn attempts(
     Ok(answered)
 }
 
-/// Extends the reservation by one more attempt's prompt before it is made. Nothing to extend
+/// Extends the reservation by one more attempt's worst case before it is made. Nothing to extend
 /// without a reservation (no budget, or the database was down at admission with no budget).
 async fn cover(
     state: &State,

@@ -122,6 +122,19 @@ impl LlmError {
         !matches!(self, LlmError::Connect { sent: false })
     }
 
+    /// The upstream refused the request with a status that means it generated nothing (429,
+    /// another 4xx), or it never reached the upstream. A 5xx is not among them: a gateway's 502
+    /// or 504 may come after the model generated.
+    pub fn generated_nothing(&self) -> bool {
+        matches!(
+            self,
+            LlmError::Connect { sent: false }
+                | LlmError::RateLimited { .. }
+                | LlmError::Upstream4xx { .. }
+                | LlmError::Auth { .. }
+        )
+    }
+
     /// `Retry-After` of a 429, if the upstream gave one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared::llm::{Message, Usage};
 
-use crate::conversation::{invalid, refused_body, Chat, Invalid, Limits};
+use crate::conversation::{invalid, read_body, Chat, Invalid, Limits};
 use crate::meta::Meta;
 
 // ---- The request ----
@@ -93,8 +93,7 @@ struct RawPart {
 
 /// Parses and validates a request body.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<Chat, Invalid> {
-    let raw: RawRequest = serde_json::from_slice(body)
-        .map_err(|e| refused_body(e, "the body is not a valid chat completion request"))?;
+    let raw: RawRequest = read_body(body, "the body is not a valid chat completion request")?;
     let model = match raw.model {
         None => limits.default_model.clone(),
         Some(m) if limits.models.contains(&m) => m,
@@ -126,13 +125,18 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Chat, Invalid> {
             "temperature must be between 0 and 2",
         ));
     }
-    let requested = raw.max_completion_tokens.or(raw.max_tokens);
-    if requested == Some(0) {
-        return Err(invalid(
-            "invalid_parameter",
-            "max_tokens must be at least 1",
-        ));
+    for (field, value) in [
+        ("max_tokens", raw.max_tokens),
+        ("max_completion_tokens", raw.max_completion_tokens),
+    ] {
+        if value == Some(0) {
+            return Err(invalid(
+                "invalid_parameter",
+                format!("{field} must be at least 1"),
+            ));
+        }
     }
+    let requested = raw.max_completion_tokens.or(raw.max_tokens);
     let mut total = 0usize;
     let mut messages = Vec::with_capacity(raw.messages.len());
     for (i, m) in raw.messages.into_iter().enumerate() {
@@ -163,9 +167,15 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Chat, Invalid> {
             Some(RawContent::Text(text)) => text,
             Some(RawContent::Parts(parts)) => {
                 let mut text = String::new();
-                for part in parts {
+                for (j, part) in parts.into_iter().enumerate() {
                     match (part.type_.as_str(), part.text) {
                         ("text", Some(t)) => text.push_str(&t),
+                        ("text", None) => {
+                            return Err(invalid(
+                                "missing_field",
+                                format!("messages[{i}].content[{j}]: a text part needs its text"),
+                            ))
+                        }
                         _ => {
                             return Err(invalid(
                                 "non_text_content",
@@ -226,7 +236,6 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Chat, Invalid> {
         max_tokens: requested
             .unwrap_or(limits.max_tokens)
             .min(limits.max_tokens),
-        uses_max_completion_tokens: raw.max_completion_tokens.is_some(),
         temperature: raw.temperature,
     })
 }
@@ -353,6 +362,7 @@ pub fn whole_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conversation::CapField;
 
     fn limits() -> Limits {
         Limits {
@@ -376,8 +386,53 @@ mod tests {
         assert_eq!(chat.model, "gpt-4o");
         assert_eq!(chat.messages[0].content, "hi there");
         assert_eq!(chat.last_user_text(), "你好");
-        assert!(chat.stream && chat.include_usage && chat.uses_max_completion_tokens);
+        assert!(chat.stream && chat.include_usage);
         assert_eq!(chat.max_tokens, 100, "capped by config");
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_what_it_takes_never_the_value() {
+        let message = |body: &[u8]| parse(body, &limits()).unwrap_err().message;
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":0}"#,
+             "max_completion_tokens must be at least 1"),
+            (br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#,
+             "max_tokens: expected a whole number from 0 to 4294967295"),
+            (br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"secret-ish"}"#,
+             "max_tokens: expected a whole number from 0 to 4294967295"),
+            (br#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+             "temperature: expected a number"),
+            (br#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+             "stream: expected a boolean"),
+            (br#"{"messages":{"role":"user"}}"#, "messages: expected an array"),
+            (br#"{"messages":[{"role":"user","content":42}]}"#,
+             "messages[0].content: expected a string or an array of text parts"),
+            (br#"{"messages":[{"role":"user","content":"x","tools":1}]}"#,
+             "messages[0].tools: unknown field `tools`, expected one of `role`, `content`, `name`, `refusal`"),
+            (br#"{"messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+             "messages[0].content[0]: a text part needs its text"),
+        ];
+        for (body, expected) in cases {
+            let got = message(body);
+            assert_eq!(got, *expected, "{}", String::from_utf8_lossy(body));
+            assert!(!got.contains("secret-ish") && !got.contains("hot"));
+        }
+    }
+
+    #[test]
+    fn the_cap_goes_in_the_field_the_upstream_takes_whatever_the_client_sent() {
+        let chat = parse(
+            br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":50}"#,
+            &limits(),
+        )
+        .unwrap();
+        let messages = chat.upstream_messages("");
+        let sent = |field| {
+            let request = chat.upstream(&chat.model, &messages, field);
+            (request.max_tokens, request.max_completion_tokens)
+        };
+        assert_eq!(sent(CapField::MaxCompletionTokens), (None, Some(50)));
+        assert_eq!(sent(CapField::MaxTokens), (Some(50), None));
     }
 
     #[test]
@@ -399,6 +454,8 @@ mod tests {
             (br#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "invalid_parameter"),
             (br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "invalid_parameter"),
             (br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "invalid_parameter"),
+            (br#"{"messages":[{"role":"user","content":[{"type":"text"}]}]}"#, "missing_field"),
+            (br#"{"messages":[{"role":"user","content":"x"}]} trailing"#, "invalid_json"),
         ];
         for (body, code) in cases {
             assert_eq!(

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::lambda::StreamBody;
 
-use crate::conversation::{invalid, refused_body, Chat, Invalid, Limits};
+use crate::conversation::{invalid, read_body, Chat, Invalid, Limits};
 use crate::meta::Meta;
 
 // ---- The request ----
@@ -130,8 +130,7 @@ pub fn is_ui_body(body: &[u8]) -> bool {
 
 /// Parses and validates a `useChat` body.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<UiChat, Invalid> {
-    let raw: RawUiRequest = serde_json::from_slice(body)
-        .map_err(|e| refused_body(e, "the body is not a valid useChat request"))?;
+    let raw: RawUiRequest = read_body(body, "the body is not a valid useChat request")?;
     let trigger = match raw.trigger.as_deref() {
         None | Some("submit-message") => Trigger::Submit,
         Some("regenerate-message") => Trigger::Regenerate,
@@ -159,6 +158,12 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<UiChat, Invalid> {
         for (j, part) in message.parts.into_iter().enumerate() {
             match (part.type_.as_str(), part.text) {
                 ("text", Some(t)) => text.push_str(&t),
+                ("text", None) => {
+                    return Err(invalid(
+                        "missing_field",
+                        format!("messages[{i}].parts[{j}]: a text part needs its text"),
+                    ))
+                }
                 ("step-start", _) => {}
                 (kind, _) => {
                     return Err(invalid(
@@ -447,6 +452,13 @@ mod tests {
             (body(vec![], "submit-message"), "empty_messages"),
             (body(vec![user("u", "x")], "continue"), "invalid_parameter"),
             (body(vec![file], "submit-message"), "non_text_content"),
+            (
+                body(
+                    vec![json!({"id": "u", "role": "user", "parts": [{"type": "text"}]})],
+                    "submit-message",
+                ),
+                "missing_field",
+            ),
             (
                 body(vec![user("u", "x"), tool], "submit-message"),
                 "non_text_content",
