@@ -590,3 +590,93 @@ async fn an_upstream_reporting_more_than_it_may_is_charged_and_counted() {
     );
     assert_eq!(app.metric_total("ReservationExceeded"), 1.0);
 }
+
+/// A stream whose body ends cleanly after some content but with no finish_reason, no usage and
+/// no `[DONE]` (a proxy or server that ends the response on an internal error) was cut, not
+/// answered whole: the provider may have generated past what arrived. (Treated like `[DONE]`
+/// before: charged as whole, told `finish_reason: "stop"`, and cached.)
+#[tokio::test]
+async fn a_stream_that_ends_without_done_is_charged_as_cut_and_not_cached() {
+    let server = MockServer::start().await;
+    let chunk = |delta: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                   "model": "gpt-4o-mini",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+        )
+    };
+    let body = [
+        chunk(json!({"role": "assistant", "content": ""})),
+        chunk(json!({"content": "Half an ans"})),
+    ]
+    .concat();
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_raw(body.into_bytes(), "text/event-stream"),
+        )
+        .mount(&server)
+        .await;
+    let app = fleet(
+        Some(&format!("{}/v1", server.uri())),
+        1,
+        &[
+            ("CHAT_DAILY_TOKEN_BUDGET", "100000"),
+            ("CHAT_MAX_TOKENS", "300"),
+            ("CHAT_CACHE_TTL_S", "3600"),
+        ],
+    )
+    .await;
+    let user = app.user().await;
+    let request = json!({"messages": [{"role": "user", "content": "tell me"}], "stream": true});
+
+    let first = app.send(0, &user, "/v1/chat/completions", &request).await;
+    assert_eq!(first.source(), "llm");
+    let (prompt_tokens, completion, _) = usage_on(&app, &user, now_ms()).await.unwrap();
+    assert_eq!(
+        prompt_tokens,
+        chat::budget::prompt_bound(&prompt("tell me")) as i64
+    );
+    assert_eq!(
+        completion, 300,
+        "ended before its finish: what the upstream may have generated, the cap"
+    );
+    assert!(
+        !first.text().contains(r#""finish_reason":"stop""#),
+        "a cut answer is not reported as whole"
+    );
+
+    let again = app.send(0, &user, "/v1/chat/completions", &request).await;
+    assert_ne!(again.source(), "cache", "a cut answer is not cached");
+}
+
+/// `"usage": {}` (or only `total_tokens`) reads as zeros, which were charged as an exact 0: a
+/// free answer. A usage that is no count (no prompt tokens, no completion for text) is no usage,
+/// and gets the bound.
+#[tokio::test]
+async fn an_empty_usage_object_is_not_a_free_answer() {
+    let server = MockServer::start().await;
+    let mut answer = llm_fake::completion(&"word ".repeat(40));
+    answer["usage"] = json!({});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+        .mount(&server)
+        .await;
+    let app = fleet(
+        Some(&format!("{}/v1", server.uri())),
+        1,
+        &[
+            ("CHAT_DAILY_TOKEN_BUDGET", "100000"),
+            ("CHAT_MAX_TOKENS", "100"),
+        ],
+    )
+    .await;
+    let user = app.user().await;
+
+    let answer = app.ask(0, &user, "hi").await;
+
+    assert_eq!(answer.source(), "llm");
+    let bound = chat::budget::worst_case(&prompt("hi"), 100) as i64;
+    assert_eq!(app.spent(&user).await, bound, "no usable usage: the bound");
+    assert_eq!(app.metric_total("UsageEstimated"), 1.0);
+}

@@ -332,14 +332,15 @@ async fn answers_without_usage_are_charged_their_bound_and_counted() {
         (streamed_answer.status, streamed_answer.source()),
         (200, "llm")
     );
-    // No usage: the prompt's bound (a token is at least a byte) and, for an answer that came
-    // whole, its bytes plus the stop token: 10 characters, 30 bytes, 31 (the tokenizer counts
-    // about 10; a guess that could fall below the truth would let spend pass the budget).
+    // No usage: the prompt's bound (a token is at least a byte) and the completion cap
+    // (CHAT_MAX_TOKENS, 1,024 by default), not the answer's visible text: a reasoning model's
+    // hidden tokens are billed too, and a guess that could fall below the truth would let the
+    // day's spend pass the budget.
     let bound = |question: &str| chat::budget::prompt_bound(&prompt(question)) as i64;
-    assert_eq!(app.usage(&user).await, (bound("多少钱？"), 31, 1, false));
+    assert_eq!(app.usage(&user).await, (bound("多少钱？"), 1024, 1, false));
     assert_eq!(
         stream_app.usage(&stream_user).await,
-        (bound("hello"), 9, 1, false)
+        (bound("hello"), 1024, 1, false)
     );
     assert_eq!(app.metric_total("UsageEstimated"), 1.0);
     assert_eq!(stream_app.metric_total("UsageEstimated"), 1.0);

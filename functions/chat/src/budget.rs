@@ -106,12 +106,13 @@ pub fn worst_case(prompt: &[Message], max_tokens: u32) -> u64 {
 /// How an attempt ended, which bounds what it can have cost when the upstream reported no usage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ended<'a> {
-    /// The upstream answered with an error status (429, another 4xx): it generated nothing.
+    /// The upstream answered with an error status (429, a 4xx other than a gateway's 408 or
+    /// 499): it generated nothing.
     Refused,
-    /// The whole answer arrived (`text`): at most one token per byte of it, plus its stop token.
+    /// The whole answer arrived (`text`, what the client sees).
     Complete(&'a str),
-    /// Cut before its end (a timeout, a broken connection, a 5xx, a stalled stream): the
-    /// upstream may have generated up to the completion cap before it stopped.
+    /// Cut before its end (a timeout, a broken connection, a 5xx, a stalled stream, a stream
+    /// that stopped without its end): the upstream may have generated up to the completion cap.
     Cut,
 }
 
@@ -130,11 +131,14 @@ pub struct Charges {
 }
 
 impl Charges {
-    /// Charges one attempt that reached the upstream: its reported usage, else the most it can
-    /// have cost: the prompt's bound plus, for the completion, nothing when the upstream refused
-    /// it, the answer's bytes (plus its stop token, within the cap) when it arrived whole, the
-    /// completion cap when it was cut. Never an estimate below the truth: a guess that could be
-    /// low would let the day's real spend pass the budget.
+    /// Charges one attempt that reached the upstream: its reported usage when that is a count
+    /// (a prompt of at least one token, and completion tokens for an answer with text), else the
+    /// most it can have cost: the prompt's bound plus the completion cap, or no completion when
+    /// the upstream refused the request. Not the answer's visible bytes: a reasoning model's
+    /// hidden tokens are billed too. A cut attempt is charged at least that bound even with a
+    /// usage (a server that sends running totals was cut before its last). Never an estimate
+    /// below the truth: a guess that could be low would let the day's real spend pass the
+    /// budget.
     pub fn attempt(
         &mut self,
         prompt: &[Message],
@@ -143,17 +147,25 @@ impl Charges {
         ended: Ended<'_>,
         failed: bool,
     ) {
-        let cap = u64::from(max_tokens);
-        let (prompt_tokens, completion_tokens) = match usage {
-            Some(u) => (u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
-            None => {
+        let bound_prompt = prompt_bound(prompt);
+        let bound_completion = match ended {
+            Ended::Refused => 0,
+            Ended::Complete(_) | Ended::Cut => u64::from(max_tokens),
+        };
+        let counted = usage.filter(|u| {
+            u.prompt_tokens > 0
+                && (u.completion_tokens > 0
+                    || !matches!(ended, Ended::Complete(t) if !t.is_empty()))
+        });
+        let (prompt_tokens, completion_tokens) = match (counted, ended) {
+            (Some(u), Ended::Cut) => (
+                u64::from(u.prompt_tokens).max(bound_prompt),
+                u64::from(u.completion_tokens).max(bound_completion),
+            ),
+            (Some(u), _) => (u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
+            (None, _) => {
                 self.estimated = true;
-                let completion = match ended {
-                    Ended::Refused => 0,
-                    Ended::Complete(text) => (text.len() as u64).saturating_add(1).min(cap),
-                    Ended::Cut => cap,
-                };
-                (prompt_bound(prompt), completion)
+                (bound_prompt, bound_completion)
             }
         };
         self.attempts = self.attempts.saturating_add(1);
@@ -248,18 +260,42 @@ mod tests {
         // Without usage, each way an attempt ends is charged the most it can have cost, and
         // never more than one attempt's worst case.
         let bound = prompt_bound(&hostile);
-        let charge = |ended: Ended<'_>| {
+        let charge = |usage: Option<Usage>, ended: Ended<'_>| {
             let mut charges = Charges::default();
-            charges.attempt(&hostile, 100, None, ended, false);
-            assert!(charges.estimated);
-            assert!(charges.total() <= worst_case(&hostile, 100));
-            (charges.prompt_tokens, charges.completion_tokens)
+            charges.attempt(&hostile, 100, usage, ended, false);
+            (
+                charges.prompt_tokens,
+                charges.completion_tokens,
+                charges.estimated,
+            )
         };
-        assert_eq!(charge(Ended::Refused), (bound, 0));
-        assert_eq!(charge(Ended::Cut), (bound, 100));
-        assert_eq!(charge(Ended::Complete("Hello there!")), (bound, 13));
-        let long_answer = "word ".repeat(400);
-        assert_eq!(charge(Ended::Complete(&long_answer)), (bound, 100));
+        assert_eq!(charge(None, Ended::Refused), (bound, 0, true));
+        assert_eq!(charge(None, Ended::Cut), (bound, 100, true));
+        assert_eq!(
+            charge(None, Ended::Complete("Hello there!")),
+            (bound, 100, true)
+        );
+        // A usage that is no count is no usage: `{}`, a total alone, no completion for text.
+        let usage = |prompt_tokens, completion_tokens| {
+            Some(Usage {
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: 0,
+            })
+        };
+        assert_eq!(
+            charge(usage(0, 0), Ended::Complete("Hi")),
+            (bound, 100, true)
+        );
+        assert_eq!(
+            charge(usage(7, 0), Ended::Complete("Hi")),
+            (bound, 100, true)
+        );
+        assert_eq!(charge(usage(7, 0), Ended::Complete("")), (7, 0, false));
+        assert_eq!(charge(usage(7, 2), Ended::Complete("Hi")), (7, 2, false));
+        // Cut after a running total: at least the bound.
+        assert_eq!(charge(usage(7, 2), Ended::Cut), (bound, 100, false));
+        assert_eq!(charge(usage(900, 2), Ended::Cut), (900, 100, false));
 
         // Reported usage is charged as reported, and attempts add up.
         let mut charges = Charges::default();

@@ -97,7 +97,9 @@ fn refused_body(error: serde_path_to_error::Error<serde_json::Error>, what: &str
     } else if text.starts_with("missing field") {
         invalid("missing_field", at(text))
     } else if inner.classify() == serde_json::error::Category::Data && path != "." {
-        let expected = match text.split_once(", expected ") {
+        // Serde puts what was expected last; the value sent, quoted before it, may itself
+        // contain ", expected ".
+        let expected = match text.rsplit_once(", expected ") {
             Some((_, expected)) => plain_type(expected),
             None if text.contains("untagged enum RawContent") => {
                 "a string or an array of text parts".to_owned()
@@ -113,7 +115,7 @@ fn refused_body(error: serde_path_to_error::Error<serde_json::Error>, what: &str
 /// Serde's names of the types a field expects, as an API's user would say them.
 fn plain_type(expected: &str) -> String {
     match expected {
-        "u32" => "a whole number from 0 to 4294967295".to_owned(),
+        "u32" => "a positive whole number".to_owned(),
         "i64" => "a whole number".to_owned(),
         "f64" => "a number".to_owned(),
         "a sequence" => "an array".to_owned(),

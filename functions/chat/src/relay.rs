@@ -80,7 +80,15 @@ impl StreamTask {
                 }
             };
             match event {
-                None | Some(Event::Done) => break,
+                Some(Event::Done) => break,
+                // The body ended without `[DONE]`: whole only if it said how it finished, else
+                // cut short (a proxy or server that ended the response after an error), which is
+                // charged as cut, reported as broken and never cached.
+                None if finish_reason.is_some() => break,
+                None => {
+                    failure = Some(LlmError::Connect { sent: true });
+                    break;
+                }
                 Some(Event::Role) => {}
                 Some(Event::Delta(text)) => {
                     content.push_str(&text);

@@ -123,16 +123,16 @@ impl LlmError {
     }
 
     /// The upstream refused the request with a status that means it generated nothing (429,
-    /// another 4xx), or it never reached the upstream. A 5xx is not among them: a gateway's 502
-    /// or 504 may come after the model generated.
+    /// another 4xx), or it never reached the upstream. A 5xx is not among them, nor a gateway's
+    /// 408 or 499 (a timeout, a closed client): they may come after the model generated.
     pub fn generated_nothing(&self) -> bool {
-        matches!(
-            self,
+        match self {
+            LlmError::Upstream4xx { status } => !matches!(status, 408 | 499),
             LlmError::Connect { sent: false }
-                | LlmError::RateLimited { .. }
-                | LlmError::Upstream4xx { .. }
-                | LlmError::Auth { .. }
-        )
+            | LlmError::RateLimited { .. }
+            | LlmError::Auth { .. } => true,
+            _ => false,
+        }
     }
 
     /// `Retry-After` of a 429, if the upstream gave one.

@@ -397,9 +397,11 @@ mod tests {
             (br#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":0}"#,
              "max_completion_tokens must be at least 1"),
             (br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#,
-             "max_tokens: expected a whole number from 0 to 4294967295"),
+             "max_tokens: expected a positive whole number"),
             (br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"secret-ish"}"#,
-             "max_tokens: expected a whole number from 0 to 4294967295"),
+             "max_tokens: expected a positive whole number"),
+            (br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"my card 4111, expected nothing"}"#,
+             "max_tokens: expected a positive whole number"),
             (br#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
              "temperature: expected a number"),
             (br#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
@@ -415,7 +417,7 @@ mod tests {
         for (body, expected) in cases {
             let got = message(body);
             assert_eq!(got, *expected, "{}", String::from_utf8_lossy(body));
-            assert!(!got.contains("secret-ish") && !got.contains("hot"));
+            assert!(!got.contains("secret-ish") && !got.contains("hot") && !got.contains("4111"));
         }
     }
 
