@@ -865,7 +865,11 @@ begin
   return jsonb_build_object('owns', v_own.owns, 'sync_delays_ms', v_delays,
     'duplicates', v_duplicates,
     'refunds', (select coalesce(jsonb_agg(jsonb_build_object('order_id', d.order_id,
-          'payment_intent_id', d.payment_intent_id, 'attempt', coalesce(a.attempt, 1))
+          'payment_intent_id', d.payment_intent_id, 'attempt', coalesce(a.attempt, 1),
+          -- The payment that stands: read again before the refund, since it may have been
+          -- given back since its last read.
+          'standing', (select s.payment_intent_id from billing.decisions s
+                       where s.user_id = p_user and s.product = p_product and s.stands))
           order by d.made_at, d.session_id), '[]')
         from billing.decisions d
         left join internal.stripe_actions a on a.kind = 'refund' and a.object_id = d.payment_intent_id

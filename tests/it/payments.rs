@@ -875,6 +875,8 @@ async fn stripe_unreachable_for_a_refund_is_a_503_and_the_redelivery_refunds_onc
         (503, json!("payment_provider_unavailable"))
     );
     w.stripe.delay_refunds(None);
+    // Stripe redelivers minutes later; by then the slow refund has finished there.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let (status, body) = w.deliver(&events[0]).await;
 
     assert_eq!(
@@ -886,7 +888,24 @@ async fn stripe_unreachable_for_a_refund_is_a_503_and_the_redelivery_refunds_onc
     assert_eq!(
         w.stripe.refunds().len(),
         1,
-        "one refund: a later key finds it already refunded"
+        "one refund: the timed-out key was not spent, and its retry got the refund Stripe made"
+    );
+    let keys: Vec<String> = w
+        .stripe
+        .requests_to("POST", "/v1/refunds")
+        .await
+        .into_iter()
+        .filter_map(|r| {
+            r.headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(keys.len() >= 2, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| !k.ends_with("-2")),
+        "a timeout spends no key: {keys:?}"
     );
     assert_eq!(w.order_of(&session).await["status"], "refunded");
     assert!(w.owns(&user).await);
@@ -985,6 +1004,7 @@ async fn two_instances_refunding_one_duplicate_at_once_refund_it_once() {
         order_id: order,
         payment_intent_id: pi.clone(),
         attempt: attempt as u32,
+        standing: None,
     };
     w.stripe
         .delay_refunds(Some(std::time::Duration::from_millis(1500)));

@@ -154,3 +154,52 @@ async fn a_click_with_an_open_session_while_a_payment_link_is_verified_is_in_fli
     );
     assert!(w.owns(&user).await);
 }
+
+/// Outside review, round four: the duplicate was decided over stored facts, and the payment that
+/// stands was only as fresh as its last event. The user holds A; a Payment Link payment B comes
+/// (its events held back); the merchant refunds A in full in the Dashboard, and that event is
+/// late. B's events arrive: before, B was refunded as A's duplicate, and the merchant held
+/// nothing while the user kept the report.
+#[tokio::test]
+async fn a_duplicate_is_not_refunded_against_a_payment_given_back_since_its_last_read() {
+    let w = world().await;
+    let user = w.user().await;
+    let session = click_session(&w, &user).await;
+    let a = w.stripe.pay(&session).unwrap();
+    assert!(w.deliver_all().await.is_empty());
+    let (link, b) = pay_link(&w, &user);
+    let b_events = w.stripe.take_events();
+    w.stripe.refund(&a, None).unwrap();
+    let a_events = w.stripe.take_events();
+    assert!(!a_events.is_empty());
+
+    for event in &b_events {
+        let (status, body) = w.deliver(event).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let by_webhook = |pi: &str| {
+        w.stripe
+            .refunds()
+            .iter()
+            .filter(|r| r["payment_intent"] == pi && r["metadata"]["refunded_by"] == "webhook")
+            .count()
+    };
+    assert_eq!(by_webhook(&b), 0, "B is what the merchant holds: kept");
+    assert!(w.owns(&user).await, "the user paid B and keeps the report");
+    assert_eq!(
+        w.order_of(&session).await["status"],
+        "refunded",
+        "A was read again"
+    );
+    assert_eq!(w.order_of(&link).await["status"], "paid");
+
+    // A's late events change nothing more.
+    for event in &a_events {
+        let (status, body) = w.deliver(event).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(w.deliver_all().await.is_empty());
+    assert_eq!(by_webhook(&b), 0);
+    assert!(w.owns(&user).await);
+}

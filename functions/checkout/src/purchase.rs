@@ -128,7 +128,12 @@ pub async fn post(
         };
         match step {
             Step::Answer(answer) => return Ok(answer),
-            Step::Restart | Step::RetireEmail if restarts < MAX_RESTARTS => restarts += 1,
+            Step::Restart | Step::RetireEmail if restarts < MAX_RESTARTS => {
+                restarts += 1;
+                // What a wait showed was before the restart: a session found after it is
+                // asked about at Stripe.
+                waited = false;
+            }
             Step::Restart | Step::RetireEmail => return Err(CheckoutError::Busy),
         }
     }

@@ -1,9 +1,12 @@
 //! Actions: the calls that carry out a decision at Stripe, each under an idempotency key numbered
 //! by attempt (`refund-duplicate-{pi}`, `-2`, ...; `expire-{session}`, `-2`, ...). A key Stripe
 //! answers with a stored error (it keeps the result of a request that ran, 500s included, and
-//! replays it) or with a refund that failed is spent: the next key is tried at once, up to
-//! [`KEYS_PER_RUN`], and every spent key is reported so that the next run starts after it. A new
-//! key cannot refund twice (Stripe never refunds more than remains) or expire twice.
+//! replays it), refuses, or gave a refund that failed is spent: the next key is tried at once, up
+//! to [`KEYS_PER_RUN`], and every spent key is reported so that the next run starts after it. A
+//! key that met only a passing failure (a timeout, a network error, a 429, a 5xx or 409 not yet
+//! replayed) is not spent: Stripe kept nothing for it, or keeps the answer the next try under the
+//! same key gets, so an outage does not use up [`MAX_ATTEMPTS`]. A new key cannot refund twice
+//! (Stripe never refunds more than remains) or expire twice.
 
 use std::time::Duration;
 
@@ -86,14 +89,16 @@ pub async fn refund(stripe: &StripeClient, due: &RefundDue) -> Acted<Refund> {
                 acted.result = Err(e);
             }
             Err(e) => {
-                // Failed for now (Stripe may have run it: a new key next time is still safe), or
-                // refused: either way this key is not used again.
-                acted.spent.push(spent(
-                    ActionKind::Refund,
-                    &due.payment_intent_id,
-                    attempt,
-                    &e.to_string(),
-                ));
+                // Refused: this key is not used again. Failed for now: the next try uses it
+                // again, and gets whatever Stripe kept for it.
+                if !e.is_transient() {
+                    acted.spent.push(spent(
+                        ActionKind::Refund,
+                        &due.payment_intent_id,
+                        attempt,
+                        &e.to_string(),
+                    ));
+                }
                 acted.result = Err(e);
                 return acted;
             }
@@ -127,12 +132,14 @@ pub async fn expire(stripe: &StripeClient, due: &ExpiryDue) -> Acted<CheckoutSes
                 return acted;
             }
             Err(e) => {
-                acted.spent.push(spent(
-                    ActionKind::Expire,
-                    &due.session_id,
-                    attempt,
-                    &e.to_string(),
-                ));
+                if !e.is_transient() {
+                    acted.spent.push(spent(
+                        ActionKind::Expire,
+                        &due.session_id,
+                        attempt,
+                        &e.to_string(),
+                    ));
+                }
                 let next = e.is_dead_key();
                 acted.result = Err(e);
                 if !next {

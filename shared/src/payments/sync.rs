@@ -163,6 +163,9 @@ impl Syncer<'_> {
             if !self.refunds {
                 synced.refunds_left = std::mem::take(&mut refunds);
             }
+            if !refunds.is_empty() {
+                refunds = self.confirm_standing(refunds, synced).await?;
+            }
             if refunds.is_empty() && expiries.is_empty() {
                 break;
             }
@@ -297,6 +300,62 @@ impl Syncer<'_> {
         }
         synced.refunds_refused = refused;
         Ok(())
+    }
+
+    /// Reads the payments that stand against the refunds due again and stores them, and answers
+    /// what is due then. Which payment is a duplicate was decided over stored facts, and the one
+    /// that stands is only as fresh as its last event: a Dashboard refund or a chargeback of it
+    /// whose event is late would otherwise have its duplicate refunded too, leaving the merchant
+    /// nothing. A refund whose standing payment cannot be read now is left to the next run.
+    async fn confirm_standing(
+        &self,
+        refunds: Vec<RefundDue>,
+        synced: &mut Synced,
+    ) -> Result<Vec<RefundDue>, SyncError> {
+        let mut standing: Vec<&str> = refunds
+            .iter()
+            .filter_map(|r| r.standing.as_deref())
+            .collect();
+        standing.sort_unstable();
+        standing.dedup();
+        if standing.is_empty() {
+            return Ok(refunds);
+        }
+        let mut facts = Facts::at(self.clock.unix_ms());
+        let mut unread: Vec<String> = Vec::new();
+        for pi in standing {
+            let mut read = Read::default();
+            match self.reader.payment(pi, &mut read).await {
+                Ok(()) => {
+                    synced.stripe_time += read.elapsed;
+                    facts.extend(read.facts);
+                }
+                Err(e) => {
+                    synced.stripe_error(&e);
+                    tracing::warn!(payment_intent = pi, error = %e,
+                        "could not read the payment that stands; its duplicate's refund waits");
+                    if e.is_transient() {
+                        synced.unavailable.get_or_insert(e);
+                    }
+                    unread.push(pi.to_owned());
+                }
+            }
+        }
+        let unconfirmed = |r: &RefundDue| r.standing.as_ref().is_some_and(|pi| unread.contains(pi));
+        if facts.is_empty() {
+            return Ok(refunds.into_iter().filter(|r| !unconfirmed(r)).collect());
+        }
+        let recorded = self.record(None, Some((&facts, None)), &[]).await?;
+        synced.changed += recorded.changed;
+        // What is due now, for the purchases read; a refund due with no standing payment named
+        // (none expected: a duplicate has one) is kept as it was.
+        let mut due: Vec<RefundDue> = recorded
+            .refunds
+            .into_iter()
+            .filter(|r| !unconfirmed(r))
+            .collect();
+        due.extend(refunds.into_iter().filter(|r| r.standing.is_none()));
+        Ok(due)
     }
 
     /// Reads a payment again into `facts` (after a refund call): a failure to read leaves it to

@@ -43,6 +43,9 @@ pub struct RefundDue {
     pub payment_intent_id: String,
     /// The idempotency key's number (earlier keys hold errors).
     pub attempt: u32,
+    /// The payment intent of the purchase that stands against it, read again before the refund.
+    #[serde(default)]
+    pub standing: Option<String>,
 }
 
 /// An expiry due: a session of ours Stripe still lets someone pay that nobody should.
