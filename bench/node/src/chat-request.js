@@ -129,7 +129,6 @@ export function parseChat(body, limits) {
     stream: raw.stream === true,
     includeUsage: raw.stream_options?.include_usage === true,
     maxTokens: Math.min(requested ?? limits.maxTokens, limits.maxTokens),
-    usesMaxCompletionTokens: raw.max_completion_tokens != null,
     temperature: raw.temperature ?? null,
   };
 }

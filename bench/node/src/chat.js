@@ -51,6 +51,8 @@ function readConfig() {
     openaiKey,
     openaiBaseUrl,
     timeoutMs: env.integer('LLM_TIMEOUT_MS', 30_000, 100, 600_000),
+    // The field the cap goes upstream in, chosen by the server as in the Rust chat.
+    capField: process.env.LLM_MAX_TOKENS_FIELD === 'max_tokens' ? 'max_tokens' : 'max_completion_tokens',
     maxRetries: env.integer('LLM_MAX_RETRIES', 2, 0, 5),
     totalBudgetMs: env.integer('LLM_TOTAL_BUDGET_MS', 55_000, 500, 900_000),
     deadlineReserveMs: env.integer('CHAT_DEADLINE_RESERVE_MS', 1500, 0, 60_000),
@@ -226,8 +228,7 @@ function init() {
     if (left > 1000 && left < 15 * 60 * 1000) budget = Math.min(budget, Math.max(left - config.deadlineReserveMs, 100));
     if (budget < MIN_ATTEMPT_MS) return rules('timeout');
     const params = { model: chat.model, messages: prompt, stream: false };
-    if (chat.usesMaxCompletionTokens) params.max_completion_tokens = chat.maxTokens;
-    else params.max_tokens = chat.maxTokens;
+    params[config.capField] = chat.maxTokens;
     if (chat.temperature !== null) params.temperature = chat.temperature;
 
     const started = performance.now();
@@ -249,9 +250,12 @@ function init() {
       if (reason === 'auth') metrics.count('UpstreamAuthErrors');
       log(reason === 'auth' ? 'error' : 'warn', 'LLM call failed', { class: reason });
       if (reason !== 'connect') {
-        // The attempt reached the upstream: its prompt is charged (estimated, none reported).
-        const estimate = prompt.reduce((sum, m) => sum + Math.ceil(Buffer.byteLength(m.content, 'utf8') / 3) + 4, 0);
-        await settle(user, reservation, null, null, 'rules', { prompt_tokens: estimate, completion_tokens: 0 }, true, metrics);
+        // The attempt reached the upstream and no usage came: charged the most it can have
+        // cost, as the Rust chat does: the prompt's bound, plus the cap unless it was refused.
+        const promptBound = prompt.reduce((sum, m) => sum + Buffer.byteLength(m.content, 'utf8') + 4, 3);
+        const refused = reason === 'rate_limited' || reason === 'auth' || (reason === 'upstream_4xx' && ![408, 499].includes(error.status));
+        const charged = { prompt_tokens: promptBound, completion_tokens: refused ? 0 : chat.maxTokens };
+        await settle(user, reservation, null, null, 'rules', charged, true, metrics);
       } else {
         await settle(user, reservation, null, null, 'rules', null, true, metrics);
       }
