@@ -70,6 +70,7 @@ pub fn fix_for(variable: &str) -> &'static str {
         "DATABASE_URL" | "DATABASE_CA_CERT" => "Supabase Dashboard > Connect > Transaction pooler (port 6543) URI; SSL certificate from Project Settings > Database",
         "OPENAI_API_KEY" => "an API key of the OpenAI-compatible provider, or CHAT_RULES_ONLY=true to answer from rules on purpose",
         "CHECKOUT_SUCCESS_URL" | "CHECKOUT_CANCEL_URL" => "your app's https pages for a finished or cancelled checkout",
+        "LLM_MAX_TOKENS_FIELD" | "LLM_FALLBACK_MAX_TOKENS_FIELD" => "max_completion_tokens (OpenAI's, the default) or max_tokens, for an OpenAI-compatible server that knows only the older field: docs/configuration.md",
         "LLM_FALLBACK_MODEL" | "LLM_FALLBACK_BASE_URL" | "LLM_FALLBACK_API_KEY" => "the second model's name, and its OpenAI-compatible server and key when it is another provider (they default to the first's): docs/configuration.md",
         "CHAT_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_DAILY_TOKEN_BUDGET" | "CHAT_ANONYMOUS_RATE_LIMIT_PER_MIN" => "tokens per user and UTC day (0 turns a budget off) and the anonymous sessions' requests per minute: docs/configuration.md",
         _ => "see docs/configuration.md",
