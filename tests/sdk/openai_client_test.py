@@ -63,14 +63,29 @@ check("the fallback's answer", answered.choices[0].message.content == "echo: FAL
       answered.choices[0].message.content)
 
 policy, state = raw.headers.get("ratelimit-policy", ""), raw.headers.get("ratelimit", "")
-check("answers carry RateLimit-Policy", '"requests";q=20;w=60' in policy and '"tokens";q=5000' in policy, policy)
+check("answers carry RateLimit-Policy", '"requests";q=20;w=60' in policy and '"tokens";q=12000' in policy, policy)
 check("answers carry RateLimit", state.startswith('"requests";r=') and '"tokens";r=' in state, state)
 check("charged what the upstream reported", raw.headers.get("x-chat-tokens-charged") == "8",
       raw.headers.get("x-chat-tokens-charged"))
 
+# The budget is 12,000 tokens (scripts/sdk-test), the completion cap 100. 12,300 bytes: the worst
+# case alone passes the whole budget, which no wait fixes: a 400 that says what it would cost.
+framing = 0
 try:
-    # About 4,500 bytes: with the completion cap the worst case passes the whole budget (5,000).
-    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "完" * 1500}])
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "完" * 4100}])
+    check("a conversation that can never fit is a 400", False)
+except openai.BadRequestError as e:
+    body = e.body if isinstance(e.body, dict) else {}
+    check("a conversation that can never fit is a 400",
+          e.status_code == 400 and e.code == "conversation_exceeds_budget" and body.get("quota") == 12000
+          and "retry-after" not in e.response.headers, str(e))
+    # What the request costs beyond its own bytes: the system prompt, the framing, the cap.
+    framing = int(body.get("requested", 0)) - 4100 * 3
+
+try:
+    # Exactly the whole budget: it would fit an empty day, but today has spent some of it.
+    filler = "a" * (12000 - framing)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": filler}])
     check("a request over the budget is a 429", False)
 except openai.RateLimitError as e:
     body = e.body if isinstance(e.body, dict) else {}
