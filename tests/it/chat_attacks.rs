@@ -47,6 +47,29 @@ fn now_ms() -> i64 {
     shared::clock::Clock::system().unix_ms()
 }
 
+/// A streamed request for a long answer, signed for `user`.
+fn long_story_streamed(user: &str) -> lambda_http::Request {
+    let body =
+        json!({"messages": [{"role": "user", "content": "a long story please"}], "stream": true});
+    FunctionUrlRequest::post("/v1/chat/completions", body.to_string().as_bytes())
+        .bearer(&tokens::hs256(
+            &tokens::user_claims(user, None),
+            b"chat-ceilings-jwt-secret-at-least-32-characters",
+        ))
+        .into_request()
+        .unwrap()
+}
+
+/// Waits up to 5 s for every reservation to be settled (the relay settles in its own task).
+async fn until_settled(app: &Fleet) {
+    for _ in 0..100 {
+        if open_reservations(app).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_leaving_mid_stream_closes_the_upstream_and_pays_the_cut_streams_bound() {
     let (base, written) = llm_fake::trickling_stream(200, Duration::from_millis(30)).await;
@@ -60,15 +83,7 @@ async fn a_client_leaving_mid_stream_closes_the_upstream_and_pays_the_cut_stream
     )
     .await;
     let user = app.user().await;
-    let body =
-        json!({"messages": [{"role": "user", "content": "a long story please"}], "stream": true});
-    let request = FunctionUrlRequest::post("/v1/chat/completions", body.to_string().as_bytes())
-        .bearer(&tokens::hs256(
-            &tokens::user_claims(&user, None),
-            b"chat-ceilings-jwt-secret-at-least-32-characters",
-        ))
-        .into_request()
-        .unwrap();
+    let request = long_story_streamed(&user);
 
     let response = chat::handle(app.instances[0].clone(), request).await;
     assert_eq!(response.headers()[chat::SOURCE_HEADER], "llm");
@@ -77,12 +92,7 @@ async fn a_client_leaving_mid_stream_closes_the_upstream_and_pays_the_cut_stream
     assert!(String::from_utf8_lossy(&first).contains("chat.completion.chunk"));
     drop(body);
     // The relay notices at its next write, settles, and closes the upstream connection.
-    for _ in 0..100 {
-        if open_reservations(&app).await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_settled(&app).await;
 
     assert_eq!(
         open_reservations(&app).await,
@@ -125,26 +135,13 @@ async fn a_client_that_stops_reading_cannot_hold_the_answer_past_its_deadline() 
     )
     .await;
     let user = app.user().await;
-    let body =
-        json!({"messages": [{"role": "user", "content": "a long story please"}], "stream": true});
-    let request = FunctionUrlRequest::post("/v1/chat/completions", body.to_string().as_bytes())
-        .bearer(&tokens::hs256(
-            &tokens::user_claims(&user, None),
-            b"chat-ceilings-jwt-secret-at-least-32-characters",
-        ))
-        .into_request()
-        .unwrap();
+    let request = long_story_streamed(&user);
 
     let response = chat::handle(app.instances[0].clone(), request).await;
     let mut body = response.into_body();
     body.next().await.expect("the first chunk").unwrap();
     // Held, never read again: 400 chunks do not fit the body's buffer.
-    for _ in 0..100 {
-        if open_reservations(&app).await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_settled(&app).await;
 
     assert_eq!(
         open_reservations(&app).await,
